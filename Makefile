@@ -1,0 +1,27 @@
+# The two commands a newcomer needs: `make quickstart` and `make test`. Both set up first.
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hybrid-installed
+export MUJOCO_GL ?= egl
+export HF_HUB_OFFLINE := 1
+QUICKSTART_DATA ?= data/quickstart
+QUICKSTART_TASKS ?= reach-v3 push-v3 pick-place-v3 drawer-open-v3 button-press-topdown-v3
+
+.PHONY: setup quickstart test lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+quickstart: setup
+	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 20 --out $(QUICKSTART_DATA)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

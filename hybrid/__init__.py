@@ -1,0 +1,1 @@
+"""hybrid: hierarchical hybrid VLA-WAM robot policies."""

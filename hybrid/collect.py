@@ -1,0 +1,229 @@
+"""`hybrid collect metaworld`: scripted-expert demonstrations written as a LeRobot v3 dataset.
+
+Collection is resumable. Each attempted episode is first staged on its own, atomically, under
+`<out>/.staging/`; a rerun of the same command skips what is staged. Only when every attempt is
+staged is the LeRobot v3 dataset written, with `meta/info.json` last, so a reader never sees a
+partial or duplicated episode. The staging folder is removed once the dataset is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hybrid.data.lerobot_writer import EpisodeData, LeRobotWriter, dataset_size_bytes
+from hybrid.sim import metaworld
+
+COLLECTION_FILE = "meta/collection.json"
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """What a collection run produces; a rerun must ask for the same to resume."""
+
+    tasks: tuple[str, ...]
+    episodes_per_task: int
+    image_size: int
+    camera: str
+    seed: int
+    keep_failures: bool
+
+
+def episode_seed(seed: int, task: str, attempt: int) -> int:
+    """A reproducible seed per (run seed, task, attempt), independent of the worker that runs it."""
+    return int(
+        np.random.SeedSequence([seed, zlib.crc32(task.encode()), attempt]).generate_state(1)[0]
+    )
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _staged_path(staging: Path, task: str, attempt: int) -> Path:
+    return staging / task / f"{attempt:05d}.npz"
+
+
+_worker_env: metaworld.MetaWorldEnv | None = None
+
+
+def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, int, float]:
+    """Worker: roll out one attempt and stage it atomically. Returns (task, success, frames, s)."""
+    global _worker_env
+    task, attempt, staging, config = job
+    start = time.perf_counter()
+    if _worker_env is None or _worker_env.task != task:
+        if _worker_env is not None:
+            _worker_env.close()
+        _worker_env = metaworld.MetaWorldEnv(task, config.camera, config.image_size, config.seed)
+    episode = metaworld.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt))
+    path = _staged_path(Path(staging), task, attempt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    keep = episode.success or config.keep_failures
+    arrays = {"success": np.asarray(episode.success), "length": np.asarray(len(episode.phases))}
+    if keep:  # a failed attempt is staged without its frames, only to count it as attempted
+        arrays |= {"images": episode.images, "state": episode.state, "actions": episode.actions}
+        arrays |= {"phases": episode.phases, "seed": np.asarray(episode.seed)}
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return task, episode.success, len(episode.phases), time.perf_counter() - start
+
+
+def _to_episode_data(task: str, staged: dict[str, np.ndarray], camera: str) -> EpisodeData:
+    language = metaworld.task_language()[task]
+    length = int(staged["length"])
+    subgoals = np.asarray(language.subgoals, dtype=object)[staged["phases"]]
+    progress = np.arange(length, dtype=np.float32) / max(length - 1, 1)
+    return EpisodeData(
+        task=language.instruction,
+        frames={
+            "observation.state": staged["state"],
+            "action": staged["actions"],
+            "subgoal": subgoals,
+            "progress": progress,
+        },
+        videos={f"observation.images.{camera}": staged["images"]},
+    )
+
+
+def collect_metaworld(
+    tasks: list[str],
+    episodes_per_task: int,
+    out: Path,
+    image_size: int = 96,
+    camera: str = "corner",
+    seed: int = 0,
+    workers: int = 2,
+    keep_failures: bool = False,
+    console: Console | None = None,
+) -> dict:
+    """Collect (or resume collecting) demonstrations; returns the summary that was printed."""
+    console = console or Console()
+    if episodes_per_task < 1:
+        raise ValueError(f"--episodes-per-task must be >= 1, got {episodes_per_task}")
+    if image_size < 16 or image_size % 2:
+        raise ValueError(f"--image-size must be an even number >= 16, got {image_size}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if camera not in metaworld.CAMERAS:
+        raise ValueError(f"unknown camera {camera!r}; valid: {', '.join(metaworld.CAMERAS)}")
+    config = CollectConfig(
+        tuple(metaworld.resolve_tasks(tasks)), episodes_per_task, image_size, camera, seed,
+        keep_failures,
+    )  # fmt: skip
+    out = Path(out)
+    record = {"config": json.loads(json.dumps(asdict(config)))}  # as it reads back from disk
+    done_file = out / COLLECTION_FILE
+    if done_file.exists():
+        previous = json.loads(done_file.read_text())
+        if previous["config"] != record["config"]:
+            raise ValueError(
+                f"{out} already holds a dataset collected with {previous['config']}, which differs "
+                f"from this run's {record['config']}; choose another --out or delete {out}"
+            )
+        console.print(f"[green]{out} is already complete[/]; nothing to do.")
+        return _print_summary(previous["summary"], console)
+
+    staging = out / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    staged_config = staging / "config.json"
+    if staged_config.exists() and json.loads(staged_config.read_text()) != record["config"]:
+        raise ValueError(
+            f"{staging} holds a partial collection with {json.loads(staged_config.read_text())}, "
+            f"not {record['config']}; rerun with those arguments or delete {staging}"
+        )
+    _atomic_write_json(staged_config, record["config"])
+
+    jobs = [
+        (task, attempt, str(staging), config)
+        for task in config.tasks
+        for attempt in range(episodes_per_task)
+        if not _staged_path(staging, task, attempt).exists()
+    ]
+    total = len(config.tasks) * episodes_per_task
+    frames_this_run, start = 0, time.perf_counter()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    with Progress(*columns, TimeRemainingColumn(), console=console) as progress:
+        bar = progress.add_task("collecting episodes", total=total, completed=total - len(jobs))
+        for task, success, frames, _ in _map(jobs, workers):
+            frames_this_run += frames
+            status = "[green]ok[/]" if success else "[red]failed[/]"
+            progress.update(bar, advance=1, description=f"{task} {status}")
+    collect_seconds = time.perf_counter() - start
+
+    summary = _write_dataset(config, out, staging, console)
+    summary["frames_per_s"] = frames_this_run / collect_seconds if frames_this_run else None
+    _atomic_write_json(done_file, {"config": record["config"], "summary": summary})
+    shutil.rmtree(staging)
+    return _print_summary(summary, console)
+
+
+def _map(jobs: list, workers: int):
+    global _worker_env
+    if workers == 1 or len(jobs) <= 1:
+        yield from map(_run_attempt, jobs)
+        if _worker_env is not None:  # release the renderer now, not at interpreter exit
+            _worker_env.close()
+            _worker_env = None
+        return
+    # spawn: a forked child would share the parent's GL state; each worker owns one renderer.
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap_unordered(_run_attempt, jobs)
+
+
+def _write_dataset(config: CollectConfig, out: Path, staging: Path, console: Console) -> dict:
+    per_task = {}
+    writer = LeRobotWriter(out, fps=metaworld.FPS, robot_type=metaworld.ROBOT_TYPE)
+    with console.status("writing the LeRobot v3 dataset"):
+        for task in config.tasks:
+            kept = frames = 0
+            for attempt in range(config.episodes_per_task):
+                with np.load(_staged_path(staging, task, attempt)) as staged:
+                    if not (bool(staged["success"]) or config.keep_failures):
+                        continue
+                    writer.add_episode(_to_episode_data(task, dict(staged), config.camera))
+                    kept += 1
+                    frames += int(staged["length"])
+            per_task[task] = {"kept": kept, "attempted": config.episodes_per_task, "frames": frames}
+        writer.finish(
+            names={"observation.state": metaworld.STATE_NAMES, "action": metaworld.ACTION_NAMES}
+        )
+    return {"tasks": per_task, "disk_bytes": dataset_size_bytes(out, exclude=".staging")}
+
+
+def _print_summary(summary: dict, console: Console) -> dict:
+    table = Table(title="Meta-World demonstrations")
+    for column in ("task", "kept / attempted", "frames"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    kept = attempted = frames = 0
+    for task, row in summary["tasks"].items():
+        table.add_row(task, f"{row['kept']} / {row['attempted']}", str(row["frames"]))
+        kept, attempted, frames = (
+            kept + row["kept"],
+            attempted + row["attempted"],
+            frames + row["frames"],
+        )
+    table.add_section()
+    table.add_row("all", f"{kept} / {attempted} ({kept / attempted:.0%})", str(frames))
+    console.print(table)
+    rate = summary.get("frames_per_s")
+    speed = f"{rate:.0f} frames/s" if rate else "n/a (resumed, nothing collected)"
+    console.print(
+        f"episodes {kept}, frames {frames}, collection {speed}, "
+        f"disk {summary['disk_bytes'] / 2**20:.1f} MiB"
+    )
+    return summary

@@ -1,0 +1,106 @@
+"""The LightningDataModule over one LeRobot v3 dataset: a seeded train/val split by episode,
+normalisation from `meta/stats.json`, and `TrainingWindows` batches (see `windows.py` for shapes).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset
+from hybrid.data.normalize import Mode, Normalizer
+from hybrid.data.windows import ACTION_KEY, STATE_KEY, TrainingWindows
+
+
+def split_episodes(tasks: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split episode indices into (train, val), per task, so every task is in both when it has
+    at least two episodes. `tasks[i]` is the task of episode i."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for task in dict.fromkeys(tasks):
+        episodes = [i for i, t in enumerate(tasks) if t == task]
+        rng.shuffle(episodes)
+        n_val = round(len(episodes) * val_fraction)
+        n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(episodes) - 1)
+        val += episodes[:n_val]
+        train += episodes[n_val:]
+    return sorted(train), sorted(val)
+
+
+class HybridDataModule(L.LightningDataModule):
+    """Training windows from the LeRobot v3 dataset at `root`.
+
+    Args:
+        root: dataset directory.
+        cameras: camera feature keys; default every camera the dataset has.
+        chunk_size: H, actions per chunk.
+        future_offset: k, steps ahead of the future frame the world model predicts.
+        image_size: side the images are resized to.
+        embodiment: robot name; default the dataset's `robot_type`.
+        val_fraction: share of each task's episodes held out for validation.
+        state_norm, action_norm: normalisation modes for state and actions.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        cameras: list[str] | None = None,
+        chunk_size: int = 16,
+        future_offset: int = 16,
+        image_size: int = 64,
+        embodiment: str | None = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        state_norm: Mode = "mean_std",
+        action_norm: Mode = "mean_std",
+    ):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.train_set: TrainingWindows | None = None
+        self.val_set: TrainingWindows | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        dataset = LeRobotDataset(hp.root)
+        cameras = hp.cameras or dataset.camera_keys
+        if not cameras:
+            raise DatasetError(f"{hp.root} has no camera (video or image) features")
+        self.normalizer = Normalizer(
+            dataset.stats, {STATE_KEY: hp.state_norm, ACTION_KEY: hp.action_norm}
+        )
+        tasks = [e["tasks"][0] for e in dataset.episodes]
+        train, val = split_episodes(tasks, hp.val_fraction, hp.seed)
+        embodiment = hp.embodiment or dataset.robot_type or "robot"
+
+        def windows(episodes: list[int]) -> TrainingWindows:
+            return TrainingWindows(
+                dataset, episodes, cameras, self.normalizer, hp.chunk_size, hp.future_offset,
+                hp.image_size, embodiment,
+            )  # fmt: skip
+
+        self.dataset, self.cameras = dataset, cameras
+        self.train_set, self.val_set = windows(train), windows(val)
+
+    def _loader(self, windows: TrainingWindows, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            windows,
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            drop_last=shuffle and len(windows) > hp.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

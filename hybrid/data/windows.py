@@ -1,0 +1,113 @@
+"""Training windows: what every tier of the hierarchy learns from, cut from a LeRobot dataset.
+
+A sample at frame t of an episode of length T:
+    images          (N, 3, S, S) float32 in [0, 1]   the N cameras at t
+    future_images   (N, 3, S, S) float32 in [0, 1]   the cameras at min(t + k, T - 1)
+    state           (state_dim,) float32, normalised
+    actions         (H, action_dim) float32, normalised; steps past the episode end are zeros
+    action_mask     (H,) bool, False on those padded steps
+    progress        () float32: task progress at t; future_progress the same at min(t + k, T - 1)
+    instruction, subgoal, embodiment: str
+    episode_index, frame_index: int
+Episodes are decoded once, when the windows are built, and kept as uint8 in memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from hybrid.data.lerobot_dataset import PROGRESS_KEY, SUBGOAL_KEY, LeRobotDataset
+from hybrid.data.normalize import Normalizer
+
+STATE_KEY = "observation.state"
+ACTION_KEY = "action"
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8, area-averaged."""
+    if frames.shape[1] == size and frames.shape[2] == size:
+        return frames
+    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+    return rearrange(x.round().clamp(0, 255).byte(), "t c h w -> t h w c").numpy()
+
+
+class TrainingWindows(torch.utils.data.Dataset):
+    """Every frame of the chosen episodes as one training sample (see the module docstring)."""
+
+    def __init__(
+        self,
+        dataset: LeRobotDataset,
+        episodes: list[int],
+        cameras: list[str],
+        normalizer: Normalizer,
+        chunk_size: int,
+        future_offset: int,
+        image_size: int,
+        embodiment: str,
+    ):
+        if chunk_size < 1 or future_offset < 1:
+            raise ValueError(
+                f"chunk_size and future_offset must be >= 1, got {chunk_size} and {future_offset}"
+            )
+        dataset.require([STATE_KEY, ACTION_KEY, *cameras])
+        self.chunk_size, self.future_offset = chunk_size, future_offset
+        self.embodiment = embodiment
+        self.episodes = []
+        for index in episodes:
+            columns = dataset.episode(index)
+            length = len(columns[ACTION_KEY])
+            progress = columns.get(PROGRESS_KEY)
+            if progress is None:  # no annotation: time through the episode stands in
+                progress = np.arange(length, dtype=np.float32) / max(length - 1, 1)
+            self.episodes.append(
+                {
+                    "state": normalizer.normalize(STATE_KEY, columns[STATE_KEY]).astype(np.float32),
+                    "actions": normalizer.normalize(ACTION_KEY, columns[ACTION_KEY]).astype(
+                        np.float32
+                    ),
+                    "progress": np.asarray(progress, np.float32).reshape(length),
+                    "subgoal": columns[SUBGOAL_KEY],
+                    "instruction": columns["task"],
+                    "images": np.stack(
+                        [_resize(dataset.camera_frames(index, key), image_size) for key in cameras],
+                        axis=1,
+                    ),  # (T, N, S, S, 3)
+                    "episode_index": index,
+                }
+            )
+        self.index = [(e, t) for e, ep in enumerate(self.episodes) for t in range(len(ep["state"]))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        e, t = self.index[i]
+        ep = self.episodes[e]
+        length = len(ep["state"])
+        future = min(t + self.future_offset, length - 1)
+        actions = np.zeros((self.chunk_size, ep["actions"].shape[1]), np.float32)
+        chunk = ep["actions"][t : t + self.chunk_size]
+        actions[: len(chunk)] = chunk
+        mask = np.arange(self.chunk_size) < len(chunk)
+
+        def images(step: int) -> torch.Tensor:
+            frames = torch.from_numpy(ep["images"][step])
+            return rearrange(frames, "n h w c -> n c h w").float() / 255.0
+
+        return {
+            "images": images(t),
+            "future_images": images(future),
+            "state": torch.from_numpy(ep["state"][t]),
+            "actions": torch.from_numpy(actions),
+            "action_mask": torch.from_numpy(mask),
+            "progress": torch.tensor(ep["progress"][t]),
+            "future_progress": torch.tensor(ep["progress"][future]),
+            "instruction": ep["instruction"],
+            "subgoal": str(ep["subgoal"][t]),
+            "embodiment": self.embodiment,
+            "episode_index": ep["episode_index"],
+            "frame_index": t,
+        }

@@ -1,0 +1,1 @@
+"""Simulator adapters: environments, scripted experts and their language annotations."""

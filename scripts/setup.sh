@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Sets up everything `hybrid` needs on a fresh Debian/Ubuntu machine: the system libraries for
+# offscreen MuJoCo rendering, a virtual environment, torch, and the project with its dev extras.
+# Idempotent: rerunning it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+# 1. System libraries for offscreen rendering (EGL through Mesa; OSMesa as the fallback).
+APT_PACKAGES="libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libosmesa6 libglib2.0-0"
+missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "setup: installing system packages: $missing"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  else
+    echo "setup: missing system packages for offscreen rendering: $missing" >&2
+    echo "setup: run as root (or with sudo): apt-get install -y $missing" >&2
+    exit 1
+  fi
+fi
+
+# 2. The virtual environment, torch first (so nothing pulls a different build), then the project.
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION"
+  $PIP install "torch==$TORCH_VERSION"
+fi
+installed_torch=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
+constraints=$(mktemp)
+echo "torch==$installed_torch" > "$constraints"
+echo "setup: installing hybrid and its dependencies (torch pinned to $installed_torch)"
+$PIP install -c "$constraints" -e ".[dev]"
+rm -f "$constraints"
+echo "setup: done ($VENV)"

@@ -1,0 +1,79 @@
+"""`hybrid collect metaworld` as a user runs it: a subprocess, killed and resumed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from hybrid.data.lerobot_dataset import LeRobotDataset
+
+ENV = {**os.environ, "COLUMNS": "200"}  # rich wraps narrower output
+
+
+def _collect(*args):
+    return [sys.executable, "-m", "hybrid.cli", "collect", "metaworld", *map(str, args)]
+
+
+def test_unknown_task_lists_valid_ones(tmp_path):
+    run = subprocess.run(
+        _collect("--tasks", "pick-plate-v3", "--out", tmp_path / "d"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert run.returncode == 2
+    assert "unknown Meta-World task 'pick-plate-v3'" in run.stdout
+    assert "pick-place-v3" in run.stdout and "mt10" in run.stdout
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_yields_exactly_the_requested_episodes(tmp_path):
+    out = tmp_path / "d"
+    args = _collect(
+        "--tasks", "reach-v3", "button-press-topdown-v3", "--episodes-per-task", 4,
+        "--image-size", 32, "--workers", 2, "--out", out,
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while len(list(out.glob(".staging/*/*.npz"))) < 3:
+        assert proc.poll() is None, "collection finished before it could be interrupted"
+        assert time.monotonic() < deadline, "no episode was staged within 120 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its simulator workers
+    proc.wait()
+    assert not (out / "meta/info.json").exists(), "an interrupted collection must not look complete"
+
+    rerun = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    ds = LeRobotDataset(out)
+    assert not (out / ".staging").exists()
+    assert ds.num_episodes == 8, "two tasks x four episodes, none lost, none duplicated"
+    indices = np.concatenate([ds.episode(i)["index"] for i in range(ds.num_episodes)])
+    assert np.array_equal(indices, np.arange(ds.info["total_frames"]))
+    for i, meta in enumerate(ds.episodes):
+        ep = ds.episode(i)
+        assert meta["episode_index"] == i
+        assert np.array_equal(ep["frame_index"], np.arange(meta["length"]))
+        assert ds.camera_frames(i, "observation.images.corner").shape[0] == meta["length"]
+        assert ep["progress"][-1] == pytest.approx(1.0)
+    # Episodes are reproducible: an uninterrupted run gives the very same data.
+    clean = tmp_path / "clean"
+    args[args.index(str(out))] = str(clean)
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    reference = LeRobotDataset(clean)
+    for i in range(ds.num_episodes):
+        np.testing.assert_array_equal(ds.episode(i)["action"], reference.episode(i)["action"])
+
+    # The same command once more is a no-op; a different one is refused, naming both.
+    again = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=60)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    args[args.index("4")] = "5"
+    refused = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=60)
+    assert refused.returncode == 2 and "differs from this run" in refused.stdout

@@ -1,0 +1,86 @@
+"""Training windows and the DataModule over the real Meta-World collection."""
+
+import numpy as np
+import pytest
+import torch
+
+from hybrid.data.datamodule import HybridDataModule, split_episodes
+from hybrid.data.lerobot_dataset import DatasetError
+
+H, K = 8, 5
+
+
+@pytest.fixture(scope="module")
+def datamodule(mt10_dataset):
+    dm = HybridDataModule(
+        str(mt10_dataset[0]), chunk_size=H, future_offset=K, image_size=32, batch_size=4,
+        val_fraction=0.5,
+    )  # fmt: skip
+    dm.setup("fit")
+    return dm
+
+
+def test_split_is_by_episode_per_task_and_seeded():
+    tasks = ["a"] * 4 + ["b"] * 3 + ["c"]
+    train, val = split_episodes(tasks, 0.3, seed=1)
+    assert sorted(train + val) == list(range(8)) and not set(train) & set(val)
+    assert {tasks[i] for i in val} == {"a", "b"}, "c has one episode: it stays in train"
+    assert split_episodes(tasks, 0.3, seed=1) == (train, val)
+    assert split_episodes(tasks, 0.3, seed=2) != (train, val)
+
+
+def test_window_contents(datamodule):
+    windows = datamodule.train_set
+    sample = windows[0]
+    assert sample["images"].shape == (1, 3, 32, 32) and sample["images"].dtype == torch.float32
+    assert 0.0 <= sample["images"].min() and sample["images"].max() <= 1.0
+    assert sample["future_images"].shape == (1, 3, 32, 32)
+    assert sample["state"].shape == (4,) and sample["actions"].shape == (H, 4)
+    assert sample["embodiment"] == "sawyer" and sample["instruction"] and sample["subgoal"]
+    # The last frame of an episode: one real action, the rest padding; the future is clamped.
+    ep = windows.episodes[0]
+    last = len(ep["state"]) - 1
+    end = windows[windows.index.index((0, last))]
+    assert end["action_mask"].tolist() == [True] + [False] * (H - 1)
+    assert torch.all(end["actions"][1:] == 0)
+    assert end["future_progress"] == pytest.approx(1.0) and end["progress"] == pytest.approx(1.0)
+    t = 3
+    mid = windows[windows.index.index((0, t))]
+    assert mid["action_mask"].all()
+    assert torch.equal(mid["future_images"], windows[windows.index.index((0, t + K))]["images"])
+    assert mid["future_progress"] > mid["progress"]
+    np.testing.assert_allclose(mid["actions"].numpy(), ep["actions"][t : t + H])
+
+
+def test_normalisation_uses_dataset_stats(datamodule):
+    states = np.concatenate(
+        [ep["state"] for ep in datamodule.train_set.episodes + datamodule.val_set.episodes]
+    )
+    np.testing.assert_allclose(states.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(states.std(0), 1.0, atol=1e-3)
+    raw = datamodule.dataset.episode(0)["observation.state"]
+    back = datamodule.normalizer.unnormalize(
+        "observation.state", datamodule.normalizer.normalize("observation.state", raw)
+    )
+    np.testing.assert_allclose(back, raw, atol=1e-6)
+
+
+def test_loaders_batch_with_worker_processes(mt10_dataset):
+    dm = HybridDataModule(str(mt10_dataset[0]), image_size=32, batch_size=16, num_workers=2)
+    dm.setup("fit")
+    train_episodes = {ep["episode_index"] for ep in dm.train_set.episodes}
+    val_episodes = {ep["episode_index"] for ep in dm.val_set.episodes}
+    assert train_episodes and val_episodes and not train_episodes & val_episodes
+    batches = list(dm.train_dataloader())
+    assert len(batches) == len(dm.train_set) // 16
+    batch = batches[0]
+    assert batch["images"].shape == (16, 1, 3, 32, 32) and batch["actions"].shape == (16, 16, 4)
+    assert len(batch["subgoal"]) == 16 and isinstance(batch["subgoal"][0], str)
+    seen = torch.cat([b["episode_index"] for b in batches]).unique().tolist()
+    assert set(seen) <= train_episodes
+
+
+def test_missing_camera_is_named(mt10_dataset):
+    dm = HybridDataModule(str(mt10_dataset[0]), cameras=["observation.images.wrist"])
+    with pytest.raises(DatasetError, match="observation.images.wrist"):
+        dm.setup("fit")

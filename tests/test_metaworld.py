@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from hybrid.sim.metaworld import (
+    PRESETS,
+    MetaWorldEnv,
+    PhaseTracker,
+    TaskLanguage,
+    resolve_tasks,
+    rollout_expert,
+    task_language,
+)
+
+
+def test_every_preset_task_has_language():
+    table = task_language()
+    for task in PRESETS["mt10"]:
+        language = table[task]
+        assert language.instruction and all(language.subgoals)
+        assert len(language.until) == len(language.subgoals)
+        assert not language.until[-1], f"{task}: the last phase must have no end condition"
+        assert all(language.until[:-1]), f"{task}: every other phase needs an end condition"
+
+
+def test_resolve_tasks_expands_presets_and_rejects_unknown_names():
+    assert resolve_tasks(["mt10"]) == list(PRESETS["mt10"])
+    assert resolve_tasks(["reach-v3", "mt10"])[0] == "reach-v3"
+    assert len(resolve_tasks(["reach-v3", "mt10"])) == 10
+    with pytest.raises(ValueError, match="'pick-plate-v3'.*valid tasks: .*pick-place-v3"):
+        resolve_tasks(["pick-plate-v3"])
+
+
+def _obs(hand, gripper=1.0, obj=(0.0, 0.7, 0.02), goal=(0.1, 0.8, 0.2)):
+    obs = np.zeros(39)
+    obs[0:3], obs[3], obs[4:7], obs[36:39] = hand, gripper, obj, goal
+    return obs
+
+
+def test_phase_tracker_moves_forward_only():
+    language = TaskLanguage(
+        instruction="pick",
+        subgoals=("above", "down", "grasp", "carry"),
+        until=(
+            ({"dist": ["hand", "object"], "axes": "xy", "below": 0.02},),
+            ({"dist": ["hand", "object"], "axes": "z", "below": 0.05},),
+            ({"gripper_below": 0.7},),
+            (),
+        ),
+    )
+    tracker = PhaseTracker(language)
+    assert tracker.update(_obs(hand=(0.2, 0.5, 0.2))) == 0
+    assert tracker.update(_obs(hand=(0.0, 0.7, 0.2))) == 1
+    # The hand drifts off the puck again: the label does not go back.
+    assert tracker.update(_obs(hand=(0.2, 0.5, 0.2))) == 1
+    # Several conditions holding at once skip straight through.
+    assert tracker.update(_obs(hand=(0.0, 0.7, 0.03), gripper=0.5)) == 3
+
+
+def test_unknown_camera_is_rejected():
+    with pytest.raises(ValueError, match="'side'.*corner"):
+        MetaWorldEnv("reach-v3", camera="side")
+
+
+@pytest.mark.slow
+def test_expert_rollout_is_reproducible_and_rendered():
+    env = MetaWorldEnv("pick-place-v3", camera="corner", image_size=48)
+    try:
+        a, b = rollout_expert(env, seed=3), rollout_expert(env, seed=3)
+        c = rollout_expert(env, seed=4)
+    finally:
+        env.close()
+    assert a.success and len(a.phases) == len(a.images) == len(a.actions) == len(a.state)
+    np.testing.assert_array_equal(a.actions, b.actions)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert not np.array_equal(a.images[0], c.images[0]), "another seed, another configuration"
+    assert a.images.shape[1:] == (48, 48, 3) and a.images.dtype == np.uint8
+    assert np.abs(a.actions).max() <= 1.0
+    assert list(np.unique(a.phases)) == [0, 1, 2, 3]
