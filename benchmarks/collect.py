@@ -29,9 +29,13 @@ def main() -> None:
             out = root / f"workers{workers}"
             start = time.perf_counter()
             summary = collect_metaworld(
-                args.tasks, args.episodes_per_task, out, args.image_size, workers=workers,
+                args.tasks,
+                args.episodes_per_task,
+                out,
+                args.image_size,
+                workers=workers,
                 console=Console(quiet=True),
-            )  # fmt: skip
+            )
             wall = time.perf_counter() - start
             frames = sum(row["frames"] for row in summary["tasks"].values())
             console.print(

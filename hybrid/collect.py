@@ -122,9 +122,13 @@ def collect_metaworld(
     if camera not in metaworld.CAMERAS:
         raise ValueError(f"unknown camera {camera!r}; valid: {', '.join(metaworld.CAMERAS)}")
     config = CollectConfig(
-        tuple(metaworld.resolve_tasks(tasks)), episodes_per_task, image_size, camera, seed,
+        tuple(metaworld.resolve_tasks(tasks)),
+        episodes_per_task,
+        image_size,
+        camera,
+        seed,
         keep_failures,
-    )  # fmt: skip
+    )
     out = Path(out)
     record = {"config": json.loads(json.dumps(asdict(config)))}  # as it reads back from disk
     done_file = out / COLLECTION_FILE

@@ -35,9 +35,18 @@ def test_unknown_task_lists_valid_ones(tmp_path):
 def test_sigkill_midway_then_rerun_yields_exactly_the_requested_episodes(tmp_path):
     out = tmp_path / "d"
     args = _collect(
-        "--tasks", "reach-v3", "button-press-topdown-v3", "--episodes-per-task", 4,
-        "--image-size", 32, "--workers", 2, "--out", out,
-    )  # fmt: skip
+        "--tasks",
+        "reach-v3",
+        "button-press-topdown-v3",
+        "--episodes-per-task",
+        4,
+        "--image-size",
+        32,
+        "--workers",
+        2,
+        "--out",
+        out,
+    )
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

@@ -13,9 +13,13 @@ H, K = 8, 5
 @pytest.fixture(scope="module")
 def datamodule(mt10_dataset):
     dm = HybridDataModule(
-        str(mt10_dataset[0]), chunk_size=H, future_offset=K, image_size=32, batch_size=4,
+        str(mt10_dataset[0]),
+        chunk_size=H,
+        future_offset=K,
+        image_size=32,
+        batch_size=4,
         val_fraction=0.5,
-    )  # fmt: skip
+    )
     dm.setup("fit")
     return dm
 

@@ -81,9 +81,15 @@ class HybridDataModule(L.LightningDataModule):
 
         def windows(episodes: list[int]) -> TrainingWindows:
             return TrainingWindows(
-                dataset, episodes, cameras, self.normalizer, hp.chunk_size, hp.future_offset,
-                hp.image_size, embodiment,
-            )  # fmt: skip
+                dataset,
+                episodes,
+                cameras,
+                self.normalizer,
+                hp.chunk_size,
+                hp.future_offset,
+                hp.image_size,
+                embodiment,
+            )
 
         self.dataset, self.cameras = dataset, cameras
         self.train_set, self.val_set = windows(train), windows(val)

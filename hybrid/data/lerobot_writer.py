@@ -92,8 +92,14 @@ class LeRobotWriter:
     LeRobot does; at most `CHUNKS_SIZE` files go in one chunk folder.
     """
 
-    def __init__(self, root: Path, fps: int, robot_type: str, data_file_mb: int = 100,
-                 video_file_mb: int = 200):  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        fps: int,
+        robot_type: str,
+        data_file_mb: int = 100,
+        video_file_mb: int = 200,
+    ):
         self.root, self.fps, self.robot_type = Path(root), fps, robot_type
         self.data_file_mb, self.video_file_mb = data_file_mb, video_file_mb
         (self.root / "meta" / "info.json").unlink(missing_ok=True)

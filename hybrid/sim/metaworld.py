@@ -19,6 +19,8 @@ from importlib import resources
 import numpy as np
 import yaml
 
+from hybrid.embodiment import EmbodimentSpec
+
 ROBOT_TYPE = "sawyer"
 FPS = 80  # Meta-World steps at dt = 0.0125 s
 STATE_NAMES = ["ee_x", "ee_y", "ee_z", "gripper"]
@@ -29,11 +31,26 @@ CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper"
 ROTATED_CAMERAS = frozenset({"corner", "corner2", "corner3", "corner4"})
 PRESETS = {
     "mt10": (
-        "reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
-        "drawer-close-v3", "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3",
+        "reach-v3",
+        "push-v3",
+        "pick-place-v3",
+        "door-open-v3",
+        "drawer-open-v3",
+        "drawer-close-v3",
+        "button-press-topdown-v3",
+        "peg-insert-side-v3",
+        "window-open-v3",
         "window-close-v3",
     ),
-}  # fmt: skip
+}
+
+EMBODIMENT = EmbodimentSpec(
+    name=ROBOT_TYPE,
+    state_dim=len(STATE_NAMES),
+    action_dim=len(ACTION_NAMES),
+    action_low=[-1.0] * len(ACTION_NAMES),
+    action_high=[1.0] * len(ACTION_NAMES),
+)
 
 # Observation layout of every Meta-World v3 task (39 dims).
 _POINTS = {"hand": slice(0, 3), "object": slice(4, 7), "goal": slice(36, 39)}
@@ -130,9 +147,15 @@ class MetaWorldEnv:
         _check_camera(camera)
         self.task, self.camera = task, camera
         self.env = gym.make(
-            "Meta-World/MT1", env_name=task, seed=seed, disable_env_checker=True,
-            render_mode="rgb_array", camera_name=camera, width=image_size, height=image_size,
-        )  # fmt: skip
+            "Meta-World/MT1",
+            env_name=task,
+            seed=seed,
+            disable_env_checker=True,
+            render_mode="rgb_array",
+            camera_name=camera,
+            width=image_size,
+            height=image_size,
+        )
         self.env.unwrapped.model.vis.quality.offsamples = 0
         viewer = self.env.unwrapped.mujoco_renderer._get_viewer("rgb_array")
         viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
@@ -216,6 +239,11 @@ def rollout_expert(env: MetaWorldEnv, seed: int, max_steps: int = MAX_EPISODE_ST
             if success:
                 break
     return Episode(
-        task=env.task, seed=seed, success=success, images=np.stack(images),
-        state=np.stack(state), actions=np.stack(actions), phases=np.asarray(phases, np.int64),
-    )  # fmt: skip
+        task=env.task,
+        seed=seed,
+        success=success,
+        images=np.stack(images),
+        state=np.stack(state),
+        actions=np.stack(actions),
+        phases=np.asarray(phases, np.int64),
+    )

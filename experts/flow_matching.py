@@ -1,0 +1,65 @@
+"""The one flow-matching convention of the project, used by the world model and the action expert.
+
+Time runs from data to noise: t = 0 is data, t = 1 is pure Gaussian noise, and
+
+    x_t = (1 - t) * x_0 + t * noise        the model predicts the velocity  v = noise - x_0
+
+which is diffusers' `FlowMatchEulerDiscreteScheduler` convention (its sigma is our t; its
+timesteps are 1000 * t). Sampling integrates dx/dt = v from t = 1 down to t = 0 with Euler steps.
+Everything here is stateless, so one call can carry many candidates in its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+TIMESTEP_SCALE = 1000.0  # diffusers models embed timesteps given on a 0..1000 scale
+
+
+def sample_time(batch: int, device: torch.device, generator: torch.Generator | None = None):
+    """Training times t in (0, 1), (batch,), from a logit-normal that favours the middle, where
+    the velocity is hardest to predict (Esser et al. 2024, the SD3 paper)."""
+    normal = torch.randn(batch, device=device, generator=generator)
+    return torch.sigmoid(normal).clamp(1e-4, 1 - 1e-4)
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t for data x0 (B, ...), noise like x0, and t (B,)."""
+    t = t.reshape(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * noise
+
+
+def flow_loss(
+    velocity: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity (noise - x0), averaged over
+    the elements where `mask` (broadcastable to x0) is True."""
+    error = (velocity - (noise - x0)).square()
+    if mask is None:
+        return error.mean()
+    mask = mask.expand_as(error).to(error.dtype)
+    return (error * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def euler_sample(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """Integrate from x_1 = noise to x_0 in `steps` equal Euler steps.
+
+    velocity_fn(x_t, t) -> v, with x_t like `noise` and t of shape (B,).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    x = noise
+    times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device, dtype=noise.dtype)
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        v = velocity_fn(x, t.expand(x.shape[0]))
+        x = x + (t_next - t) * v  # dt < 0: towards the data
+    return x

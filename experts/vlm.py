@@ -1,0 +1,291 @@
+"""The high-level VLM: camera images + instruction -> a language subgoal, generated as text, and
+the prefix features the lower tiers read. Its backbone is also trained on FAST action tokens.
+
+Backbone: transformers' `Idefics3ForConditionalGeneration` (the SmolVLM family). By default a tiny
+config is built locally with a BPE tokenizer trained on the dataset's text; a hub name or a
+directory selects a pretrained backbone and its tokenizer instead, through the same
+`from_pretrained` path the tests use for the tiny one.
+
+Sequence, one image block per camera (Idefics3's layout without image splitting):
+    [<fake_token_around_image> <global-img> <image> x n ... <fake_token_around_image>] x N
+    instruction "\nSubgoal:" subgoal <eos> <act_i> ... <eos>
+    `----------------- prefix ----------------'`-- FAST --'
+Losses: `lang` is next-token cross-entropy on the subgoal and its <eos>, `fast` on the FAST tokens
+and their <eos>. The attention is causal, so the prefix features (last hidden layer at the prefix
+positions) do not depend on the FAST tokens: training and inference see the same features.
+Images come in as (B, N, 3, S, S) floats in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+
+IMAGE_TOKEN, IMAGE_AROUND, IMAGE_GLOBAL = "<image>", "<fake_token_around_image>", "<global-img>"
+PAD, EOS = "<pad>", "<eos>"
+SUBGOAL_PROMPT = "\nSubgoal:"
+CONFIG_NAME = "vlm_config.json"
+
+
+def action_token(i: int) -> str:
+    return f"<act_{i}>"
+
+
+def train_tokenizer(
+    texts: list[str], vocab_size: int = 512, num_action_tokens: int = 512
+) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer for the tiny VLM, trained on the dataset's instructions and subgoals, with
+    the image, padding and FAST action tokens added as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    special = ["<unk>", PAD, EOS, IMAGE_TOKEN, IMAGE_AROUND, IMAGE_GLOBAL]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special)
+    tokenizer.train_from_iterator([*texts, SUBGOAL_PROMPT], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token=PAD, eos_token=EOS
+    )
+    fast.add_special_tokens(
+        {"additional_special_tokens": [IMAGE_TOKEN, IMAGE_AROUND, IMAGE_GLOBAL]}
+    )
+    fast.add_tokens([action_token(i) for i in range(num_action_tokens)], special_tokens=True)
+    return fast
+
+
+@dataclass
+class VLMOutput:
+    """Losses (scalars) and prefix features (B, L, D) with their mask (B, L), True = real token."""
+
+    lang_loss: torch.Tensor
+    fast_loss: torch.Tensor | None
+    features: torch.Tensor
+    feature_mask: torch.Tensor
+
+
+class HighLevelVLM(nn.Module):
+    """See the module docstring.
+
+    Args:
+        tokenizer: the text tokenizer (from `train_tokenizer`, or a pretrained one).
+        backbone: hub name or directory of a pretrained Idefics3/SmolVLM; None builds the tiny
+            config below, with fresh weights.
+        num_action_tokens: FAST vocabulary size; `<act_i>` tokens are added when missing.
+        max_subgoal_tokens: generation budget for a subgoal.
+        image_size .. scale_factor: the tiny config (ignored with a pretrained backbone).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        backbone: str | None = None,
+        num_action_tokens: int = 512,
+        max_subgoal_tokens: int = 16,
+        image_size: int = 64,
+        patch_size: int = 8,
+        scale_factor: int = 2,
+        text_hidden: int = 256,
+        text_layers: int = 4,
+        vision_hidden: int = 128,
+        vision_layers: int = 2,
+        num_heads: int = 4,
+    ):
+        super().__init__()
+        self.config = {
+            k: v for k, v in locals().items() if k not in ("self", "tokenizer", "__class__")
+        }
+        self.tokenizer = tokenizer
+        missing = [
+            action_token(i)
+            for i in range(num_action_tokens)
+            if action_token(i) not in tokenizer.get_vocab()
+        ]
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)
+        if backbone is None:
+            text = dict(
+                model_type="llama",
+                vocab_size=len(tokenizer),
+                hidden_size=text_hidden,
+                intermediate_size=2 * text_hidden,
+                num_hidden_layers=text_layers,
+                num_attention_heads=num_heads,
+                num_key_value_heads=num_heads,
+                max_position_embeddings=512,
+                tie_word_embeddings=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            vision = dict(
+                hidden_size=vision_hidden,
+                intermediate_size=2 * vision_hidden,
+                num_hidden_layers=vision_layers,
+                num_attention_heads=num_heads,
+                image_size=image_size,
+                patch_size=patch_size,
+            )
+            config = Idefics3Config(
+                text_config=text,
+                vision_config=vision,
+                scale_factor=scale_factor,
+                image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            )
+            self.backbone = Idefics3ForConditionalGeneration(config)
+        else:
+            self.backbone = Idefics3ForConditionalGeneration.from_pretrained(backbone)
+            if self.backbone.get_input_embeddings().num_embeddings < len(tokenizer):
+                self.backbone.resize_token_embeddings(len(tokenizer))
+        vision = self.backbone.config.vision_config
+        self.image_size = vision.image_size
+        self.image_seq_len = (vision.image_size // vision.patch_size) ** 2 // (
+            self.backbone.config.scale_factor**2
+        )
+        ids = tokenizer.convert_tokens_to_ids([action_token(i) for i in range(num_action_tokens)])
+        self.register_buffer("action_ids", torch.tensor(ids), persistent=False)
+        special = [IMAGE_TOKEN, IMAGE_AROUND, IMAGE_GLOBAL, PAD]
+        # Subgoals are text: generation may never emit image, padding or action tokens.
+        self._suppress = [*tokenizer.convert_tokens_to_ids(special), *ids]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.text_config.hidden_size
+
+    # 1. inputs -------------------------------------------------------------------------------
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3, S, S) in [0, 1] -> the backbone's pixel values (B, N, 3, s, s)."""
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"images must be (B, N, 3, H, W), got {tuple(images.shape)}")
+        b = images.shape[0]
+        x = rearrange(images, "b n c h w -> (b n) c h w")
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear")
+        x = (x - 0.5) / 0.5  # Idefics3's image mean and std are 0.5
+        return rearrange(x, "(b n) c h w -> b n c h w", b=b)
+
+    def _image_block(self, num_cameras: int) -> str:
+        one = IMAGE_AROUND + IMAGE_GLOBAL + IMAGE_TOKEN * self.image_seq_len + IMAGE_AROUND
+        return one * num_cameras
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _pad(self, sequences: list[list[int]], left: bool = False):
+        """Token lists -> ids (B, L) and attention mask (B, L)."""
+        length = max(map(len, sequences))
+        ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id)
+        mask = torch.zeros((len(sequences), length), dtype=torch.bool)
+        for i, seq in enumerate(sequences):
+            span = slice(length - len(seq), length) if left else slice(0, len(seq))
+            ids[i, span], mask[i, span] = torch.tensor(seq), True
+        return ids.to(self.action_ids.device), mask.to(self.action_ids.device)
+
+    def _prompts(self, num_cameras: int, instructions: list[str]) -> list[list[int]]:
+        block = self._image_block(num_cameras)
+        return [self._ids(block + text + SUBGOAL_PROMPT) for text in instructions]
+
+    # 2. training ------------------------------------------------------------------------------
+    def forward(
+        self,
+        images: torch.Tensor,
+        instructions: list[str],
+        subgoals: list[str],
+        fast_tokens: list[list[int]] | None = None,
+    ) -> VLMOutput:
+        """Teacher-forced pass: losses on subgoal (and FAST) tokens, and prefix features."""
+        eos = self.tokenizer.eos_token_id
+        prompts = self._prompts(images.shape[1], instructions)
+        sequences, spans = [], []
+        for i, (prompt, subgoal) in enumerate(zip(prompts, subgoals, strict=True)):
+            goal = [*self._ids(" " + subgoal), eos]
+            fast = [] if fast_tokens is None else [*self.action_ids[fast_tokens[i]].tolist(), eos]
+            sequences.append(prompt + goal + fast)
+            spans.append(
+                (len(prompt), len(prompt) + len(goal), len(prompt) + len(goal) + len(fast))
+            )
+        ids, mask = self._pad(sequences)
+        out = self.backbone(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            pixel_values=self._pixels(images),
+            output_hidden_states=True,
+        )
+        lang_target = torch.full_like(ids, -100)
+        fast_target = torch.full_like(ids, -100)
+        feature_mask = torch.zeros_like(mask)
+        for i, (start, mid, end) in enumerate(spans):
+            lang_target[i, start:mid] = ids[i, start:mid]
+            fast_target[i, mid:end] = ids[i, mid:end]
+            feature_mask[i, :mid] = True
+        logits = out.logits[:, :-1]  # position j predicts token j + 1
+
+        def next_token_loss(target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits.transpose(1, 2).float(), target[:, 1:], ignore_index=-100)
+
+        return VLMOutput(
+            lang_loss=next_token_loss(lang_target),
+            fast_loss=None if fast_tokens is None else next_token_loss(fast_target),
+            features=out.hidden_states[-1],
+            feature_mask=feature_mask,
+        )
+
+    # 3. inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def propose_subgoal(self, images: torch.Tensor, instructions: list[str]) -> list[str]:
+        """Greedy generation of one subgoal per sample, at most `max_subgoal_tokens` tokens."""
+        ids, mask = self._pad(self._prompts(images.shape[1], instructions), left=True)
+        out = self.backbone.generate(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            pixel_values=self._pixels(images),
+            max_new_tokens=self.config["max_subgoal_tokens"],
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            suppress_tokens=self._suppress,
+        )
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    @torch.no_grad()
+    def prefix_features(
+        self, images: torch.Tensor, instructions: list[str], subgoals: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, L, D) and mask (B, L) of [images, instruction, subgoal] for the experts
+        below; the same features the teacher-forced `forward` gives."""
+        out = self.forward(images, instructions, subgoals)
+        return out.features, out.feature_mask
+
+    # 4. persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.backbone.save_pretrained(directory / "backbone")
+        self.tokenizer.save_pretrained(directory / "backbone")
+        config = {**self.config, "backbone": "backbone"}
+        tmp = directory / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> HighLevelVLM:
+        directory = Path(directory)
+        path = directory / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no VLM config at {path}")
+        config = json.loads(path.read_text())
+        backbone = str(directory / config.pop("backbone"))
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
+        return cls(tokenizer, backbone=backbone, **config)

@@ -1,0 +1,272 @@
+"""The world model: current image + language subgoal -> K candidate visual subgoals (future frames
+in a VAE latent space), each scored by a learned progress head. The planner acts on the best one.
+
+Parts, all diffusers building blocks:
+    vae          AutoencoderKL: image (B, 3, S, S) in [0, 1] <-> latent (B, C, h, w)
+    transformer  PixArtTransformer2DModel: velocity of the future latent at t + k, given the noisy
+                 future latent and the current latent (concatenated on channels), the flow time,
+                 and cross-attention to the subgoal context (the VLM prefix features, read through
+                 a stop-gradient)
+    value        ValueHead: latent + pooled context -> task progress in [0, 1]
+Losses: `world` (flow matching on the future latent, `experts.flow_matching`), `value` (MSE on
+the progress of the current and the true future latent) and, for the tiny VAE trained here, `vae`
+(reconstruction + a small KL). Latents used by `world` and `value` are detached: those losses never
+reshape the VAE. With a pretrained VAE (`vae="<hub name or dir>"`) it is frozen and `vae` is None.
+The world model sees one camera: the first of the images it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, PixArtTransformer2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange, repeat
+from torch import nn
+
+from experts.flow_matching import TIMESTEP_SCALE, euler_sample, flow_loss, interpolate, sample_time
+
+CONFIG_NAME = "world_model_config.json"
+_NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+
+
+def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D), (B, L) bool -> (B, D), the mean over real tokens."""
+    weights = mask.to(features.dtype).unsqueeze(-1)
+    return (features * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class ValueHead(ModelMixin, ConfigMixin):
+    """Predicted task progress of a frame latent under an instruction context.
+    latents (B, K, C, h, w), context (B, D) -> (B, K) in [0, 1]."""
+
+    @register_to_config
+    def __init__(self, latent_dim: int, context_dim: int, hidden: int = 256):
+        super().__init__()
+        self.latent_in = nn.Linear(latent_dim, hidden)
+        self.context_in = nn.Linear(context_dim, hidden)
+        self.mlp = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.latent_in(rearrange(latents, "b k c h w -> b k (c h w)"))
+        h = h + self.context_in(context).unsqueeze(1)
+        return torch.sigmoid(self.mlp(h).squeeze(-1))
+
+
+class WorldModel(nn.Module):
+    """See the module docstring.
+
+    Args:
+        context_dim: width of the context features (the VLM's hidden size).
+        vae: hub name or directory of a pretrained AutoencoderKL (frozen); None builds the tiny one.
+        transformer: directory of a saved transformer; None builds one from the sizes below.
+        image_size: side of the images the VAE sees.
+        latent_channels, vae_channels: the tiny VAE (len(vae_channels) - 1 halvings of the side).
+        hidden, num_layers, num_heads, patch_size: the transformer.
+        kl_weight: weight of the tiny VAE's KL term inside the `vae` loss.
+        train_vae: whether the VAE trains (`vae` loss); default: only the tiny one does.
+        value: directory of a saved value head; None builds one.
+    """
+
+    def __init__(
+        self,
+        context_dim: int,
+        vae: str | None = None,
+        transformer: str | None = None,
+        value: str | None = None,
+        image_size: int = 64,
+        latent_channels: int = 4,
+        vae_channels: tuple[int, ...] = (32, 32, 64, 64),
+        hidden: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        patch_size: int = 2,
+        value_hidden: int = 256,
+        kl_weight: float = 1e-4,
+        train_vae: bool | None = None,
+    ):
+        super().__init__()
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config["vae_channels"] = list(vae_channels)
+        if vae is None:
+            self.vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+                up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+                block_out_channels=tuple(vae_channels),
+                layers_per_block=1,
+                latent_channels=latent_channels,
+                norm_num_groups=min(16, vae_channels[0]),
+                sample_size=image_size,
+                scaling_factor=1.0,
+            )
+        else:
+            self.vae = AutoencoderKL.from_pretrained(vae)
+        self.train_vae = vae is None if train_vae is None else train_vae
+        self.config["train_vae"] = self.train_vae
+        self.vae.requires_grad_(self.train_vae)
+        channels = self.vae.config.latent_channels
+        latent_size = image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if transformer is None:
+            self.transformer = PixArtTransformer2DModel(
+                sample_size=latent_size,
+                patch_size=patch_size,
+                in_channels=2 * channels,  # noisy future latent + current latent
+                out_channels=channels,
+                num_layers=num_layers,
+                attention_head_dim=hidden // num_heads,
+                num_attention_heads=num_heads,
+                cross_attention_dim=hidden,
+                caption_channels=context_dim,
+                norm_type="ada_norm_single",
+                use_additional_conditions=False,
+                norm_num_groups=None,
+                num_embeds_ada_norm=1000,
+            )
+        else:
+            self.transformer = PixArtTransformer2DModel.from_pretrained(transformer)
+        if value is None:
+            self.value = ValueHead(channels * latent_size**2, context_dim, value_hidden)
+        else:
+            self.value = ValueHead.from_pretrained(value)
+        self.latent_shape = (channels, latent_size, latent_size)
+
+    # 1. latent space --------------------------------------------------------------------------
+    def _first_camera(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3, S, S) or (B, 3, S, S) in [0, 1] -> (B, 3, size, size) in [-1, 1]."""
+        x = images[:, 0] if images.dim() == 5 else images
+        size = self.config["image_size"]
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="area")
+        return x * 2 - 1
+
+    def _to_latent(self, posterior_mean: torch.Tensor) -> torch.Tensor:
+        shift = self.vae.config.shift_factor or 0.0
+        return (posterior_mean - shift) * self.vae.config.scaling_factor
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, [N,] 3, S, S) in [0, 1] -> latents (B, C, h, w) (posterior means)."""
+        return self._to_latent(self.vae.encode(self._first_camera(images)).latent_dist.mean)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (..., C, h, w) -> images (..., 3, S, S) in [0, 1]."""
+        lead = latents.shape[:-3]
+        z = latents.reshape(-1, *latents.shape[-3:])
+        z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        images = (self.vae.decode(z).sample.clamp(-1, 1) + 1) / 2
+        return images.reshape(*lead, *images.shape[1:])
+
+    # 2. the future-frame flow -------------------------------------------------------------------
+    def velocity(self, noisy_future, t, current, context, context_mask):
+        """Velocity (B, C, h, w) of the future latent at flow times t (B,)."""
+        return self.transformer(
+            torch.cat([noisy_future, current], dim=1),
+            encoder_hidden_states=context,
+            encoder_attention_mask=context_mask,
+            timestep=t * TIMESTEP_SCALE,
+            added_cond_kwargs=_NO_EXTRA_CONDITIONS,
+        ).sample
+
+    def losses(
+        self,
+        images: torch.Tensor,
+        future_images: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        progress: torch.Tensor,
+        future_progress: torch.Tensor,
+    ) -> dict[str, torch.Tensor | None]:
+        """`world`, `value` and `vae` (None with a frozen VAE) for one batch.
+
+        images, future_images (B, N, 3, S, S) in [0, 1]; context (B, L, D), context_mask (B, L);
+        progress, future_progress (B,).
+        """
+        context = context.detach()
+        batch = images.shape[0]
+        pixels = self._first_camera(torch.cat([images, future_images]))
+        if self.train_vae:
+            posterior = self.vae.encode(pixels[:batch]).latent_dist
+            reconstruction = self.vae.decode(posterior.sample()).sample
+            vae_loss = F.mse_loss(reconstruction, pixels[:batch])
+            vae_loss = (
+                vae_loss + self.config["kl_weight"] * posterior.kl().mean() / pixels[0].numel()
+            )
+        else:
+            vae_loss = None
+        with torch.no_grad():
+            latents = self._to_latent(self.vae.encode(pixels).latent_dist.mean)
+        current, future = latents[:batch], latents[batch:]
+        noise = torch.randn_like(future)
+        t = sample_time(batch, future.device)
+        v = self.velocity(interpolate(future, noise, t), t, current, context, context_mask)
+        pooled = masked_mean(context, context_mask)
+        values = self.value(torch.stack([current, future], 1), pooled)  # (B, 2)
+        targets = torch.stack([progress, future_progress], 1).to(values.dtype)
+        return {
+            "world": flow_loss(v, future, noise),
+            "value": F.mse_loss(values, targets),
+            "vae": vae_loss,
+        }
+
+    # 3. planning --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def imagine(
+        self,
+        images: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        num_candidates: int = 8,
+        steps: int = 8,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """K candidate future latents (B, K, C, h, w) from independent noise, in one batched call.
+        images (B, [N,] 3, S, S) in [0, 1]; context (B, L, D) with mask (B, L)."""
+        k = num_candidates
+        current = repeat(self.encode(images), "b c h w -> (b k) c h w", k=k)
+        context = repeat(context, "b l d -> (b k) l d", k=k)
+        context_mask = repeat(context_mask, "b l -> (b k) l", k=k)
+        noise = torch.randn(
+            current.shape, generator=generator, device=current.device, dtype=current.dtype
+        )
+        futures = euler_sample(
+            lambda x, t: self.velocity(x, t, current, context, context_mask), noise, steps
+        )
+        return rearrange(futures, "(b k) c h w -> b k c h w", k=k)
+
+    @torch.no_grad()
+    def score(
+        self, latents: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Predicted progress (B, K) of candidate latents (B, K, C, h, w)."""
+        return self.value(latents, masked_mean(context, context_mask))
+
+    # 4. persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.vae.save_pretrained(directory / "vae")
+        self.transformer.save_pretrained(directory / "transformer")
+        self.value.save_pretrained(directory / "value")
+        config = {**self.config, "vae": "vae", "transformer": "transformer", "value": "value"}
+        tmp = directory / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> WorldModel:
+        directory = Path(directory)
+        path = directory / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no world model config at {path}")
+        config = json.loads(path.read_text())
+        for part in ("vae", "transformer", "value"):
+            config[part] = str(directory / config[part])
+        config["vae_channels"] = tuple(config["vae_channels"])
+        return cls(**config)

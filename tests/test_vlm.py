@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from experts.vlm import HighLevelVLM, train_tokenizer
+
+TEXTS = [
+    "pick up the puck and place it at the goal",
+    "move the gripper above the puck",
+    "grasp the puck",
+    "open the drawer",
+    "pull the drawer open",
+]
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(TEXTS, vocab_size=200, num_action_tokens=32)
+    return HighLevelVLM(
+        tokenizer,
+        num_action_tokens=32,
+        max_subgoal_tokens=6,
+        text_hidden=64,
+        text_layers=2,
+        vision_hidden=32,
+        vision_layers=1,
+    ).eval()
+
+
+def _images(batch, cameras=1, seed=0):
+    return torch.rand(batch, cameras, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch,cameras", [(1, 1), (3, 2)])
+def test_forward_losses_and_prefix_features(vlm, batch, cameras):
+    images = _images(batch, cameras)
+    out = vlm(images, TEXTS[:batch], TEXTS[1 : batch + 1], fast_tokens=[[1, 2, 3]] * batch)
+    assert out.lang_loss.ndim == 0 and out.fast_loss.ndim == 0
+    assert out.features.shape[0] == batch and out.features.shape[2] == vlm.hidden_size
+    assert out.feature_mask.shape == out.features.shape[:2]
+    # The prefix covers the image blocks, the instruction and the subgoal, not the FAST tokens:
+    # with causal attention its features are those of a pass without FAST tokens.
+    features, mask = vlm.prefix_features(images, TEXTS[:batch], TEXTS[1 : batch + 1])
+    assert torch.equal(mask, out.feature_mask[:, : mask.shape[1]])
+    torch.testing.assert_close(features[mask], out.features[out.feature_mask])
+    assert mask.sum(1).min() > cameras * vlm.image_seq_len
+
+
+def test_generated_subgoals_are_text_from_the_vocabulary(vlm):
+    subgoals = vlm.propose_subgoal(_images(2), TEXTS[:2])
+    assert len(subgoals) == 2
+    vocab = set(vlm.tokenizer.get_vocab())
+    for text in subgoals:
+        assert isinstance(text, str)
+        assert "<act_" not in text and "<image>" not in text
+        assert all(token in vocab for token in vlm.tokenizer.tokenize(text))
+
+
+def test_a_trained_vlm_generates_its_subgoal(vlm):
+    """A few steps on one example teach the model to say it: generation really decodes."""
+    model = HighLevelVLM(
+        vlm.tokenizer,
+        num_action_tokens=32,
+        max_subgoal_tokens=8,
+        text_hidden=64,
+        text_layers=2,
+        vision_hidden=32,
+        vision_layers=1,
+    )
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    images = _images(1)
+    for _ in range(60):
+        loss = model(images, [TEXTS[0]], ["grasp the puck"]).lang_loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    assert model.propose_subgoal(images, [TEXTS[0]]) == ["grasp the puck"]
+
+
+def test_lang_and_fast_losses_reach_the_backbone(vlm):
+    out = vlm(_images(2), TEXTS[:2], TEXTS[2:4], fast_tokens=[[4, 5], [6]])
+    for loss in (out.lang_loss, out.fast_loss):
+        vlm.zero_grad()
+        loss.backward(retain_graph=True)
+        grads = [p.grad for p in vlm.backbone.parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_save_load_identical(vlm, tmp_path):
+    vlm.save_pretrained(tmp_path / "vlm")
+    loaded = HighLevelVLM.from_pretrained(tmp_path / "vlm").eval()
+    images = _images(2)
+    a, mask_a = vlm.prefix_features(images, TEXTS[:2], TEXTS[2:4])
+    b, mask_b = loaded.prefix_features(images, TEXTS[:2], TEXTS[2:4])
+    assert torch.equal(mask_a, mask_b)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert loaded.propose_subgoal(images, TEXTS[:2]) == vlm.propose_subgoal(images, TEXTS[:2])
+
+
+def test_bad_image_shape_is_named(vlm):
+    with pytest.raises(ValueError, match=r"images must be \(B, N, 3, H, W\), got \(2, 3, 64, 64\)"):
+        vlm.propose_subgoal(torch.rand(2, 3, 64, 64), TEXTS[:2])
