@@ -1,10 +1,11 @@
 """The action expert: a flow-matching transformer that turns state, the chosen visual subgoal and
 the VLM's features into an action chunk.
 
-Tokens it runs over, with bidirectional attention among them:
-    [state token, H noisy action tokens]                                  (B, 1 + H, hidden)
-and cross-attention to the context:
-    [VLM prefix features (B, L, D_vlm), visual-subgoal latent patches]    (B, L + P, hidden)
+Tokens, in the order they are attended:
+    context  [VLM prefix features (B, L, D_vlm), visual-subgoal latent patches]  (B, L + P, hidden)
+    suffix   [state token, H noisy action tokens]                               (B, 1 + H, hidden)
+The suffix attends to the context and to itself (bidirectionally); the context attends to nothing
+here, so its keys and values are computed once per sample and reused at every flow step.
 Knowledge insulation: the VLM features pass through a stop-gradient here, so the action loss never
 reaches the VLM (it learns from its language and FAST losses only). The flow time conditions every
 block through adaptive layer norm. Actions are zero-padded to `max_action_dim`; the loss is masked
@@ -14,17 +15,58 @@ over padded steps (episode end) and padded dims (robots with fewer action dims).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.normalization import AdaLayerNormSingle
 from einops import rearrange
 from torch import nn
 
 from experts.embodiment_heads import EmbodimentLinear, StateEncoder
 from experts.flow_matching import TIMESTEP_SCALE, euler_sample, flow_loss, interpolate, sample_time
 
-_NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive layer norm: x (B, T, hidden), shift and scale (B, hidden)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """One attention over [context; suffix] with queries from the suffix only, then an MLP; both
+    residual branches modulated and gated by the flow time (adaLN-zero, as in DiT). Context tokens
+    never attend to the suffix: their keys and values are computed once per sample
+    (`context_kv`) and reused at every integration step, like a prefix KV cache."""
+
+    def __init__(self, hidden: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.context_kv_proj = nn.Linear(hidden, 2 * hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, 4 * hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * hidden, hidden),
+        )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)  # (B, nh, T, hs)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, L, hidden) -> keys, values (B, nh, L, hs)."""
+        k, v = self.context_kv_proj(context).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, x, context_kv, attn_mask, modulation):
+        """x (B, T, hidden); attn_mask (B, 1, 1, L + T) bool; modulation (B, 6, hidden)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.unbind(1)
+        q, k, v = self.qkv(_modulate(self.norm(x), shift1, scale1)).chunk(3, dim=-1)
+        k = torch.cat([context_kv[0], self._heads(k)], dim=2)
+        v = torch.cat([context_kv[1], self._heads(v)], dim=2)
+        h = F.scaled_dot_product_attention(self._heads(q), k, v, attn_mask=attn_mask)
+        x = x + gate1[:, None] * self.attn_out(rearrange(h, "b h n d -> b n (h d)"))
+        return x + gate2[:, None] * self.mlp(_modulate(self.norm(x), shift2, scale2))
 
 
 class ActionExpert(ModelMixin, ConfigMixin):
@@ -43,7 +85,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         max_action_dim: int = 8,
         num_embodiments: int = 1,
         hidden: int = 128,
-        num_layers: int = 4,
+        num_layers: int = 3,
         num_heads: int = 4,
     ):
         super().__init__()
@@ -59,57 +101,48 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.vlm_in = nn.Linear(vlm_dim, hidden)
         self.visual_in = nn.Linear(latent_channels * latent_patch**2, hidden)
         self.visual_pos = nn.Parameter(torch.zeros(1, num_patches, hidden))
-        self.time = AdaLayerNormSingle(hidden)
-        self.blocks = nn.ModuleList(
-            BasicTransformerBlock(
-                hidden,
-                num_heads,
-                hidden // num_heads,
-                cross_attention_dim=hidden,
-                norm_type="ada_norm_single",
-            )
-            for _ in range(num_layers)
-        )
-        self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False)
-        self.out_modulation = nn.Linear(hidden, 2 * hidden)
+        self.time_proj = Timesteps(hidden, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(hidden, hidden)
+        self.blocks = nn.ModuleList(Block(hidden, num_heads) for _ in range(num_layers))
+        # One projection gives every block's 6 modulation vectors and the output's 2 per step.
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, (6 * num_layers + 2) * hidden))
+        self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        nn.init.zeros_(self.modulation[1].weight)  # adaLN-zero: every block starts as identity
+        nn.init.zeros_(self.modulation[1].bias)
         nn.init.normal_(self.suffix_pos, std=0.02)
         nn.init.normal_(self.visual_pos, std=0.02)
 
     def _context(self, vlm_features, vlm_mask, visual_latent):
-        """Context tokens (B, L [+ P], hidden) and their mask; the stop-gradient lives here."""
-        tokens = [self.vlm_in(vlm_features.detach())]  # knowledge insulation
+        """Per block, the context keys and values, and the attention mask over [context; suffix]
+        (B, 1, 1, L [+ P] + 1 + H). The stop-gradient of knowledge insulation lives here."""
+        tokens = [self.vlm_in(vlm_features.detach())]
         masks = [vlm_mask]
         if visual_latent is not None:
             p = self.config.latent_patch
             patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
             tokens.append(self.visual_in(patches) + self.visual_pos)
             masks.append(vlm_mask.new_ones(patches.shape[:2]))
-        return torch.cat(tokens, 1), torch.cat(masks, 1)
+        context = torch.cat(tokens, 1)
+        kv = [block.context_kv(context) for block in self.blocks]
+        masks.append(vlm_mask.new_ones(vlm_mask.shape[0], 1 + self.config.chunk_size))
+        return kv, torch.cat(masks, 1)[:, None, None, :]
 
-    def velocity(self, noisy_actions, t, state, embodiment_ids, context, context_mask):
+    def velocity(self, noisy_actions, t, state, embodiment_ids, context_kv, context_mask):
         """Predicted velocity (B, H, max_action_dim) for noisy actions at flow times t (B,)."""
-        batch = noisy_actions.shape[0]
         # 1. suffix tokens: state, then the noisy actions
         x = torch.cat(
             [self.state_in(state, embodiment_ids), self.action_in(noisy_actions, embodiment_ids)], 1
         )
         x = x + self.suffix_pos
-        # 2. time conditioning (adaLN), shared by every block
-        t_mod, t_emb = self.time(
-            t * TIMESTEP_SCALE, _NO_EXTRA_CONDITIONS, batch_size=batch, hidden_dtype=x.dtype
-        )
-        # 3. blocks: self-attention over the suffix, cross-attention to the context
-        for block in self.blocks:
-            x = block(
-                x,
-                encoder_hidden_states=context,
-                encoder_attention_mask=context_mask,
-                timestep=t_mod,
-            )
+        # 2. time -> every block's modulation
+        t_emb = self.time_embed(self.time_proj(t * TIMESTEP_SCALE).to(x.dtype))
+        modulation = rearrange(self.modulation(t_emb), "b (n d) -> b n d", d=x.shape[-1])
+        # 3. blocks
+        for i, block in enumerate(self.blocks):
+            x = block(x, context_kv[i], context_mask, modulation[:, 6 * i : 6 * i + 6])
         # 4. modulated output norm, per-robot decoder over the action tokens
-        shift, scale = self.out_modulation(t_emb).unsqueeze(1).chunk(2, dim=-1)
-        x = self.norm_out(x[:, 1:]) * (1 + scale) + shift
-        return self.action_out(x, embodiment_ids)
+        shift, scale = modulation[:, -2], modulation[:, -1]
+        return self.action_out(_modulate(self.norm_out(x[:, 1:]), shift, scale), embodiment_ids)
 
     def loss(
         self,
@@ -124,14 +157,14 @@ class ActionExpert(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Flow-matching loss on normalised actions (B, H, max_action_dim), masked over padded
         steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim)."""
-        context, context_mask = self._context(vlm_features, vlm_mask, visual_latent)
+        context_kv, context_mask = self._context(vlm_features, vlm_mask, visual_latent)
         mask = action_mask[:, :, None] & dim_mask[:, None, :]
         # Whatever padding holds, the model sees zeros on padded dims and steps.
         actions = actions * mask
         noise = torch.randn_like(actions) * dim_mask[:, None, :]
         t = sample_time(actions.shape[0], actions.device)
         v = self.velocity(
-            interpolate(actions, noise, t), t, state, embodiment_ids, context, context_mask
+            interpolate(actions, noise, t), t, state, embodiment_ids, context_kv, context_mask
         )
         return flow_loss(v, actions, noise, mask)
 
@@ -148,15 +181,17 @@ class ActionExpert(ModelMixin, ConfigMixin):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """An action chunk (B, H, max_action_dim), normalised, by Euler integration of the flow;
-        zeros on the dims `dim_mask` (B, max_action_dim) marks as padding. The context is
-        projected once and reused by every step."""
-        context, context_mask = self._context(vlm_features, vlm_mask, visual_latent)
+        zeros on the dims `dim_mask` (B, max_action_dim) marks as padding. The context keys and
+        values are computed once and reused by every step."""
+        context_kv, context_mask = self._context(vlm_features, vlm_mask, visual_latent)
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         noise = torch.randn(shape, generator=generator, device=state.device, dtype=state.dtype)
         dims = torch.ones_like(noise[:, :1]) if dim_mask is None else dim_mask[:, None, :]
         # Padded dims stay exactly zero along the whole path, as in training.
         return euler_sample(
-            lambda x, t: self.velocity(x, t, state, embodiment_ids, context, context_mask) * dims,
+            lambda x, t: (
+                self.velocity(x, t, state, embodiment_ids, context_kv, context_mask) * dims
+            ),
             noise * dims,
             steps,
         )

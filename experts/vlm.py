@@ -109,6 +109,8 @@ class HighLevelVLM(nn.Module):
             k: v for k, v in locals().items() if k not in ("self", "tokenizer", "__class__")
         }
         self.tokenizer = tokenizer
+        if tokenizer.pad_token is None:  # many pretrained chat tokenizers define none
+            tokenizer.pad_token = tokenizer.eos_token
         missing = [
             action_token(i)
             for i in range(num_action_tokens)

@@ -71,6 +71,8 @@ class WorldModel(nn.Module):
         latent_channels, vae_channels: the tiny VAE (len(vae_channels) - 1 halvings of the side).
         hidden, num_layers, num_heads, patch_size: the transformer.
         kl_weight: weight of the tiny VAE's KL term inside the `vae` loss.
+        vae_batch: how many of a batch's current images the `vae` loss reconstructs (the VAE's
+            full-resolution convolutions dominate a CPU training step).
         train_vae: whether the VAE trains (`vae` loss); default: only the tiny one does.
         value: directory of a saved value head; None builds one.
     """
@@ -83,13 +85,14 @@ class WorldModel(nn.Module):
         value: str | None = None,
         image_size: int = 64,
         latent_channels: int = 4,
-        vae_channels: tuple[int, ...] = (32, 32, 64, 64),
+        vae_channels: tuple[int, ...] = (16, 32, 32, 32),
         hidden: int = 128,
-        num_layers: int = 4,
+        num_layers: int = 3,
         num_heads: int = 4,
         patch_size: int = 2,
         value_hidden: int = 256,
         kl_weight: float = 1e-4,
+        vae_batch: int = 8,
         train_vae: bool | None = None,
     ):
         super().__init__()
@@ -193,12 +196,11 @@ class WorldModel(nn.Module):
         batch = images.shape[0]
         pixels = self._first_camera(torch.cat([images, future_images]))
         if self.train_vae:
-            posterior = self.vae.encode(pixels[:batch]).latent_dist
+            targets = pixels[: min(batch, self.config["vae_batch"])]
+            posterior = self.vae.encode(targets).latent_dist
             reconstruction = self.vae.decode(posterior.sample()).sample
-            vae_loss = F.mse_loss(reconstruction, pixels[:batch])
-            vae_loss = (
-                vae_loss + self.config["kl_weight"] * posterior.kl().mean() / pixels[0].numel()
-            )
+            kl = posterior.kl().mean() / targets[0].numel()
+            vae_loss = F.mse_loss(reconstruction, targets) + self.config["kl_weight"] * kl
         else:
             vae_loss = None
         with torch.no_grad():
@@ -224,7 +226,7 @@ class WorldModel(nn.Module):
         context: torch.Tensor,
         context_mask: torch.Tensor,
         num_candidates: int = 8,
-        steps: int = 8,
+        steps: int = 4,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """K candidate future latents (B, K, C, h, w) from independent noise, in one batched call.

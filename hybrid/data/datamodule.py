@@ -94,6 +94,13 @@ class HybridDataModule(L.LightningDataModule):
         self.dataset, self.cameras = dataset, cameras
         self.train_set, self.val_set = windows(train), windows(val)
 
+    def norm_stats(self) -> dict[str, dict[str, list[float]]]:
+        """The statistics of state and actions, JSON-ready, as a policy stores them."""
+        return {
+            key: {stat: np.asarray(v).tolist() for stat, v in self.dataset.stats[key].items()}
+            for key in (STATE_KEY, ACTION_KEY)
+        }
+
     def _loader(self, windows: TrainingWindows, shuffle: bool) -> DataLoader:
         hp = self.hparams
         return DataLoader(

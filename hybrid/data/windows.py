@@ -83,15 +83,30 @@ class TrainingWindows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def texts(self) -> list[str]:
+        """Every distinct instruction and subgoal, sorted (to train a tokenizer on)."""
+        return sorted({t for ep in self.episodes for t in (ep["instruction"], *ep["subgoal"])})
+
+    def action_chunks(self) -> np.ndarray:
+        """Every sample's normalised action chunk, (len(self), H, action_dim), padded as in
+        `__getitem__` (to fit the FAST tokenizer on)."""
+        return np.stack([self._chunk(e, t)[0] for e, t in self.index])
+
+    def _chunk(self, e: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Actions t .. t+H-1 of episode e, zero-padded past its end, and the (H,) mask of real
+        steps."""
+        actions = self.episodes[e]["actions"]
+        chunk = np.zeros((self.chunk_size, actions.shape[1]), np.float32)
+        real = actions[t : t + self.chunk_size]
+        chunk[: len(real)] = real
+        return chunk, np.arange(self.chunk_size) < len(real)
+
     def __getitem__(self, i: int) -> dict:
         e, t = self.index[i]
         ep = self.episodes[e]
         length = len(ep["state"])
         future = min(t + self.future_offset, length - 1)
-        actions = np.zeros((self.chunk_size, ep["actions"].shape[1]), np.float32)
-        chunk = ep["actions"][t : t + self.chunk_size]
-        actions[: len(chunk)] = chunk
-        mask = np.arange(self.chunk_size) < len(chunk)
+        actions, mask = self._chunk(e, t)
 
         def images(step: int) -> torch.Tensor:
             frames = torch.from_numpy(ep["images"][step])

@@ -1,0 +1,220 @@
+"""HybridPolicy: the three experts, the FAST tokenizer, the robots and their normalisation, as one
+object that trains from a batch and saves to / loads from one directory, offline.
+
+    <dir>/policy_config.json   embodiments, normalisation statistics, chunk size
+    <dir>/vlm/                 HighLevelVLM (transformers backbone + tokenizer)
+    <dir>/world_model/         WorldModel (diffusers VAE + transformer, value head)
+    <dir>/action_expert/       ActionExpert (diffusers config.json + safetensors)
+    <dir>/fast/                FastTokenizer
+
+Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_dim) and actions
+(B, H, action_dim) already normalised, images (B, N, 3, S, S) in [0, 1], text as lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experts.action import ActionExpert
+from experts.fast import FastTokenizer
+from experts.vlm import HighLevelVLM, train_tokenizer
+from experts.world_model import WorldModel
+from hybrid.data.normalize import Normalizer
+from hybrid.data.windows import ACTION_KEY, STATE_KEY
+from hybrid.embodiment import EmbodimentSpec
+
+CONFIG_NAME = "policy_config.json"
+
+
+class HybridPolicy(nn.Module):
+    """See the module docstring. `norm_stats[embodiment][feature]` holds mean/std/min/max lists."""
+
+    def __init__(
+        self,
+        vlm: HighLevelVLM,
+        world_model: WorldModel,
+        action_expert: ActionExpert,
+        fast: FastTokenizer,
+        embodiments: list[EmbodimentSpec],
+        norm_stats: dict[str, dict[str, dict[str, list[float]]]],
+        norm_modes: dict[str, str] | None = None,
+    ):
+        super().__init__()
+        self.vlm, self.world_model, self.action_expert, self.fast = (
+            vlm,
+            world_model,
+            action_expert,
+            fast,
+        )
+        self.embodiments = {spec.name: spec for spec in embodiments}
+        self.norm_stats = norm_stats
+        self.norm_modes = norm_modes or {STATE_KEY: "mean_std", ACTION_KEY: "mean_std"}
+        self.normalizers = {
+            name: Normalizer(
+                {k: {s: np.asarray(v) for s, v in d.items()} for k, d in norm_stats[name].items()},
+                self.norm_modes,
+            )
+            for name in self.embodiments
+        }
+        cfg = action_expert.config
+        if cfg.num_embodiments < len(embodiments):
+            raise ValueError(
+                f"the action expert has rows for {cfg.num_embodiments} embodiments, "
+                f"but {len(embodiments)} are given"
+            )
+        for spec in embodiments:
+            if spec.state_dim > cfg.max_state_dim or spec.action_dim > cfg.max_action_dim:
+                raise ValueError(
+                    f"embodiment {spec.name!r} has state/action dims {spec.state_dim}/"
+                    f"{spec.action_dim}; the action expert takes at most "
+                    f"{cfg.max_state_dim}/{cfg.max_action_dim}"
+                )
+
+    @classmethod
+    def create(
+        cls,
+        texts: list[str],
+        action_chunks: np.ndarray,
+        embodiments: list[EmbodimentSpec],
+        norm_stats: dict,
+        vlm: dict | None = None,
+        world_model: dict | None = None,
+        action_expert: dict | None = None,
+        fast: dict | None = None,
+        text_vocab_size: int = 512,
+    ) -> HybridPolicy:
+        """Build fresh experts with consistent sizes. `texts` (instructions and subgoals) train
+        the tiny VLM's tokenizer, `action_chunks` (N, H, action_dim), normalised, fit FAST. The
+        dicts are each expert's keyword arguments; `vlm={"backbone": <hub name or dir>}` loads a
+        pretrained VLM and its tokenizer."""
+        vlm, world_model, action_expert = dict(vlm or {}), dict(world_model or {}), action_expert
+        horizon, action_dim = action_chunks.shape[1:]
+        fast_tokenizer = FastTokenizer(horizon, action_dim, **(fast or {})).fit(action_chunks)
+        if vlm.get("backbone"):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(vlm["backbone"])
+        else:
+            tokenizer = train_tokenizer(texts, text_vocab_size, fast_tokenizer.vocab_size)
+        vlm_model = HighLevelVLM(tokenizer, num_action_tokens=fast_tokenizer.vocab_size, **vlm)
+        wm = WorldModel(context_dim=vlm_model.hidden_size, **world_model)
+        channels, size, _ = wm.latent_shape
+        expert = ActionExpert(
+            vlm_dim=vlm_model.hidden_size,
+            latent_channels=channels,
+            latent_size=size,
+            chunk_size=horizon,
+            max_state_dim=max(s.state_dim for s in embodiments),
+            max_action_dim=max(s.action_dim for s in embodiments),
+            num_embodiments=len(embodiments),
+            **(action_expert or {}),
+        )
+        return cls(vlm_model, wm, expert, fast_tokenizer, embodiments, norm_stats)
+
+    # 1. batches -------------------------------------------------------------------------------
+    def embodiment_ids(self, names: list[str]) -> torch.Tensor:
+        """Row of each robot in the per-embodiment weights, (B,)."""
+        order = list(self.embodiments)
+        unknown = sorted(set(names) - set(order))
+        if unknown:
+            raise ValueError(f"unknown embodiment(s) {unknown}; this policy knows {order}")
+        return torch.tensor([order.index(n) for n in names], device=self.action_expert.device)
+
+    def _pad(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        return F.pad(x, (0, size - x.shape[-1]))
+
+    def dim_mask(self, names: list[str]) -> torch.Tensor:
+        """(B, max_action_dim) bool: True on each robot's real action dims."""
+        dims = torch.tensor([self.embodiments[n].action_dim for n in names])
+        mask = torch.arange(self.action_expert.config.max_action_dim)[None] < dims[:, None]
+        return mask.to(self.action_expert.device)
+
+    # 2. training ------------------------------------------------------------------------------
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every loss of the hierarchy on one batch: lang, fast, world, value, action (+ vae when
+        the world model's VAE trains). The action loss reaches only the action expert."""
+        cfg = self.action_expert.config
+        names = list(batch["embodiment"])
+        ids = self.embodiment_ids(names)
+        actions = batch["actions"]
+        fast_tokens = self.fast.encode(actions.detach().float().cpu().numpy())
+        out = self.vlm(
+            batch["images"], list(batch["instruction"]), list(batch["subgoal"]), fast_tokens
+        )
+        world = self.world_model.losses(
+            batch["images"],
+            batch["future_images"],
+            out.features,
+            out.feature_mask,
+            batch["progress"],
+            batch["future_progress"],
+        )
+        with torch.no_grad():
+            visual = self.world_model.encode(batch["future_images"])
+        action = self.action_expert.loss(
+            self._pad(actions, cfg.max_action_dim),
+            batch["action_mask"],
+            self.dim_mask(names),
+            self._pad(batch["state"], cfg.max_state_dim),
+            ids,
+            out.features,
+            out.feature_mask,
+            visual,
+        )
+        losses = {"lang": out.lang_loss, "fast": out.fast_loss, "action": action, **world}
+        return {k: v for k, v in losses.items() if v is not None}
+
+    # 3. persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the policy to `directory` atomically: into a sibling temporary folder first, then
+        swapped into place, so an interrupted save never leaves a half-written policy."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.vlm.save_pretrained(tmp / "vlm")
+            self.world_model.save_pretrained(tmp / "world_model")
+            self.action_expert.save_pretrained(tmp / "action_expert")
+            self.fast.save_pretrained(tmp / "fast")
+            config = {
+                "embodiments": [s.to_dict() for s in self.embodiments.values()],
+                "norm_stats": self.norm_stats,
+                "norm_modes": self.norm_modes,
+            }
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            old = directory.with_name(f".{directory.name}.old")
+            if directory.exists():
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> HybridPolicy:
+        directory = Path(directory)
+        path = directory / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a policy directory: {path} is missing "
+                "(`hybrid fit` exports one; `HybridPolicy.save_pretrained` writes one)"
+            )
+        config = json.loads(path.read_text())
+        return cls(
+            vlm=HighLevelVLM.from_pretrained(directory / "vlm"),
+            world_model=WorldModel.from_pretrained(directory / "world_model"),
+            action_expert=ActionExpert.from_pretrained(directory / "action_expert"),
+            fast=FastTokenizer.from_pretrained(directory / "fast"),
+            embodiments=[EmbodimentSpec(**s) for s in config["embodiments"]],
+            norm_stats=config["norm_stats"],
+            norm_modes=config["norm_modes"],
+        )

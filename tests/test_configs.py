@@ -1,0 +1,43 @@
+"""The model YAMLs name only arguments the experts accept, so a typo fails here, not on a GPU."""
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experts.action import ActionExpert
+from experts.fast import FastTokenizer
+from experts.vlm import HighLevelVLM
+from experts.world_model import WorldModel
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
+CLASSES = {
+    "vlm": HighLevelVLM,
+    "world_model": WorldModel,
+    "action_expert": ActionExpert,
+    "fast": FastTokenizer,
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_model_config_names_real_arguments(path):
+    config = yaml.safe_load(path.read_text())
+    assert set(config) <= set(CLASSES), (
+        f"{path.name}: unknown sections {set(config) - set(CLASSES)}"
+    )
+    for section, arguments in config.items():
+        accepted = set(inspect.signature(CLASSES[section].__init__).parameters) - {"self"}
+        unknown = set(arguments) - accepted
+        assert not unknown, f"{path.name}: {section} does not take {sorted(unknown)}"
+
+
+def test_the_tiny_config_is_the_default():
+    config = yaml.safe_load((CONFIGS[0].parent / "tiny.yaml").read_text())
+    for section, arguments in config.items():
+        defaults = inspect.signature(CLASSES[section].__init__).parameters
+        for name, value in arguments.items():
+            default = defaults[name].default
+            assert list(default) == value if isinstance(default, tuple) else default == value, (
+                f"tiny.yaml {section}.{name}={value} but the default is {default}"
+            )
