@@ -22,7 +22,7 @@ CLASSES = {
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_model_config_names_real_arguments(path):
-    config = yaml.safe_load(path.read_text())
+    config = yaml.safe_load(path.read_text())["model"]["experts"]
     assert set(config) <= set(CLASSES), (
         f"{path.name}: unknown sections {set(config) - set(CLASSES)}"
     )
@@ -33,7 +33,7 @@ def test_model_config_names_real_arguments(path):
 
 
 def test_the_tiny_config_is_the_default():
-    config = yaml.safe_load((CONFIGS[0].parent / "tiny.yaml").read_text())
+    config = yaml.safe_load((CONFIGS[0].parent / "tiny.yaml").read_text())["model"]["experts"]
     for section, arguments in config.items():
         defaults = inspect.signature(CLASSES[section].__init__).parameters
         for name, value in arguments.items():
