@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 quickstart: setup
 	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 20 --out $(QUICKSTART_DATA)
+	$(BIN)/hybrid fit --config configs/quickstart.yaml --data.root $(QUICKSTART_DATA) --ckpt_path last
+	@echo "quickstart policy: outputs/quickstart/policy  (HybridPolicy.from_pretrained)"
 
 test: setup
 	$(BIN)/ruff check .

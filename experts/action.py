@@ -112,16 +112,18 @@ class ActionExpert(ModelMixin, ConfigMixin):
         nn.init.normal_(self.suffix_pos, std=0.02)
         nn.init.normal_(self.visual_pos, std=0.02)
 
-    def _context(self, vlm_features, vlm_mask, visual_latent):
+    def _context(self, vlm_features, vlm_mask, visual_latent, visual_keep=None):
         """Per block, the context keys and values, and the attention mask over [context; suffix]
-        (B, 1, 1, L [+ P] + 1 + H). The stop-gradient of knowledge insulation lives here."""
+        (B, 1, 1, L [+ P] + 1 + H); `visual_keep` (B,) bool hides the visual subgoal from the
+        samples where it is False. The stop-gradient of knowledge insulation lives here."""
         tokens = [self.vlm_in(vlm_features.detach())]
         masks = [vlm_mask]
         if visual_latent is not None:
             p = self.config.latent_patch
             patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
             tokens.append(self.visual_in(patches) + self.visual_pos)
-            masks.append(vlm_mask.new_ones(patches.shape[:2]))
+            keep = vlm_mask.new_ones(patches.shape[:2])
+            masks.append(keep if visual_keep is None else keep & visual_keep[:, None])
         context = torch.cat(tokens, 1)
         kv = [block.context_kv(context) for block in self.blocks]
         masks.append(vlm_mask.new_ones(vlm_mask.shape[0], 1 + self.config.chunk_size))
@@ -154,10 +156,13 @@ class ActionExpert(ModelMixin, ConfigMixin):
         vlm_features: torch.Tensor,
         vlm_mask: torch.Tensor,
         visual_latent: torch.Tensor | None,
+        visual_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow-matching loss on normalised actions (B, H, max_action_dim), masked over padded
-        steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim)."""
-        context_kv, context_mask = self._context(vlm_features, vlm_mask, visual_latent)
+        steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim).
+        `visual_keep` (B,) bool drops the visual subgoal for some samples (condition dropout), so
+        the expert also learns to act without it."""
+        context_kv, context_mask = self._context(vlm_features, vlm_mask, visual_latent, visual_keep)
         mask = action_mask[:, :, None] & dim_mask[:, None, :]
         # Whatever padding holds, the model sees zeros on padded dims and steps.
         actions = actions * mask

@@ -139,17 +139,22 @@ class HybridPolicy(nn.Module):
         return mask.to(self.action_expert.device)
 
     # 2. training ------------------------------------------------------------------------------
-    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def losses(
+        self, batch: dict, visual_dropout: float = 0.0, language_dropout: float = 0.0
+    ) -> dict[str, torch.Tensor]:
         """Every loss of the hierarchy on one batch: lang, fast, world, value, action (+ vae when
-        the world model's VAE trains). The action loss reaches only the action expert."""
+        the world model's VAE trains). The action loss reaches only the action expert.
+
+        Condition dropout keeps the planner's ablation modes valid: for a `visual_dropout` share
+        of samples the action expert acts without the visual subgoal, for a `language_dropout`
+        share it reads VLM features whose subgoal is the instruction itself."""
         cfg = self.action_expert.config
         names = list(batch["embodiment"])
         ids = self.embodiment_ids(names)
         actions = batch["actions"]
+        instructions = list(batch["instruction"])
         fast_tokens = self.fast.encode(actions.detach().float().cpu().numpy())
-        out = self.vlm(
-            batch["images"], list(batch["instruction"]), list(batch["subgoal"]), fast_tokens
-        )
+        out = self.vlm(batch["images"], instructions, list(batch["subgoal"]), fast_tokens)
         world = self.world_model.losses(
             batch["images"],
             batch["future_images"],
@@ -160,15 +165,29 @@ class HybridPolicy(nn.Module):
         )
         with torch.no_grad():
             visual = self.world_model.encode(batch["future_images"])
+        size = len(names)
+        visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
+        features, feature_mask = out.features, out.feature_mask
+        drop = (torch.rand(size) < language_dropout).tolist()
+        if any(drop):
+            rows = [i for i, d in enumerate(drop) if d]
+            plain = [instructions[i] for i in rows]
+            alt, alt_mask = self.vlm.prefix_features(batch["images"][rows], plain, plain)
+            width = max(features.shape[1], alt.shape[1])
+            features = F.pad(features, (0, 0, 0, width - features.shape[1])).clone()
+            feature_mask = F.pad(feature_mask, (0, width - feature_mask.shape[1])).clone()
+            features[rows] = F.pad(alt, (0, 0, 0, width - alt.shape[1]))
+            feature_mask[rows] = F.pad(alt_mask, (0, width - alt_mask.shape[1]))
         action = self.action_expert.loss(
             self._pad(actions, cfg.max_action_dim),
             batch["action_mask"],
             self.dim_mask(names),
             self._pad(batch["state"], cfg.max_state_dim),
             ids,
-            out.features,
-            out.feature_mask,
+            features,
+            feature_mask,
             visual,
+            visual_keep,
         )
         losses = {"lang": out.lang_loss, "fast": out.fast_loss, "action": action, **world}
         return {k: v for k, v in losses.items() if v is not None}

@@ -1,0 +1,182 @@
+"""The LightningModule: trains every tier of the hierarchy jointly from one batch.
+
+It coordinates; the networks live in `experts/` and are composed by `HybridPolicy`, built in
+`setup` from the DataModule (the tiny VLM's tokenizer trains on the dataset's text, FAST fits its
+action chunks, normalisation comes from its statistics). Each loss is logged on its own
+(`train/loss_lang`, `val/loss_world`, ...) and summed with the weights from the YAML. Validation
+also measures what the planner relies on: the world model's future-latent error against the
+copy-the-current-frame baseline, and the Spearman correlation of the value head with progress.
+At the end of `fit` the policy is exported with `HybridPolicy.save_pretrained`: the directory the
+planner loads.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from hybrid.data.datamodule import HybridDataModule
+from hybrid.embodiment import EmbodimentSpec
+from hybrid.policy import HybridPolicy
+
+DEFAULT_WEIGHTS = {"lang": 1.0, "fast": 0.5, "world": 1.0, "value": 1.0, "action": 1.0, "vae": 1.0}
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Rank correlation of two 1-D tensors (ties broken by order)."""
+    rx, ry = x.argsort().argsort().float(), y.argsort().argsort().float()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return (rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12)
+
+
+class HybridModule(L.LightningModule):
+    """Joint training of the VLM, world model and action expert.
+
+    Args:
+        experts: the experts' constructor arguments, by section (`vlm`, `world_model`,
+            `action_expert`, `fast`), as in `configs/model/*.yaml`.
+        loss_weights: weight of each loss term in the sum; missing terms weigh 1.
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 10%.
+        export_dir: where the policy directory goes at the end of fit; default
+            `<log dir>/policy`.
+        val_imagine_steps: flow steps of the world model in the validation metrics.
+        visual_dropout, language_dropout: condition dropout for the action expert, so the
+            planner's flat (no visual subgoal) and no-language-subgoal modes stay valid.
+    """
+
+    def __init__(
+        self,
+        experts: dict | None = None,
+        loss_weights: dict[str, float] | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        export_dir: str | None = None,
+        val_imagine_steps: int = 4,
+        visual_dropout: float = 0.1,
+        language_dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.weights = {**DEFAULT_WEIGHTS, **(loss_weights or {})}
+        self.policy: HybridPolicy | None = None
+        self._val_values: list[torch.Tensor] = []
+
+    # 1. building the policy from the data ---------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.policy is not None:
+            return
+        dm = self.trainer.datamodule
+        if not isinstance(dm, HybridDataModule):
+            raise TypeError(f"HybridModule trains from a HybridDataModule, got {type(dm).__name__}")
+        dm.setup(stage)
+        windows = dm.train_set
+        spec = EmbodimentSpec(
+            name=windows.embodiment,
+            state_dim=windows.episodes[0]["state"].shape[1],
+            action_dim=windows.episodes[0]["actions"].shape[1],
+            cameras=dm.cameras,
+        )
+        self.policy = HybridPolicy.create(
+            windows.texts(),
+            windows.action_chunks(),
+            [spec],
+            {spec.name: dm.norm_stats()},
+            **(self.hparams.experts or {}),
+        )
+
+    # 2. the step ----------------------------------------------------------------------------------
+    def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
+        dropout = {"visual_dropout": 0.0, "language_dropout": 0.0}
+        if stage == "train":
+            dropout = {k: self.hparams[k] for k in dropout}
+        losses = self.policy.losses(batch, **dropout)
+        for name, value in losses.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"{stage} loss '{name}' is {value.item()} at global step {self.global_step} "
+                    f"(episodes {sorted(set(batch['episode_index'].tolist()))}); check the batch "
+                    "for NaN/inf and lower the learning rate"
+                )
+        total = sum(self.weights[name] * value for name, value in losses.items())
+        size = len(batch["state"])
+        for name, value in losses.items():
+            self.log(f"{stage}/loss_{name}", value, batch_size=size, sync_dist=stage != "train")
+        self.log(f"{stage}/loss", total, batch_size=size, prog_bar=True, sync_dist=stage != "train")
+        return total
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._common_step(batch, "val")
+        self._planning_metrics(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._common_step(batch, "test")
+        self._planning_metrics(batch, "test")
+
+    @torch.no_grad()
+    def _planning_metrics(self, batch: dict, stage: str) -> None:
+        """World model vs copying the current frame (latent MSE), and the value head's outputs
+        for the rank correlation at the end of the epoch."""
+        wm, size = self.policy.world_model, len(batch["state"])
+        features, mask = self.policy.vlm.prefix_features(
+            batch["images"], list(batch["instruction"]), list(batch["subgoal"])
+        )
+        current, future = wm.encode(batch["images"]), wm.encode(batch["future_images"])
+        imagined = wm.imagine(
+            batch["images"], features, mask, num_candidates=1, steps=self.hparams.val_imagine_steps
+        )[:, 0]
+        for name, error in (("world_mse", imagined - future), ("copy_mse", current - future)):
+            self.log(f"{stage}/{name}", error.square().mean(), batch_size=size, sync_dist=True)
+        values = wm.score(current[:, None], features, mask)[:, 0]
+        self._val_values.append(torch.stack([values, batch["progress"].to(values.dtype)]))
+
+    def _log_value_correlation(self, stage: str) -> None:
+        if not self._val_values:
+            return
+        values, progress = torch.cat(self._val_values, dim=1)
+        self._val_values.clear()
+        self.log(f"{stage}/value_spearman", spearman(values, progress), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_value_correlation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_value_correlation("test")
+
+    # 3. optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimiser = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(self.trainer.estimated_stepping_batches, hp.warmup_steps + 1)
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = (step - hp.warmup_steps) / max(total - hp.warmup_steps, 1)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+        return {
+            "optimizer": optimiser,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # 4. export ------------------------------------------------------------------------------------
+    def export_dir(self) -> Path:
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "policy"
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            directory = self.export_dir()
+            self.policy.save_pretrained(directory)
+            rank_zero_info(f"exported the policy to {directory}")

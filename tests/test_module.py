@@ -1,0 +1,69 @@
+"""The LightningModule in the real Lightning loop, on the real Meta-World collection."""
+
+import lightning as L
+import pytest
+import torch
+
+from hybrid.data.datamodule import HybridDataModule
+from hybrid.module import HybridModule, spearman
+from hybrid.policy import HybridPolicy
+
+SMALL = dict(
+    vlm=dict(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1),
+    world_model=dict(vae_channels=(16, 16, 32, 32), hidden=32, num_layers=1, value_hidden=32),
+    action_expert=dict(hidden=32, num_layers=1),
+    fast=dict(vocab_size=128),
+)
+
+
+def _trainer(tmp_path, **kwargs):
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def _datamodule(root):
+    return HybridDataModule(
+        str(root), chunk_size=8, future_offset=8, batch_size=8, val_fraction=0.3
+    )
+
+
+def test_fast_dev_run_trains_validates_and_exports(mt10_dataset, tmp_path):
+    module = HybridModule(experts=SMALL, export_dir=str(tmp_path / "policy"), warmup_steps=1)
+    trainer = _trainer(tmp_path, fast_dev_run=2)
+    trainer.fit(module, _datamodule(mt10_dataset[0]))
+    logged = trainer.callback_metrics
+    for name in ("lang", "fast", "world", "value", "vae", "action"):
+        assert torch.isfinite(logged[f"train/loss_{name}"]), name
+        assert torch.isfinite(logged[f"val/loss_{name}"]), name
+    for name in ("val/world_mse", "val/copy_mse", "val/value_spearman"):
+        assert torch.isfinite(logged[name]), name
+    loaded = HybridPolicy.from_pretrained(tmp_path / "policy")
+    for key, value in module.policy.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+class _PoisonBatch(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 1:
+            batch["state"][0, 0] = float("nan")
+
+
+def test_a_nan_in_the_batch_stops_training_naming_the_loss(mt10_dataset, tmp_path):
+    module = HybridModule(experts=SMALL, export_dir=str(tmp_path / "policy"))
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[_PoisonBatch()])
+    with pytest.raises(FloatingPointError, match=r"train loss 'action' is nan at global step 1"):
+        trainer.fit(module, _datamodule(mt10_dataset[0]))
+    assert not (tmp_path / "policy").exists(), "a failed run exports nothing"
+
+
+def test_spearman():
+    x = torch.tensor([0.1, 0.4, 0.2, 0.9])
+    assert spearman(x, x * 3 + 1) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
