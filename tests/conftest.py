@@ -21,3 +21,43 @@ def mt10_dataset(tmp_path_factory):
         ["mt10"], MT10_EPISODES, out, image_size=64, workers=2, console=Console(quiet=True)
     )
     return out, summary
+
+
+SMALL_EXPERTS = dict(
+    vlm=dict(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1),
+    world_model=dict(vae_channels=(16, 16, 32, 32), hidden=32, num_layers=1, value_hidden=32),
+    action_expert=dict(hidden=32, num_layers=1),
+    fast=dict(vocab_size=128),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(mt10_dataset, tmp_path_factory):
+    """A small policy trained for a few steps on the session dataset, saved as `hybrid fit`
+    exports it."""
+    import torch
+
+    from hybrid.data.datamodule import HybridDataModule
+    from hybrid.policy import HybridPolicy
+    from hybrid.sim.metaworld import EMBODIMENT
+
+    torch.manual_seed(0)
+    dm = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=16)
+    dm.setup("fit")
+    spec = type(EMBODIMENT)(**{**EMBODIMENT.to_dict(), "cameras": dm.cameras})
+    policy = HybridPolicy.create(
+        dm.train_set.texts(),
+        dm.train_set.action_chunks(),
+        [spec],
+        {spec.name: dm.norm_stats()},
+        **SMALL_EXPERTS,
+    )
+    optimiser = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    for _, batch in zip(range(10), dm.train_dataloader(), strict=False):
+        loss = sum(policy.losses(batch, visual_dropout=0.2, language_dropout=0.2).values())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    directory = tmp_path_factory.mktemp("policy") / "policy"
+    policy.save_pretrained(directory)
+    return directory

@@ -1,0 +1,249 @@
+"""`hybrid eval`: closed-loop rollouts of a trained policy in Meta-World.
+
+Episodes run in worker processes (one torch thread each, so two workers share two cores without
+fighting), each with its own planner and simulator. Reported per task: success rate and mean
+steps; per tier: latency p50/p95 over every plan, and the amortised milliseconds per action chunk.
+`results.json` holds all of it; `--video` writes one MP4 per episode showing the camera, the
+imagined visual subgoal the planner chose, and the subgoal text with its score.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from hybrid.collect import episode_seed
+from hybrid.sim import metaworld
+from hybrid.types import Observation
+
+TIERS = ("features", "progress", "subgoal", "imagine", "score", "decode", "action")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    policy: str
+    tasks: tuple[str, ...]
+    episodes: int
+    seed: int = 1000
+    max_steps: int = 300
+    image_size: int = 96
+    video_dir: str | None = None
+    planner: dict = field(default_factory=dict)
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    episode: int
+    success: bool
+    steps: int
+    timings_ms: list[dict[str, float]]
+    subgoals: list[str]
+    video: str | None
+
+
+_worker: dict = {}
+
+
+def _camera(policy) -> tuple[str, str]:
+    """(feature key, Meta-World camera name) of the policy's first camera."""
+    spec = next(iter(policy.embodiments.values()))
+    key = spec.cameras[0] if spec.cameras else "observation.images.corner"
+    return key, key.rsplit(".", 1)[-1]
+
+
+def _init_worker(config: EvalConfig) -> None:
+    import torch
+
+    from planners.hierarchical import HybridPlanner
+
+    torch.set_num_threads(1)
+    _worker["planner"] = HybridPlanner.from_pretrained(config.policy, **config.planner)
+    _worker["config"] = config
+
+
+def _frame_panel(camera: np.ndarray, plan, size: int) -> np.ndarray:
+    """camera | imagined chosen subgoal | text, side by side: (size, 3 * size, 3) uint8."""
+    from PIL import Image, ImageDraw
+
+    imagined = np.zeros_like(camera)
+    if plan is not None and plan.chosen_image is not None:
+        imagined = np.asarray(Image.fromarray(plan.chosen_image).resize((size, size)))
+    text = Image.new("RGB", (size, size), "black")
+    if plan is not None:
+        lines = [plan.subgoal[i : i + 16] for i in range(0, len(plan.subgoal), 16)][:4]
+        if len(plan.scores) > 1:
+            lines.append(f"score {plan.scores[plan.chosen]:.2f}")
+            lines.append(f"of {len(plan.scores)} cand.")
+        ImageDraw.Draw(text).multiline_text((2, 2), "\n".join(lines), fill="white")
+    return np.concatenate([camera, imagined, np.asarray(text)], axis=1)
+
+
+def _run_episode(job: tuple[str, int]) -> EpisodeResult:
+    task, episode = job
+    planner, config = _worker["planner"], _worker["config"]
+    key, camera = _camera(planner.policy)
+    if _worker.get("task") != task:
+        if "env" in _worker:
+            _worker["env"].close()
+        _worker["env"] = metaworld.MetaWorldEnv(task, camera, config.image_size, config.seed)
+        _worker["task"] = task
+    env = _worker["env"]
+    instruction = metaworld.task_language()[task].instruction
+    obs = env.reset(episode_seed(config.seed, task, episode))
+    planner.reset()
+    timings, subgoals, frames, success, steps = [], [], [], False, 0
+    while steps < config.max_steps and not success:
+        steps += 1
+        image = env.render()
+        planned = not planner.queue
+        action = planner.act(Observation({key: image}, obs[:4]), instruction)
+        if planned:
+            timings.append(planner.last_plan.timings_ms)
+            subgoals.append(planner.last_plan.subgoal)
+        if config.video_dir:
+            frames.append(_frame_panel(image, planner.last_plan, config.image_size))
+        obs, success = env.step(action)
+    video = None
+    if config.video_dir:
+        from hybrid.data.video import encode_video
+
+        path = Path(config.video_dir) / f"{task}_{episode:03d}.mp4"
+        tmp = path.with_name(f".{path.name}.tmp.mp4")
+        encode_video(np.stack(frames), tmp, fps=20)
+        os.replace(tmp, path)
+        video = str(path)
+    return EpisodeResult(task, episode, success, steps, timings, subgoals, video)
+
+
+def _summarise(config: EvalConfig, results: list[EpisodeResult], seconds: float) -> dict:
+    per_task = {}
+    for task in config.tasks:
+        rows = [r for r in results if r.task == task]
+        per_task[task] = {
+            "success_rate": float(np.mean([r.success for r in rows])),
+            "mean_steps": float(np.mean([r.steps for r in rows])),
+            "episodes": len(rows),
+        }
+    plans = [t for r in results for t in r.timings_ms]
+    latency = {}
+    for tier in TIERS:
+        values = [t[tier] for t in plans if tier in t]
+        if values:
+            latency[tier] = {
+                "p50_ms": float(np.percentile(values, 50)),
+                "p95_ms": float(np.percentile(values, 95)),
+                "runs_per_chunk": len(values) / len(plans),
+            }
+    return {
+        "config": asdict(config),
+        "tasks": per_task,
+        "mean_success_rate": float(np.mean([row["success_rate"] for row in per_task.values()])),
+        "latency": latency,
+        "amortised_ms_per_chunk": float(np.mean([sum(t.values()) for t in plans])),
+        "chunks": len(plans),
+        "wall_seconds": seconds,
+        "episodes": [asdict(r) | {"timings_ms": None} for r in results],
+    }
+
+
+def evaluate(
+    policy: str,
+    tasks: list[str],
+    episodes: int,
+    out: Path,
+    seed: int = 1000,
+    max_steps: int = 300,
+    workers: int = 2,
+    video: bool = False,
+    planner: dict | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Run the rollouts, print the tables, write `<out>/results.json` (and videos)."""
+    console = console or Console()
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if not (Path(policy) / "policy_config.json").is_file():
+        raise ValueError(f"--policy {policy}: not a policy directory (no policy_config.json)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    video_dir = None
+    if video:
+        video_dir = out / "videos"
+        video_dir.mkdir(exist_ok=True)
+    config = EvalConfig(
+        policy=str(policy),
+        tasks=tuple(metaworld.resolve_tasks(tasks)),
+        episodes=episodes,
+        seed=seed,
+        max_steps=max_steps,
+        video_dir=str(video_dir) if video_dir else None,
+        planner=planner or {},
+    )
+    jobs = [(task, i) for task in config.tasks for i in range(episodes)]
+    start, results = time.perf_counter(), []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("evaluating", total=len(jobs))
+        for result in _map(config, jobs, workers):
+            results.append(result)
+            status = "[green]success[/]" if result.success else "[red]failure[/]"
+            progress.update(bar, advance=1, description=f"{result.task} {status}")
+    results.sort(key=lambda r: (config.tasks.index(r.task), r.episode))
+    summary = _summarise(config, results, time.perf_counter() - start)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "results.json")
+    print_summary(summary, console)
+    console.print(
+        f"wrote {out / 'results.json'}" + (f" and videos in {video_dir}" if video else "")
+    )
+    return summary
+
+
+def _map(config: EvalConfig, jobs: list, workers: int):
+    if workers == 1 or len(jobs) == 1:
+        _init_worker(config)
+        try:
+            yield from map(_run_episode, jobs)
+        finally:
+            if "env" in _worker:
+                _worker.pop("env").close()
+            _worker.clear()
+        return
+    with multiprocessing.get_context("spawn").Pool(
+        min(workers, len(jobs)), initializer=_init_worker, initargs=(config,)
+    ) as pool:
+        yield from pool.imap_unordered(_run_episode, jobs)
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    table = Table(title="closed-loop evaluation")
+    for column in ("task", "success", "mean steps", "episodes"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task, row in summary["tasks"].items():
+        table.add_row(
+            task, f"{row['success_rate']:.0%}", f"{row['mean_steps']:.0f}", str(row["episodes"])
+        )
+    table.add_section()
+    table.add_row("mean", f"{summary['mean_success_rate']:.0%}", "", "")
+    console.print(table)
+    latency = Table(title="latency per tier (ms; runs per chunk: how often the schedule ran it)")
+    for column in ("tier", "p50", "p95", "runs per chunk"):
+        latency.add_column(column, justify="left" if column == "tier" else "right")
+    for tier, row in summary["latency"].items():
+        latency.add_row(
+            tier, f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}", f"{row['runs_per_chunk']:.2f}"
+        )
+    latency.add_section()
+    latency.add_row("amortised per chunk", f"{summary['amortised_ms_per_chunk']:.1f}", "", "")
+    console.print(latency)

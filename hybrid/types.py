@@ -1,0 +1,43 @@
+"""The data contracts between a robot and the planner: what comes in, what a plan holds.
+
+Observation   images {camera key: (H, W, 3) uint8}, state (state_dim,) float, in robot units
+Plan          subgoal text, K candidate visual subgoals (latents and images) with their scores,
+              the chosen index, the action chunk (H, action_dim) in robot units, per-tier ms
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Observation:
+    """One time step from a robot: upright RGB camera frames and proprioceptive state."""
+
+    images: dict[str, np.ndarray]
+    state: np.ndarray
+
+
+@dataclass
+class Plan:
+    """What `HybridPlanner.plan` decided, tier by tier.
+
+    candidate_latents (K, C, h, w) and candidate_images (K, S, S, 3) uint8 are empty (K = 0) when
+    the visual subgoal is off; scores (K,) is empty too, or all zeros with K = 1 (nothing to
+    choose); actions (H, action_dim) are in the robot's units, clipped to its limits.
+    """
+
+    subgoal: str
+    candidate_latents: np.ndarray
+    candidate_images: np.ndarray
+    scores: np.ndarray
+    chosen: int
+    actions: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chosen_image(self) -> np.ndarray | None:
+        """The chosen visual subgoal as an image (S, S, 3) uint8, if there is one."""
+        return self.candidate_images[self.chosen] if len(self.candidate_images) else None

@@ -1,0 +1,258 @@
+"""HybridPlanner: runs the hierarchy on a robot, one observation at a time.
+
+    obs + instruction
+      -> VLM: language subgoal (generated; reused while the schedule allows) + prefix features
+      -> world model: K candidate visual subgoals, one batched call -> value scores -> best one
+      -> action expert: action chunk, unnormalised to the robot's units and clipped to its limits
+`act` keeps a queue: it executes `execute_steps` of each chunk of H, then plans again.
+
+Ablation switches on the same trained policy: `num_candidates=1` (nothing to score),
+`visual_subgoal=False` (the action expert runs flat, VLA-style, on the VLM features alone),
+`language_subgoal=False` (the instruction stands in for the subgoal). Training drops the visual
+subgoal and the language subgoal for a share of samples so that these modes stay valid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from hybrid.policy import HybridPolicy
+from hybrid.types import Observation, Plan
+from planners.schedule import RefreshSchedule
+from planners.scoring import Scorer, ValueScorer, best_of_k
+
+
+class _Timer:
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.ms[name] = timer.ms.get(name, 0.0) + (time.perf_counter() - self.start) * 1e3
+
+        return _Span()
+
+
+class HybridPlanner:
+    """See the module docstring.
+
+    Args:
+        policy: a trained HybridPolicy.
+        embodiment: which of the policy's robots this is; default its only one.
+        num_candidates: K visual subgoals imagined and scored per refresh.
+        imagine_steps, action_steps: flow-matching steps of the world model and the action expert.
+        execute_steps: actions of each chunk executed before planning again (<= H).
+        language_subgoal, visual_subgoal: the ablation switches.
+        schedule: when the language and visual subgoals are refreshed.
+        scorer: scores candidates; default the value head.
+        seed: seeds the flow noise, so a planner's rollouts are reproducible.
+    """
+
+    def __init__(
+        self,
+        policy: HybridPolicy,
+        embodiment: str | None = None,
+        num_candidates: int = 8,
+        imagine_steps: int = 4,
+        action_steps: int = 10,
+        execute_steps: int = 8,
+        language_subgoal: bool = True,
+        visual_subgoal: bool = True,
+        schedule: RefreshSchedule | None = None,
+        scorer: Scorer | None = None,
+        decode_candidates: bool = True,
+        seed: int = 0,
+    ):
+        self.policy = policy.eval()
+        names = list(policy.embodiments)
+        if embodiment is None and len(names) != 1:
+            raise ValueError(f"this policy knows several embodiments {names}; name one")
+        self.embodiment = embodiment or names[0]
+        if self.embodiment not in policy.embodiments:
+            raise ValueError(f"unknown embodiment {self.embodiment!r}; this policy knows {names}")
+        horizon = policy.action_expert.config.chunk_size
+        if not 1 <= execute_steps <= horizon:
+            raise ValueError(f"execute_steps must be in [1, {horizon}], got {execute_steps}")
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        self.num_candidates, self.imagine_steps = num_candidates, imagine_steps
+        self.action_steps, self.execute_steps = action_steps, execute_steps
+        self.language_subgoal, self.visual_subgoal = language_subgoal, visual_subgoal
+        self.schedule = schedule or RefreshSchedule()
+        self.scorer = scorer or ValueScorer(policy.world_model)
+        self.decode_candidates = decode_candidates
+        self.seed = seed
+        self.reset()
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, embodiment: str | None = None, device: str = "cpu", **kwargs
+    ) -> HybridPlanner:
+        return cls(HybridPolicy.from_pretrained(directory).to(device), embodiment, **kwargs)
+
+    @property
+    def spec(self):
+        return self.policy.embodiments[self.embodiment]
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.action_expert.device
+
+    def reset(self) -> None:
+        """Forget the episode: cached subgoals, the action queue, the noise generator."""
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.queue: deque[np.ndarray] = deque()
+        self.subgoal: str | None = None
+        self.chunks_since_subgoal: int | None = None
+        self.visual_latent: torch.Tensor | None = None  # (1, C, h, w), the chosen candidate
+        self.visual_score: float | None = None
+        self.last_plan: Plan | None = None
+
+    # 1. input checks ------------------------------------------------------------------------------
+    def _check(self, obs: Observation, instruction: str) -> torch.Tensor:
+        """Validated images as (1, N, 3, S, S) in [0, 1]."""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError(f"instruction: expected a non-empty string, got {instruction!r}")
+        cameras = self.spec.cameras or sorted(obs.images)
+        frames = []
+        for key in cameras:
+            if key not in obs.images:
+                raise ValueError(f"images: expected camera {key!r}, got {sorted(obs.images)}")
+            image = np.asarray(obs.images[key])
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(
+                    f"images[{key!r}]: expected (H, W, 3) uint8, got {image.shape} {image.dtype}"
+                )
+            frames.append(torch.from_numpy(np.ascontiguousarray(image)))
+        state = np.asarray(obs.state, dtype=np.float64)
+        if state.shape != (self.spec.state_dim,):
+            raise ValueError(f"state: expected shape ({self.spec.state_dim},), got {state.shape}")
+        if not np.isfinite(state).all():
+            raise ValueError(f"state: expected finite values, got {state.tolist()}")
+        images = rearrange(torch.stack(frames), "n h w c -> 1 n c h w").float() / 255.0
+        return images.to(self.device)
+
+    def _state(self, obs: Observation) -> torch.Tensor:
+        """Normalised, padded state (1, max_state_dim)."""
+        normalizer = self.policy.normalizers[self.embodiment]
+        state = normalizer.normalize("observation.state", np.asarray(obs.state, np.float32))
+        state = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
+        return F.pad(state, (0, self.policy.action_expert.config.max_state_dim - state.shape[1]))
+
+    # 2. planning ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def plan(self, obs: Observation, instruction: str) -> Plan:
+        """Run the tiers the schedule calls for on this observation; returns the full Plan."""
+        images = self._check(obs, instruction)
+        timer, policy, wm = _Timer(), self.policy, self.policy.world_model
+        instructions = [instruction]
+
+        def prefix_features():
+            with timer("features"):
+                return policy.vlm.prefix_features(images, instructions, [self.subgoal])
+
+        # Is the current subgoal done? The value head rates this frame against the chosen future.
+        current_value = None
+        if self.subgoal is not None:
+            features, mask = prefix_features()
+            if self.visual_score is not None and self.language_subgoal:
+                with timer("progress"):
+                    current = wm.encode(images)[:, None]
+                    current_value = float(self.scorer(current, features, mask)[0, 0])
+        refresh = self.schedule.subgoal_due(
+            self.chunks_since_subgoal, current_value, self.visual_score
+        )
+        if refresh:
+            with timer("subgoal"):
+                if self.language_subgoal:
+                    self.subgoal = policy.vlm.propose_subgoal(images, instructions)[0]
+                else:
+                    self.subgoal = instruction
+            self.chunks_since_subgoal = 0
+            features, mask = prefix_features()
+
+        latents = np.zeros((0,), np.float32)
+        candidate_images = np.zeros((0,), np.uint8)
+        scores = np.zeros((0,), np.float32)
+        chosen = 0
+        if self.visual_subgoal and self.schedule.visual_due(refresh):
+            with timer("imagine"):
+                candidates = wm.imagine(
+                    images,
+                    features,
+                    mask,
+                    self.num_candidates,
+                    self.imagine_steps,
+                    generator=self.generator,
+                )
+            with timer("score"):
+                if self.num_candidates > 1:
+                    candidate_scores = self.scorer(candidates, features, mask)
+                else:
+                    candidate_scores = torch.zeros(1, 1, device=self.device)
+                chosen = int(best_of_k(candidate_scores)[0])
+            self.visual_latent = candidates[:, chosen]
+            self.visual_score = (
+                float(candidate_scores[0, chosen]) if self.num_candidates > 1 else None
+            )
+            latents, scores = candidates[0].cpu().numpy(), candidate_scores[0].cpu().numpy()
+            if self.decode_candidates:
+                with timer("decode"):
+                    decoded = wm.decode(candidates[0])  # (K, 3, S, S) in [0, 1]
+                    candidate_images = (
+                        rearrange(decoded, "k c h w -> k h w c")
+                        .mul(255)
+                        .round()
+                        .byte()
+                        .cpu()
+                        .numpy()
+                    )
+
+        with timer("action"):
+            ids = policy.embodiment_ids([self.embodiment])
+            normalised = policy.action_expert.sample(
+                self._state(obs),
+                ids,
+                features,
+                mask,
+                self.visual_latent if self.visual_subgoal else None,
+                policy.dim_mask([self.embodiment]),
+                steps=self.action_steps,
+                generator=self.generator,
+            )[0, :, : self.spec.action_dim]
+            actions = policy.normalizers[self.embodiment].unnormalize(
+                "action", normalised.float().cpu().numpy()
+            )
+            if self.spec.action_low:
+                actions = np.clip(actions, self.spec.action_low, self.spec.action_high)
+        self.chunks_since_subgoal += 1
+        self.last_plan = Plan(
+            subgoal=self.subgoal,
+            candidate_latents=latents,
+            candidate_images=candidate_images,
+            scores=scores,
+            chosen=chosen,
+            actions=actions.astype(np.float32),
+            timings_ms=timer.ms,
+        )
+        return self.last_plan
+
+    def act(self, obs: Observation, instruction: str) -> np.ndarray:
+        """The next action (action_dim,): from the queue, planning a new chunk when it is empty."""
+        if not self.queue:
+            plan = self.plan(obs, instruction)
+            self.queue.extend(plan.actions[: self.execute_steps])
+        return self.queue.popleft()

@@ -1,0 +1,127 @@
+"""HybridPlanner on a small trained policy and real Meta-World frames."""
+
+import numpy as np
+import pytest
+
+from hybrid.data.lerobot_dataset import LeRobotDataset
+from hybrid.types import Observation
+from planners.hierarchical import HybridPlanner
+from planners.schedule import RefreshSchedule
+
+CAMERA = "observation.images.corner"
+INSTRUCTION = "pick up the puck and place it at the goal"
+
+
+@pytest.fixture(scope="module")
+def frames(mt10_dataset):
+    ds = LeRobotDataset(mt10_dataset[0])
+    index = next(i for i, e in enumerate(ds.episodes) if e["tasks"][0] == INSTRUCTION)
+    return ds.camera_frames(index, CAMERA), ds.episode(index)["observation.state"]
+
+
+def _obs(frames, t=0):
+    images, states = frames
+    return Observation({CAMERA: images[t]}, states[t])
+
+
+@pytest.fixture
+def planner(tiny_policy_dir):
+    return HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=4, execute_steps=4)
+
+
+def test_plan_is_well_formed(planner, frames):
+    plan = planner.plan(_obs(frames), INSTRUCTION)
+    assert isinstance(plan.subgoal, str)
+    assert plan.candidate_latents.shape[0] == 4 and plan.scores.shape == (4,)
+    assert plan.chosen == int(np.argmax(plan.scores))
+    assert plan.candidate_images.shape == (4, 64, 64, 3) and plan.candidate_images.dtype == np.uint8
+    assert plan.actions.shape == (8, 4) and plan.actions.dtype == np.float32
+    assert np.all(plan.actions >= -1.0) and np.all(plan.actions <= 1.0)
+    assert {"subgoal", "features", "imagine", "score", "action"} <= set(plan.timings_ms)
+
+
+def test_plans_are_reproducible_after_reset(planner, frames):
+    first = planner.plan(_obs(frames), INSTRUCTION)
+    planner.reset()
+    again = planner.plan(_obs(frames), INSTRUCTION)
+    np.testing.assert_array_equal(first.actions, again.actions)
+    np.testing.assert_array_equal(first.scores, again.scores)
+
+
+def test_act_pops_the_queue_and_replans_on_schedule(tiny_policy_dir, frames):
+    planner = HybridPlanner.from_pretrained(
+        tiny_policy_dir,
+        num_candidates=2,
+        execute_steps=3,
+        schedule=RefreshSchedule(max_chunks_per_subgoal=2, reached_margin=-1.0),
+    )
+    plans = []
+    for t in range(9):
+        action = planner.act(_obs(frames, t), INSTRUCTION)
+        if not plans or planner.last_plan is not plans[-1]:
+            plans.append(planner.last_plan)
+            np.testing.assert_array_equal(action, planner.last_plan.actions[0])
+    assert len(plans) == 3, "3 actions per chunk, 9 steps: 3 plans"
+    # The subgoal (and with it the visual subgoal) refreshes every 2 chunks here.
+    assert ["subgoal" in p.timings_ms for p in plans] == [True, False, True]
+    assert ["imagine" in p.timings_ms for p in plans] == [True, False, True]
+
+
+def test_schedule_rules():
+    schedule = RefreshSchedule(max_chunks_per_subgoal=3, reached_margin=0.05)
+    assert schedule.subgoal_due(None, None, None), "nothing planned yet"
+    assert schedule.subgoal_due(3, 0.1, 0.9), "too many chunks"
+    assert schedule.subgoal_due(1, 0.86, 0.9), "the chosen future is reached"
+    assert not schedule.subgoal_due(1, 0.5, 0.9)
+    assert not schedule.visual_due(False) and schedule.visual_due(True)
+    assert RefreshSchedule(visual="chunk").visual_due(False)
+    with pytest.raises(ValueError, match="visual must be"):
+        RefreshSchedule(visual="sometimes")
+
+
+def test_ablation_modes(tiny_policy_dir, frames):
+    flat = HybridPlanner.from_pretrained(tiny_policy_dir, visual_subgoal=False)
+    plan = flat.plan(_obs(frames), INSTRUCTION)
+    assert plan.candidate_latents.shape == (0,) and "imagine" not in plan.timings_ms
+    assert plan.actions.shape == (8, 4)
+    single = HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=1)
+    plan = single.plan(_obs(frames), INSTRUCTION)
+    assert plan.scores.shape == (1,) and plan.chosen == 0
+    plain = HybridPlanner.from_pretrained(tiny_policy_dir, language_subgoal=False)
+    plan = plain.plan(_obs(frames), INSTRUCTION)
+    assert plan.subgoal == INSTRUCTION and "subgoal" in plan.timings_ms
+
+
+@pytest.mark.parametrize(
+    "images,state,instruction,message",
+    [
+        (
+            {CAMERA: np.zeros((64, 64), np.uint8)},
+            None,
+            INSTRUCTION,
+            r"images\['observation.images.corner'\]: expected \(H, W, 3\) uint8, got \(64, 64\)",
+        ),
+        ({CAMERA: np.zeros((64, 64, 3), np.float32)}, None, INSTRUCTION, r"uint8, got .* float32"),
+        (
+            {"observation.images.top": np.zeros((64, 64, 3), np.uint8)},
+            None,
+            INSTRUCTION,
+            r"expected camera 'observation.images.corner', got \['observation.images.top'\]",
+        ),
+        (None, np.array([0.0, np.nan, 0.0, 1.0]), INSTRUCTION, r"state: expected finite values"),
+        (None, np.zeros(7), INSTRUCTION, r"state: expected shape \(4,\), got \(7,\)"),
+        (None, None, "  ", r"instruction: expected a non-empty string, got '  '"),
+    ],
+)
+def test_bad_input_is_named(planner, frames, images, state, instruction, message):
+    good = _obs(frames)
+    obs = Observation(images or good.images, good.state if state is None else state)
+    with pytest.raises(ValueError, match=message):
+        planner.plan(obs, instruction)
+
+
+def test_unknown_embodiment(tiny_policy_dir):
+    with pytest.raises(
+        ValueError, match=r"unknown embodiment 'panda'; this policy knows \['sawyer'\]"
+    ):
+        HybridPlanner.from_pretrained(tiny_policy_dir, embodiment="panda")
