@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml scripts/setup.sh
 quickstart: setup
 	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 20 --out $(QUICKSTART_DATA)
 	$(BIN)/hybrid fit --config configs/quickstart.yaml --data.root $(QUICKSTART_DATA) --ckpt_path last
-	@echo "quickstart policy: outputs/quickstart/policy  (HybridPolicy.from_pretrained)"
+	$(BIN)/hybrid eval --policy outputs/quickstart/policy --tasks $(QUICKSTART_TASKS) --episodes 5 --out outputs/quickstart/eval --video
+	@echo "quickstart policy: outputs/quickstart/policy (HybridPlanner.from_pretrained); results and videos: outputs/quickstart/eval"
 
 test: setup
 	$(BIN)/ruff check .

@@ -71,13 +71,13 @@ def _init_worker(config: EvalConfig) -> None:
     _worker["config"] = config
 
 
-def _frame_panel(camera: np.ndarray, plan, size: int) -> np.ndarray:
-    """camera | imagined chosen subgoal | text, side by side: (size, 3 * size, 3) uint8."""
+def _frame_panel(camera: np.ndarray, plan, chosen: np.ndarray | None, size: int) -> np.ndarray:
+    """camera | imagined chosen subgoal (the latest one) | text: (size, 3 * size, 3) uint8."""
     from PIL import Image, ImageDraw
 
     imagined = np.zeros_like(camera)
-    if plan is not None and plan.chosen_image is not None:
-        imagined = np.asarray(Image.fromarray(plan.chosen_image).resize((size, size)))
+    if chosen is not None:
+        imagined = np.asarray(Image.fromarray(chosen).resize((size, size)))
     text = Image.new("RGB", (size, size), "black")
     if plan is not None:
         lines = [plan.subgoal[i : i + 16] for i in range(0, len(plan.subgoal), 16)][:4]
@@ -102,6 +102,7 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     obs = env.reset(episode_seed(config.seed, task, episode))
     planner.reset()
     timings, subgoals, frames, success, steps = [], [], [], False, 0
+    chosen = None  # the visual subgoal in force: the schedule does not imagine every chunk
     while steps < config.max_steps and not success:
         steps += 1
         image = env.render()
@@ -110,8 +111,10 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
         if planned:
             timings.append(planner.last_plan.timings_ms)
             subgoals.append(planner.last_plan.subgoal)
+            if planner.last_plan.chosen_image is not None:
+                chosen = planner.last_plan.chosen_image
         if config.video_dir:
-            frames.append(_frame_panel(image, planner.last_plan, config.image_size))
+            frames.append(_frame_panel(image, planner.last_plan, chosen, config.image_size))
         obs, success = env.step(action)
     video = None
     if config.video_dir:

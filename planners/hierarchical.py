@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from hybrid.data.windows import resize_frames
 from hybrid.policy import HybridPolicy
 from hybrid.types import Observation, Plan
 from planners.schedule import RefreshSchedule
@@ -94,6 +95,7 @@ class HybridPlanner:
         self.schedule = schedule or RefreshSchedule()
         self.scorer = scorer or ValueScorer(policy.world_model)
         self.decode_candidates = decode_candidates
+        self.image_size = policy.world_model.config["image_size"]
         self.seed = seed
         self.reset()
 
@@ -136,7 +138,8 @@ class HybridPlanner:
                 raise ValueError(
                     f"images[{key!r}]: expected (H, W, 3) uint8, got {image.shape} {image.dtype}"
                 )
-            frames.append(torch.from_numpy(np.ascontiguousarray(image)))
+            # Resized exactly as the training windows were (area averaging), not by the models.
+            frames.append(torch.from_numpy(resize_frames(image[None], self.image_size)[0]))
         state = np.asarray(obs.state, dtype=np.float64)
         if state.shape != (self.spec.state_dim,):
             raise ValueError(f"state: expected shape ({self.spec.state_dim},), got {state.shape}")

@@ -125,3 +125,13 @@ def test_unknown_embodiment(tiny_policy_dir):
         ValueError, match=r"unknown embodiment 'panda'; this policy knows \['sawyer'\]"
     ):
         HybridPlanner.from_pretrained(tiny_policy_dir, embodiment="panda")
+
+
+def test_frames_are_resized_as_in_training(planner, frames):
+    """A camera at twice the size, area-averaged back, is the training frame exactly."""
+    images, states = frames
+    large = images[0].repeat(2, axis=0).repeat(2, axis=1)
+    a = planner.plan(Observation({CAMERA: large}, states[0]), INSTRUCTION)
+    planner.reset()
+    b = planner.plan(_obs(frames), INSTRUCTION)
+    np.testing.assert_array_equal(a.actions, b.actions)

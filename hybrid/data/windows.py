@@ -25,7 +25,7 @@ STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 
 
-def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8, area-averaged."""
     if frames.shape[1] == size and frames.shape[2] == size:
         return frames
@@ -72,7 +72,10 @@ class TrainingWindows(torch.utils.data.Dataset):
                     "subgoal": columns[SUBGOAL_KEY],
                     "instruction": columns["task"],
                     "images": np.stack(
-                        [_resize(dataset.camera_frames(index, key), image_size) for key in cameras],
+                        [
+                            resize_frames(dataset.camera_frames(index, key), image_size)
+                            for key in cameras
+                        ],
                         axis=1,
                     ),  # (T, N, S, S, 3)
                     "episode_index": index,
