@@ -18,8 +18,6 @@ Images come in as (B, N, 3, S, S) floats in [0, 1].
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,8 @@ from transformers import (
     Idefics3ForConditionalGeneration,
     PreTrainedTokenizerFast,
 )
+
+from experts.config_io import load_config, save_config
 
 IMAGE_TOKEN, IMAGE_AROUND, IMAGE_GLOBAL = "<image>", "<fake_token_around_image>", "<global-img>"
 PAD, EOS = "<pad>", "<eos>"
@@ -276,18 +276,12 @@ class HighLevelVLM(nn.Module):
         directory = Path(directory)
         self.backbone.save_pretrained(directory / "backbone")
         self.tokenizer.save_pretrained(directory / "backbone")
-        config = {**self.config, "backbone": "backbone"}
-        tmp = directory / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(config, indent=2))
-        os.replace(tmp, directory / CONFIG_NAME)
+        save_config(directory, CONFIG_NAME, {**self.config, "backbone": "backbone"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> HighLevelVLM:
         directory = Path(directory)
-        path = directory / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no VLM config at {path}")
-        config = json.loads(path.read_text())
+        config = load_config(directory, CONFIG_NAME, "VLM")
         backbone = str(directory / config.pop("backbone"))
         tokenizer = AutoTokenizer.from_pretrained(backbone)
         return cls(tokenizer, backbone=backbone, **config)

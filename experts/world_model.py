@@ -17,8 +17,6 @@ The world model sees one camera: the first of the images it is given.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -29,6 +27,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange, repeat
 from torch import nn
 
+from experts.config_io import load_config, save_config
 from experts.flow_matching import TIMESTEP_SCALE, euler_sample, flow_loss, interpolate, sample_time
 
 CONFIG_NAME = "world_model_config.json"
@@ -257,17 +256,12 @@ class WorldModel(nn.Module):
         self.transformer.save_pretrained(directory / "transformer")
         self.value.save_pretrained(directory / "value")
         config = {**self.config, "vae": "vae", "transformer": "transformer", "value": "value"}
-        tmp = directory / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(config, indent=2))
-        os.replace(tmp, directory / CONFIG_NAME)
+        save_config(directory, CONFIG_NAME, config)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> WorldModel:
         directory = Path(directory)
-        path = directory / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no world model config at {path}")
-        config = json.loads(path.read_text())
+        config = load_config(directory, CONFIG_NAME, "world model")
         for part in ("vae", "transformer", "value"):
             config[part] = str(directory / config[part])
         config["vae_channels"] = tuple(config["vae_channels"])

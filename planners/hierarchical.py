@@ -179,11 +179,11 @@ class HybridPlanner:
             self.chunks_since_subgoal, current_value, self.visual_score
         )
         if refresh:
-            with timer("subgoal"):
-                if self.language_subgoal:
+            if self.language_subgoal:
+                with timer("subgoal"):
                     self.subgoal = policy.vlm.propose_subgoal(images, instructions)[0]
-                else:
-                    self.subgoal = instruction
+            else:
+                self.subgoal = instruction
             self.chunks_since_subgoal = 0
             features, mask = prefix_features()
 

@@ -41,3 +41,30 @@ def test_the_tiny_config_is_the_default():
             assert list(default) == value if isinstance(default, tuple) else default == value, (
                 f"tiny.yaml {section}.{name}={value} but the default is {default}"
             )
+
+
+ROOT = Path(__file__).parents[1]
+STACKS = [
+    ["configs/quickstart.yaml"],
+    ["configs/quickstart.yaml", "configs/experiment/mt10_tiny.yaml"],
+    ["configs/quickstart.yaml", "configs/experiment/gpu_smolvlm.yaml"],
+    ["configs/trainer/cpu.yaml", "configs/data/quickstart.yaml", "configs/model/tiny.yaml"],
+]
+
+
+@pytest.mark.parametrize("stack", STACKS, ids=lambda s: "+".join(Path(p).stem for p in s))
+def test_config_stacks_parse(stack):
+    """Every documented way to combine the YAML files parses into a full configuration."""
+    import subprocess
+    import sys
+
+    args = [a for path in stack for a in ("--config", str(ROOT / path))]
+    run = subprocess.run(
+        [sys.executable, "-m", "hybrid.cli", "fit", *args, "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    config = yaml.safe_load(run.stdout)
+    assert config["data"]["root"] and config["trainer"]["max_steps"] > 0

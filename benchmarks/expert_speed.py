@@ -1,6 +1,6 @@
 """Size and speed of the tiny default experts on this machine. Prints numbers; asserts nothing.
 
-    python benchmarks/experts.py [--dataset DIR]
+    python benchmarks/expert_speed.py [--dataset DIR]
 
 Without --dataset it collects a small Meta-World set first (three tasks, four episodes each).
 Reports parameters per expert, a training step (all losses, forward + backward + AdamW) at batch
@@ -9,15 +9,9 @@ Reports parameters per expert, a training step (all losses, forward + backward +
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# `experts` package.
-if Path(sys.path[0]).resolve() == Path(__file__).parent.resolve():
-    sys.path.pop(0)
 
 import torch
 from rich.console import Console
