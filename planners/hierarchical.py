@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +32,12 @@ from planners.schedule import RefreshSchedule
 from planners.scoring import Scorer, ValueScorer, best_of_k
 
 
-class _Timer:
-    def __init__(self):
-        self.ms: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.ms[name] = timer.ms.get(name, 0.0) + (time.perf_counter() - self.start) * 1e3
-
-        return _Span()
+@contextmanager
+def _timed(ms: dict[str, float], name: str):
+    """Add the milliseconds spent in the block to ms[name]."""
+    start = time.perf_counter()
+    yield
+    ms[name] = ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
 
 
 class HybridPlanner:
@@ -160,7 +153,8 @@ class HybridPlanner:
     def plan(self, obs: Observation, instruction: str) -> Plan:
         """Run the tiers the schedule calls for on this observation; returns the full Plan."""
         images = self._check(obs, instruction)
-        timer, policy, wm = _Timer(), self.policy, self.policy.world_model
+        timings_ms: dict[str, float] = {}
+        timer, policy, wm = partial(_timed, timings_ms), self.policy, self.policy.world_model
         instructions = [instruction]
 
         def prefix_features():
@@ -249,7 +243,7 @@ class HybridPlanner:
             scores=scores,
             chosen=chosen,
             actions=actions.astype(np.float32),
-            timings_ms=timer.ms,
+            timings_ms=timings_ms,
         )
         return self.last_plan
 
