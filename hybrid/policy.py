@@ -96,7 +96,7 @@ class HybridPolicy(nn.Module):
         the tiny VLM's tokenizer, `action_chunks` (N, H, action_dim), normalised, fit FAST. The
         dicts are each expert's keyword arguments; `vlm={"backbone": <hub name or dir>}` loads a
         pretrained VLM and its tokenizer."""
-        vlm, world_model, action_expert = dict(vlm or {}), dict(world_model or {}), action_expert
+        vlm, world_model = dict(vlm or {}), dict(world_model or {})
         horizon, action_dim = action_chunks.shape[1:]
         fast_tokenizer = FastTokenizer(horizon, action_dim, **(fast or {})).fit(action_chunks)
         if vlm.get("backbone"):
