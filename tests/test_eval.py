@@ -11,35 +11,19 @@ import pytest
 ENV = {**os.environ, "COLUMNS": "200"}
 
 
+def _eval(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "hybrid.cli", "eval", *map(str, args)],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_eval_one_episode_writes_results_and_a_playable_video(tiny_policy_dir, tmp_path):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hybrid.cli",
-            "eval",
-            "--policy",
-            str(tiny_policy_dir),
-            "--tasks",
-            "reach-v3",
-            "--episodes",
-            "1",
-            "--max-steps",
-            "20",
-            "--workers",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--video",
-            "--num-candidates",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
-    )
+    run = _eval(
+        "--policy", tiny_policy_dir, "--tasks", "reach-v3", "--episodes", 1, "--max-steps", 20,
+        "--workers", 1, "--out", tmp_path, "--video", "--num-candidates", 2,
+    )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "closed-loop evaluation" in run.stdout and "amortised per chunk" in run.stdout
     results = json.loads((tmp_path / "results.json").read_text())
@@ -55,21 +39,5 @@ def test_eval_one_episode_writes_results_and_a_playable_video(tiny_policy_dir, t
 
 
 def test_eval_rejects_a_directory_that_is_no_policy(tmp_path):
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hybrid.cli",
-            "eval",
-            "--policy",
-            str(tmp_path),
-            "--tasks",
-            "reach-v3",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    run = _eval("--policy", tmp_path, "--tasks", "reach-v3", "--out", tmp_path / "out")
     assert run.returncode == 2 and "not a policy directory" in run.stdout

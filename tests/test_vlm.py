@@ -12,19 +12,14 @@ TEXTS = [
 ]
 
 
+SMALL = dict(num_action_tokens=32, text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1)
+
+
 @pytest.fixture(scope="module")
 def vlm():
     torch.manual_seed(0)
     tokenizer = train_tokenizer(TEXTS, vocab_size=200, num_action_tokens=32)
-    return HighLevelVLM(
-        tokenizer,
-        num_action_tokens=32,
-        max_subgoal_tokens=6,
-        text_hidden=64,
-        text_layers=2,
-        vision_hidden=32,
-        vision_layers=1,
-    ).eval()
+    return HighLevelVLM(tokenizer, max_subgoal_tokens=6, **SMALL).eval()
 
 
 def _images(batch, cameras=1, seed=0):
@@ -58,15 +53,7 @@ def test_generated_subgoals_are_text_from_the_vocabulary(vlm):
 
 def test_a_trained_vlm_generates_its_subgoal(vlm):
     """A few steps on one example teach the model to say it: generation really decodes."""
-    model = HighLevelVLM(
-        vlm.tokenizer,
-        num_action_tokens=32,
-        max_subgoal_tokens=8,
-        text_hidden=64,
-        text_layers=2,
-        vision_hidden=32,
-        vision_layers=1,
-    )
+    model = HighLevelVLM(vlm.tokenizer, max_subgoal_tokens=8, **SMALL)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     images = _images(1)
     for _ in range(60):
