@@ -180,7 +180,8 @@ class WorldModel(nn.Module):
     def losses(
         self,
         images: torch.Tensor,
-        future_images: torch.Tensor,
+        current: torch.Tensor,
+        future: torch.Tensor,
         context: torch.Tensor,
         context_mask: torch.Tensor,
         progress: torch.Tensor,
@@ -188,23 +189,21 @@ class WorldModel(nn.Module):
     ) -> dict[str, torch.Tensor | None]:
         """`world`, `value` and `vae` (None with a frozen VAE) for one batch.
 
-        images, future_images (B, N, 3, S, S) in [0, 1]; context (B, L, D), context_mask (B, L);
-        progress, future_progress (B,).
+        images (B, N, 3, S, S) in [0, 1], for the VAE's reconstruction; current and future
+        (B, C, h, w), the latents of the frames at t and t + k from `encode` (the caller encodes
+        once and reuses them); context (B, L, D), context_mask (B, L); progress and
+        future_progress (B,).
         """
-        context = context.detach()
+        context, current, future = context.detach(), current.detach(), future.detach()
         batch = images.shape[0]
-        pixels = self._first_camera(torch.cat([images, future_images]))
         if self.train_vae:
-            targets = pixels[: min(batch, self.config["vae_batch"])]
+            targets = self._first_camera(images[: min(batch, self.config["vae_batch"])])
             posterior = self.vae.encode(targets).latent_dist
             reconstruction = self.vae.decode(posterior.sample()).sample
             kl = posterior.kl().mean() / targets[0].numel()
             vae_loss = F.mse_loss(reconstruction, targets) + self.config["kl_weight"] * kl
         else:
             vae_loss = None
-        with torch.no_grad():
-            latents = self._to_latent(self.vae.encode(pixels).latent_dist.mean)
-        current, future = latents[:batch], latents[batch:]
         noise = torch.randn_like(future)
         t = sample_time(batch, future.device)
         v = self.velocity(interpolate(future, noise, t), t, current, context, context_mask)

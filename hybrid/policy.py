@@ -155,16 +155,18 @@ class HybridPolicy(nn.Module):
         instructions = list(batch["instruction"])
         fast_tokens = self.fast.encode(actions.detach().float().cpu().numpy())
         out = self.vlm(batch["images"], instructions, list(batch["subgoal"]), fast_tokens)
+        with torch.no_grad():  # one encoding serves the world model and the action expert
+            frames = torch.cat([batch["images"], batch["future_images"]])
+            current, future = self.world_model.encode(frames).chunk(2)
         world = self.world_model.losses(
             batch["images"],
-            batch["future_images"],
+            current,
+            future,
             out.features,
             out.feature_mask,
             batch["progress"],
             batch["future_progress"],
         )
-        with torch.no_grad():
-            visual = self.world_model.encode(batch["future_images"])
         size = len(names)
         visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
         features, feature_mask = out.features, out.feature_mask
@@ -186,7 +188,7 @@ class HybridPolicy(nn.Module):
             ids,
             features,
             feature_mask,
-            visual,
+            future,
             visual_keep,
         )
         losses = {"lang": out.lang_loss, "fast": out.fast_loss, "action": action, **world}

@@ -45,7 +45,10 @@ def test_losses_and_where_their_gradients_go(world_model):
     images, context, mask = _inputs()
     context.requires_grad_(True)
     future = torch.rand_like(images)
-    losses = world_model.losses(images, future, context, mask, torch.rand(B), torch.rand(B))
+    current_latent, future_latent = world_model.encode(torch.cat([images, future])).chunk(2)
+    losses = world_model.losses(
+        images, current_latent, future_latent, context, mask, torch.rand(B), torch.rand(B)
+    )
     assert set(losses) == {"world", "value", "vae"}
     world_model.zero_grad()
     (losses["world"] + losses["value"]).backward(retain_graph=True)
@@ -63,7 +66,8 @@ def test_a_frozen_pretrained_vae_has_no_vae_loss(world_model, tmp_path):
     )
     assert not model.train_vae and not any(p.requires_grad for p in model.vae.parameters())
     images, context, mask = _inputs()
-    losses = model.losses(images, images, context, mask, torch.rand(B), torch.rand(B))
+    latents = model.encode(images)
+    losses = model.losses(images, latents, latents, context, mask, torch.rand(B), torch.rand(B))
     assert losses["vae"] is None
 
 
