@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from experts.config_io import save_config
 from hybrid.data.lerobot_writer import EpisodeData, LeRobotWriter, dataset_size_bytes
 from hybrid.sim import metaworld
 
@@ -45,12 +46,6 @@ def episode_seed(seed: int, task: str, attempt: int) -> int:
     return int(
         np.random.SeedSequence([seed, zlib.crc32(task.encode()), attempt]).generate_state(1)[0]
     )
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _staged_path(staging: Path, task: str, attempt: int) -> Path:
@@ -150,7 +145,7 @@ def collect_metaworld(
             f"{staging} holds a partial collection with {json.loads(staged_config.read_text())}, "
             f"not {record['config']}; rerun with those arguments or delete {staging}"
         )
-    _atomic_write_json(staged_config, record["config"])
+    save_config(staging, staged_config.name, record["config"])
 
     jobs = [
         (task, attempt, str(staging), config)
@@ -171,7 +166,7 @@ def collect_metaworld(
 
     summary = _write_dataset(config, out, staging, console)
     summary["frames_per_s"] = frames_this_run / collect_seconds if frames_this_run else None
-    _atomic_write_json(done_file, {"config": record["config"], "summary": summary})
+    save_config(done_file.parent, done_file.name, {"config": record["config"], "summary": summary})
     shutil.rmtree(staging)
     return _print_summary(summary, console)
 
