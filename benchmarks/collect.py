@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hybrid.collect import collect_metaworld
+from hybrid.collect import collect
 from hybrid.data.datamodule import HybridDataModule
 
 
@@ -28,7 +28,8 @@ def main() -> None:
         for workers in (1, 2):
             out = root / f"workers{workers}"
             start = time.perf_counter()
-            summary = collect_metaworld(
+            summary = collect(
+                "metaworld",
                 args.tasks,
                 args.episodes_per_task,
                 out,

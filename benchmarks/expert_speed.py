@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hybrid.collect import collect_metaworld
+from hybrid.collect import collect
 from hybrid.data.datamodule import HybridDataModule
 from hybrid.policy import HybridPolicy
 from hybrid.sim.metaworld import EMBODIMENT
@@ -51,7 +51,7 @@ def main() -> None:
         if root is None:
             root = Path(tmp) / "data"
             tasks = ["reach-v3", "pick-place-v3", "drawer-open-v3"]
-            collect_metaworld(tasks, 4, root, image_size=64, console=Console(quiet=True))
+            collect("metaworld", tasks, 4, root, image_size=64, console=Console(quiet=True))
         dm = HybridDataModule(str(root), batch_size=args.batch_size, val_fraction=0.0)
         dm.setup("fit")
     chunks = dm.train_set.action_chunks()

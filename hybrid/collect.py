@@ -1,4 +1,4 @@
-"""`hybrid collect metaworld`: scripted-expert demonstrations written as a LeRobot v3 dataset.
+"""`hybrid collect <simulator>`: scripted-expert demonstrations written as a LeRobot v3 dataset.
 
 Collection is resumable. Each attempted episode is first staged on its own, atomically, under
 `<out>/.staging/`; a rerun of the same command skips what is staged. Only when every attempt is
@@ -24,7 +24,7 @@ from rich.table import Table
 
 from experts.config_io import save_config
 from hybrid.data.lerobot_writer import EpisodeData, LeRobotWriter, dataset_size_bytes
-from hybrid.sim import metaworld
+from hybrid.sim import simulator
 
 COLLECTION_FILE = "meta/collection.json"
 
@@ -33,6 +33,7 @@ COLLECTION_FILE = "meta/collection.json"
 class CollectConfig:
     """What a collection run produces; a rerun must ask for the same to resume."""
 
+    simulator: str
     tasks: tuple[str, ...]
     episodes_per_task: int
     image_size: int
@@ -52,7 +53,7 @@ def _staged_path(staging: Path, task: str, attempt: int) -> Path:
     return staging / task / f"{attempt:05d}.npz"
 
 
-_worker_env: metaworld.MetaWorldEnv | None = None
+_worker_env = None  # the simulator env of this worker process, reused across its attempts
 
 
 def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, int, float]:
@@ -60,11 +61,12 @@ def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, i
     global _worker_env
     task, attempt, staging, config = job
     start = time.perf_counter()
+    sim = simulator(config.simulator)
     if _worker_env is None or _worker_env.task != task:
         if _worker_env is not None:
             _worker_env.close()
-        _worker_env = metaworld.MetaWorldEnv(task, config.camera, config.image_size, config.seed)
-    episode = metaworld.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt))
+        _worker_env = sim.make_env(task, config.camera, config.image_size, config.seed)
+    episode = sim.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt))
     path = _staged_path(Path(staging), task, attempt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
@@ -78,8 +80,8 @@ def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, i
     return task, episode.success, len(episode.phases), time.perf_counter() - start
 
 
-def _to_episode_data(task: str, staged: dict[str, np.ndarray], camera: str) -> EpisodeData:
-    language = metaworld.task_language()[task]
+def _to_episode_data(sim, task: str, staged: dict[str, np.ndarray], camera: str) -> EpisodeData:
+    language = sim.task_language()[task]
     length = int(staged["length"])
     subgoals = np.asarray(language.subgoals, dtype=object)[staged["phases"]]
     progress = np.arange(length, dtype=np.float32) / max(length - 1, 1)
@@ -95,29 +97,34 @@ def _to_episode_data(task: str, staged: dict[str, np.ndarray], camera: str) -> E
     )
 
 
-def collect_metaworld(
+def collect(
+    simulator_name: str,
     tasks: list[str],
     episodes_per_task: int,
     out: Path,
     image_size: int = 96,
-    camera: str = "corner",
+    camera: str | None = None,
     seed: int = 0,
     workers: int = 2,
     keep_failures: bool = False,
     console: Console | None = None,
 ) -> dict:
-    """Collect (or resume collecting) demonstrations; returns the summary that was printed."""
+    """Collect (or resume collecting) demonstrations of `simulator_name` (`metaworld`, `panda`);
+    returns the summary that was printed. `camera` None is the simulator's default camera."""
     console = console or Console()
+    sim = simulator(simulator_name)
+    camera = camera or sim.DEFAULT_CAMERA
     if episodes_per_task < 1:
         raise ValueError(f"--episodes-per-task must be >= 1, got {episodes_per_task}")
     if image_size < 16 or image_size % 2:
         raise ValueError(f"--image-size must be an even number >= 16, got {image_size}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    if camera not in metaworld.CAMERAS:
-        raise ValueError(f"unknown camera {camera!r}; valid: {', '.join(metaworld.CAMERAS)}")
+    if camera not in sim.CAMERAS:
+        raise ValueError(f"unknown camera {camera!r}; valid: {', '.join(sim.CAMERAS)}")
     config = CollectConfig(
-        tuple(metaworld.resolve_tasks(tasks)),
+        simulator_name,
+        tuple(sim.resolve_tasks(tasks)),
         episodes_per_task,
         image_size,
         camera,
@@ -164,7 +171,7 @@ def collect_metaworld(
             progress.update(bar, advance=1, description=f"{task} {status}")
     collect_seconds = time.perf_counter() - start
 
-    summary = _write_dataset(config, out, staging, console)
+    summary = _write_dataset(sim, config, out, staging, console)
     summary["frames_per_s"] = frames_this_run / collect_seconds if frames_this_run else None
     save_config(done_file.parent, done_file.name, {"config": record["config"], "summary": summary})
     shutil.rmtree(staging)
@@ -184,9 +191,9 @@ def _map(jobs: list, workers: int):
         yield from pool.imap_unordered(_run_attempt, jobs)
 
 
-def _write_dataset(config: CollectConfig, out: Path, staging: Path, console: Console) -> dict:
+def _write_dataset(sim, config: CollectConfig, out: Path, staging: Path, console: Console) -> dict:
     per_task = {}
-    writer = LeRobotWriter(out, fps=metaworld.FPS, robot_type=metaworld.ROBOT_TYPE)
+    writer = LeRobotWriter(out, fps=sim.FPS, robot_type=sim.ROBOT_TYPE)
     with console.status("writing the LeRobot v3 dataset"):
         for task in config.tasks:
             kept = frames = 0
@@ -194,18 +201,20 @@ def _write_dataset(config: CollectConfig, out: Path, staging: Path, console: Con
                 with np.load(_staged_path(staging, task, attempt)) as staged:
                     if not (bool(staged["success"]) or config.keep_failures):
                         continue
-                    writer.add_episode(_to_episode_data(task, dict(staged), config.camera))
+                    writer.add_episode(_to_episode_data(sim, task, dict(staged), config.camera))
                     kept += 1
                     frames += int(staged["length"])
             per_task[task] = {"kept": kept, "attempted": config.episodes_per_task, "frames": frames}
-        writer.finish(
-            names={"observation.state": metaworld.STATE_NAMES, "action": metaworld.ACTION_NAMES}
-        )
-    return {"tasks": per_task, "disk_bytes": dataset_size_bytes(out, exclude=".staging")}
+        writer.finish(names={"observation.state": sim.STATE_NAMES, "action": sim.ACTION_NAMES})
+    return {
+        "simulator": config.simulator,
+        "tasks": per_task,
+        "disk_bytes": dataset_size_bytes(out, exclude=".staging"),
+    }
 
 
 def _print_summary(summary: dict, console: Console) -> dict:
-    table = Table(title="Meta-World demonstrations")
+    table = Table(title=f"{summary['simulator']} demonstrations")
     for column in ("task", "kept / attempted", "frames"):
         table.add_column(column, justify="left" if column == "task" else "right")
     kept = attempted = frames = 0

@@ -6,7 +6,10 @@ the per-embodiment weights (`experts.embodiment_heads`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,20 @@ class EmbodimentSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> EmbodimentSpec:
+        """Read a spec file such as `configs/embodiment/panda.yaml`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"embodiment spec {path} does not exist (see configs/embodiment/)"
+            )
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown keys {unknown}; an embodiment spec has {sorted(known)}"
+            )
+        return cls(**data)

@@ -9,16 +9,33 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import pytest  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from hybrid.collect import collect_metaworld  # noqa: E402
+from hybrid.collect import collect  # noqa: E402
 
 MT10_EPISODES = 2
+PANDA_EPISODES = 2
 
 
 @pytest.fixture(scope="session")
 def mt10_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "mt10"
-    summary = collect_metaworld(
-        ["mt10"], MT10_EPISODES, out, image_size=64, workers=2, console=Console(quiet=True)
+    summary = collect(
+        "metaworld",
+        ["mt10"],
+        MT10_EPISODES,
+        out,
+        image_size=64,
+        workers=2,
+        console=Console(quiet=True),
+    )
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def panda_dataset(tmp_path_factory):
+    """A real panda-gym collection: every task, two attempts each, 64 px."""
+    out = tmp_path_factory.mktemp("data") / "panda"
+    summary = collect(
+        "panda", ["all"], PANDA_EPISODES, out, image_size=64, workers=1, console=Console(quiet=True)
     )
     return out, summary
 
@@ -26,7 +43,7 @@ def mt10_dataset(tmp_path_factory):
 SMALL_EXPERTS = dict(
     vlm=dict(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1),
     world_model=dict(vae_channels=(16, 16, 32, 32), hidden=32, num_layers=1, value_hidden=32),
-    action_expert=dict(hidden=32, num_layers=1),
+    action_expert=dict(hidden=32, num_layers=1, max_state_dim=8, max_action_dim=8),
     fast=dict(vocab_size=128),
 )
 

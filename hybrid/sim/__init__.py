@@ -1,1 +1,34 @@
-"""Simulator adapters: environments, scripted experts and their language annotations."""
+"""Simulator adapters: environments, scripted experts and their language annotations.
+
+Each adapter module offers the same names, so collection and evaluation take any of them:
+    ROBOT_TYPE, FPS, STATE_NAMES, ACTION_NAMES, CAMERAS, DEFAULT_CAMERA, EMBODIMENT
+    task_language()[task].instruction / .subgoals, resolve_tasks(names)
+    make_env(task, camera, image_size, seed) -> env with reset(seed), step(action) ->
+        (obs, success), render() -> (S, S, 3) uint8, close()
+    policy_state(obs) -> the robot's state vector, rollout_expert(env, seed) -> Episode
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+SIMULATORS = {"metaworld": "sawyer", "panda": "panda"}  # simulator -> the robot it simulates
+
+
+def simulator(name: str) -> ModuleType:
+    """The adapter module of a simulator by name."""
+    if name not in SIMULATORS:
+        raise ValueError(f"unknown simulator {name!r}; valid: {', '.join(SIMULATORS)}")
+    return importlib.import_module(f"hybrid.sim.{name}")
+
+
+def simulator_for(embodiment: str) -> ModuleType:
+    """The adapter module that simulates a robot (`sawyer` -> Meta-World, `panda` -> panda-gym)."""
+    for name, robot in SIMULATORS.items():
+        if robot == embodiment:
+            return simulator(name)
+    raise ValueError(
+        f"no simulator for embodiment {embodiment!r}; simulated robots: "
+        f"{', '.join(f'{r} ({s})' for s, r in SIMULATORS.items())}"
+    )

@@ -20,12 +20,14 @@ import numpy as np
 import yaml
 
 from hybrid.embodiment import EmbodimentSpec
+from hybrid.sim.episode import Episode
 
 ROBOT_TYPE = "sawyer"
 FPS = 80  # Meta-World steps at dt = 0.0125 s
 STATE_NAMES = ["ee_x", "ee_y", "ee_z", "gripper"]
 ACTION_NAMES = ["dx", "dy", "dz", "grip"]
 MAX_EPISODE_STEPS = 500
+DEFAULT_CAMERA = "corner"
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 # These cameras render rotated by 180 degrees; flipping both image axes makes them upright.
 ROTATED_CAMERAS = frozenset({"corner", "corner2", "corner3", "corner4"})
@@ -50,6 +52,7 @@ EMBODIMENT = EmbodimentSpec(
     action_dim=len(ACTION_NAMES),
     action_low=[-1.0] * len(ACTION_NAMES),
     action_high=[1.0] * len(ACTION_NAMES),
+    cameras=[f"observation.images.{DEFAULT_CAMERA}"],
 )
 
 # Observation layout of every Meta-World v3 task (39 dims).
@@ -95,6 +98,11 @@ def resolve_tasks(names: list[str]) -> list[str]:
             if task not in tasks:
                 tasks.append(task)
     return tasks
+
+
+def policy_state(obs: np.ndarray) -> np.ndarray:
+    """The robot's own 4 numbers (end-effector xyz, gripper opening) from a 39-dim observation."""
+    return obs[:4].astype(np.float32)
 
 
 def _condition_holds(cond: dict, obs: np.ndarray) -> bool:
@@ -194,17 +202,7 @@ class MetaWorldEnv:
         gc.collect()
 
 
-@dataclass
-class Episode:
-    """One rendered rollout; see the module docstring for shapes."""
-
-    task: str
-    seed: int
-    success: bool
-    images: np.ndarray
-    state: np.ndarray
-    actions: np.ndarray
-    phases: np.ndarray
+make_env = MetaWorldEnv
 
 
 def expert_for(task: str):
@@ -232,7 +230,7 @@ def rollout_expert(env: MetaWorldEnv, seed: int, max_steps: int = MAX_EPISODE_ST
         for _ in range(max_steps):
             action = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
             images.append(env.render())
-            state.append(obs[:4].astype(np.float32))
+            state.append(policy_state(obs))
             actions.append(action)
             phases.append(tracker.update(obs))
             obs, success = env.step(action)

@@ -1,0 +1,248 @@
+"""panda-gym adapter: a Franka Panda in PyBullet, rendered by PyBullet's CPU TinyRenderer (no GL),
+with our own scripted experts labelled with language subgoals.
+
+The second embodiment differs from the Meta-World Sawyer in robot, visuals, state layout and
+action scaling. Every task builds the same robot (gripper free), so the embodiment is one:
+    state (T, 7) float32: end-effector xyz, end-effector velocity xyz, finger width
+    actions (T, 4) float32 in [-1, 1]: end-effector displacement (x 0.05 m per step), finger
+        width change (x 0.2)
+    images (T, S, S, 3) uint8       phases (T,) int: index into the task's subgoal list
+Object and goal positions only drive the experts and the phase labels; they never enter the state.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import numpy as np
+import yaml
+
+from hybrid.embodiment import EmbodimentSpec
+from hybrid.sim.episode import Episode
+
+ROBOT_TYPE = "panda"
+FPS = 25  # 20 PyBullet substeps of 2 ms per step
+STATE_NAMES = ["ee_x", "ee_y", "ee_z", "ee_vx", "ee_vy", "ee_vz", "finger_width"]
+ACTION_NAMES = ["dx", "dy", "dz", "grip"]
+MAX_EPISODE_STEPS = 100
+DEFAULT_CAMERA = "front"
+# Named viewpoints: PyBullet yaw/pitch/distance around a target point on the table.
+CAMERAS = {
+    "front": {"target": (0.0, 0.0, 0.0), "distance": 0.6, "yaw": 60.0, "pitch": -45.0},
+    "side": {"target": (0.0, 0.0, 0.05), "distance": 0.6, "yaw": 0.0, "pitch": -30.0},
+    "top": {"target": (0.0, 0.0, 0.0), "distance": 0.6, "yaw": 90.0, "pitch": -89.0},
+}
+TARGET_RGBA = (0.9, 0.1, 0.1, 1.0)  # panda-gym draws cube and target in the same green
+PRESETS = {"all": ("reach", "push", "pick-and-place")}
+
+EMBODIMENT = EmbodimentSpec(
+    name=ROBOT_TYPE,
+    state_dim=len(STATE_NAMES),
+    action_dim=len(ACTION_NAMES),
+    action_low=[-1.0] * len(ACTION_NAMES),
+    action_high=[1.0] * len(ACTION_NAMES),
+    cameras=[f"observation.images.{DEFAULT_CAMERA}"],
+)
+
+STEP_M = 0.05  # metres of end-effector displacement per unit action
+EXPERT_SPEED = 0.5  # the experts move at most half the robot's top speed: smoother demonstrations
+OPEN, CLOSE = 1.0, -1.0
+
+
+@dataclass(frozen=True)
+class TaskLanguage:
+    instruction: str
+    subgoals: tuple[str, ...]
+
+
+@cache
+def task_language() -> dict[str, TaskLanguage]:
+    """The table in `panda_tasks.yaml`, keyed by task name."""
+    text = resources.files(__package__).joinpath("panda_tasks.yaml").read_text()
+    return {
+        name: TaskLanguage(entry["instruction"], tuple(entry["subgoals"]))
+        for name, entry in yaml.safe_load(text).items()
+    }
+
+
+def resolve_tasks(names: list[str]) -> list[str]:
+    """Expand the `all` preset and check every name against the language table."""
+    table, tasks = task_language(), []
+    for name in names:
+        for task in PRESETS.get(name, (name,)):
+            if task not in table:
+                raise ValueError(
+                    f"unknown panda task {task!r}; valid tasks: {', '.join(sorted(table))}; "
+                    f"presets: {', '.join(PRESETS)}"
+                )
+            if task not in tasks:
+                tasks.append(task)
+    return tasks
+
+
+def policy_state(obs: dict) -> np.ndarray:
+    """The robot's own 7 numbers (see the module docstring) from a panda-gym observation."""
+    return obs["observation"][:7].astype(np.float32)
+
+
+class PandaEnv:
+    """One panda-gym task with the Panda's gripper free and a named camera."""
+
+    def __init__(
+        self, task: str, camera: str = DEFAULT_CAMERA, image_size: int = 96, seed: int = 0
+    ):
+        from panda_gym.envs.core import RobotTaskEnv
+        from panda_gym.envs.robots.panda import Panda
+        from panda_gym.envs.tasks.pick_and_place import PickAndPlace
+        from panda_gym.envs.tasks.push import Push
+        from panda_gym.envs.tasks.reach import Reach
+        from panda_gym.pybullet import PyBullet
+
+        resolve_tasks([task])
+        if camera not in CAMERAS:
+            raise ValueError(f"unknown panda camera {camera!r}; valid: {', '.join(CAMERAS)}")
+        self.task, self.camera = task, camera
+        with _quiet_stdout():  # PyBullet prints its renderer arguments from C
+            sim = PyBullet(render_mode="rgb_array", renderer="Tiny")
+        robot = Panda(sim, block_gripper=False, base_position=np.array([-0.6, 0.0, 0.0]))
+        tasks = {
+            "reach": lambda: Reach(sim, get_ee_position=robot.get_ee_position),
+            "push": lambda: Push(sim),
+            "pick-and-place": lambda: PickAndPlace(sim, goal_z_range=0.15),
+        }
+        task_model = tasks[task]()
+        sim.physics_client.changeVisualShape(sim._bodies_idx["target"], -1, rgbaColor=TARGET_RGBA)
+        view = CAMERAS[camera]
+        self.env = RobotTaskEnv(
+            robot,
+            task_model,
+            render_width=image_size,
+            render_height=image_size,
+            render_target_position=np.asarray(view["target"]),
+            render_distance=view["distance"],
+            render_yaw=view["yaw"],
+            render_pitch=view["pitch"],
+        )
+
+    def reset(self, seed: int) -> dict:
+        obs, _ = self.env.reset(seed=seed)
+        return obs
+
+    def step(self, action: np.ndarray) -> tuple[dict, bool]:
+        """Returns (observation, success)."""
+        obs, _, _, _, info = self.env.step(np.asarray(action, np.float32))
+        return obs, bool(info["is_success"])
+
+    def render(self) -> np.ndarray:
+        """The camera frame: (S, S, 3) uint8."""
+        frame = np.asarray(self.env.render())[..., :3]
+        if not frame.any():
+            raise RuntimeError(f"PyBullet rendered an all-black frame for panda {self.task}")
+        return np.ascontiguousarray(frame, dtype=np.uint8)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+make_env = PandaEnv
+
+
+@contextmanager
+def _quiet_stdout():
+    """Silence writes to file descriptor 1, which Python's redirection does not reach."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _towards(ee: np.ndarray, target: np.ndarray, grip: float) -> np.ndarray:
+    """A proportional step to `target`, at most one unit (STEP_M metres) per axis."""
+    move = np.clip((target - ee) / STEP_M, -EXPERT_SPEED, EXPERT_SPEED)
+    return np.append(move, grip).astype(np.float32)
+
+
+class ScriptedExpert:
+    """Phase-based controller for one task. `act(obs)` -> (action (4,), phase); phases only move
+    forward. It reads object and goal positions (privileged), which is fine for a demonstrator."""
+
+    def __init__(self, task: str):
+        self.task = task
+        self.phase = 0
+        self.closing = 0
+
+    def act(self, obs: dict) -> tuple[np.ndarray, int]:
+        ee, width = obs["observation"][:3], obs["observation"][6]
+        goal = obs["desired_goal"]
+        if self.task == "reach":
+            return _towards(ee, goal, OPEN), 0
+        cube = obs["observation"][7:10]
+        if self.task == "push":
+            direction = goal[:2] - cube[:2]
+            direction = direction / max(np.linalg.norm(direction), 1e-6)
+            behind = np.append(cube[:2] - 0.06 * direction, cube[2])
+            if self.phase == 0 and np.linalg.norm(ee[:2] - behind[:2]) < 0.01:
+                self.phase = 1
+            if self.phase == 1 and abs(ee[2] - behind[2]) < 0.01:
+                self.phase = 2
+            if self.phase == 0:
+                return _towards(ee, behind + [0, 0, 0.06], CLOSE), 0
+            if self.phase == 1:
+                return _towards(ee, behind, CLOSE), 1
+            # stay on the cube's far side from the goal (re-aimed every step) while moving on
+            contact = np.append(cube[:2] - 0.035 * direction, cube[2])
+            move = 0.5 * (contact - ee) / STEP_M + 0.3 * np.append(direction, 0.0)
+            move = np.clip(move, -EXPERT_SPEED, EXPERT_SPEED)
+            return np.append(move, CLOSE).astype(np.float32), 2
+        # pick-and-place
+        if self.phase == 0 and np.linalg.norm(ee[:2] - cube[:2]) < 0.01:
+            self.phase = 1
+        if self.phase == 1 and np.linalg.norm(ee - cube) < 0.01:
+            self.phase = 2
+        if self.phase == 2:
+            self.closing += 1
+            if width < 0.045 or self.closing > 8:
+                self.phase = 3
+        if self.phase == 0:
+            return _towards(ee, cube + [0, 0, 0.08], OPEN), 0
+        if self.phase == 1:
+            return _towards(ee, cube, OPEN), 1
+        if self.phase == 2:
+            return np.array([0, 0, 0, CLOSE], np.float32), 2
+        return _towards(ee, goal, CLOSE), 3
+
+
+def rollout_expert(env: PandaEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS) -> Episode:
+    """Run the scripted expert from the configuration chosen by `seed` until success or time out."""
+    expert = ScriptedExpert(env.task)
+    obs = env.reset(seed)
+    images, state, actions, phases = [], [], [], []
+    success = False
+    for _ in range(max_steps):
+        action, phase = expert.act(obs)
+        images.append(env.render())
+        state.append(policy_state(obs))
+        actions.append(action)
+        phases.append(phase)
+        obs, success = env.step(action)
+        if success:
+            break
+    return Episode(
+        task=env.task,
+        seed=seed,
+        success=success,
+        images=np.stack(images),
+        state=np.stack(state),
+        actions=np.stack(actions),
+        phases=np.asarray(phases, np.int64),
+    )
