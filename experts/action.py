@@ -73,6 +73,12 @@ class ActionExpert(ModelMixin, ConfigMixin):
     """See the module docstring. Config is this signature; `save_pretrained` / `from_pretrained`
     (diffusers) write and read config.json + safetensors."""
 
+    # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert).
+    LORA_TARGETS = (
+        r"blocks\.\d+\.(qkv|context_kv_proj|attn_out|mlp\.0|mlp\.2)"
+        r"|vlm_in|visual_in|state_in\.out\.1"
+    )
+
     @register_to_config
     def __init__(
         self,

@@ -21,6 +21,17 @@ class EmbodimentLinear(nn.Module):
         for row in self.weight:
             nn.init.kaiming_uniform_(row, a=5**0.5)  # nn.Linear's initialisation, per robot
 
+    def add_row(self) -> None:
+        """One more robot: its row starts as the mean of the existing rows (the robots' shared
+        layout: xyz first, gripper last, is the best guess for a new one)."""
+        self.weight = nn.Parameter(torch.cat([self.weight.data, self.weight.data.mean(0)[None]]))
+        self.bias = nn.Parameter(torch.cat([self.bias.data, self.bias.data.mean(0)[None]]))
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these robots' rows, in this order."""
+        self.weight = nn.Parameter(self.weight.data[rows].clone())
+        self.bias = nn.Parameter(self.bias.data[rows].clone())
+
     def forward(self, x: torch.Tensor, embodiment_ids: torch.Tensor) -> torch.Tensor:
         weight, bias = (
             self.weight[embodiment_ids],

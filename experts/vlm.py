@@ -18,6 +18,7 @@ Images come in as (B, N, 3, S, S) floats in [0, 1].
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,11 @@ def train_tokenizer(
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     special = ["<unk>", PAD, EOS, IMAGE_TOKEN, IMAGE_AROUND, IMAGE_GLOBAL]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special)
+    # Every printable ASCII character is in the alphabet, so text of robots and tasks added later
+    # (`hybrid finetune`) tokenizes without <unk>.
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=list(string.printable[:95])
+    )
     tokenizer.train_from_iterator([*texts, SUBGOAL_PROMPT], trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", pad_token=PAD, eos_token=EOS
@@ -88,6 +93,14 @@ class HighLevelVLM(nn.Module):
         max_subgoal_tokens: generation budget for a subgoal.
         image_size .. scale_factor: the tiny config (ignored with a pretrained backbone).
     """
+
+    # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert): the
+    # language model's attention and MLPs, the vision encoder's attention and the connector.
+    LORA_TARGETS = (
+        r"backbone\.model\.(text_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)"
+        r"|vision_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj"
+        r"|connector\.modality_projection\.proj)"
+    )
 
     def __init__(
         self,

@@ -76,6 +76,13 @@ class WorldModel(nn.Module):
         value: directory of a saved value head; None builds one.
     """
 
+    # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert): the
+    # transformer's attention and MLPs and the value head. The VAE stays as the base trained it.
+    LORA_TARGETS = (
+        r"transformer\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+        r"|ff\.net\.(0\.proj|2))|value\.(latent_in|context_in|mlp\.[13])"
+    )
+
     def __init__(
         self,
         context_dim: int,

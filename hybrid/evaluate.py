@@ -1,4 +1,5 @@
-"""`hybrid eval`: closed-loop rollouts of a trained policy in Meta-World.
+"""`hybrid eval`: closed-loop rollouts of a trained policy in the simulator of its robot
+(Meta-World for the Sawyer, panda-gym for the Panda; `--embodiment` picks the robot and adapter).
 
 Episodes run in worker processes (one torch thread each, so two workers share two cores without
 fighting), each with its own planner and simulator. Reported per task: success rate and mean
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from hybrid.collect import episode_seed
-from hybrid.sim import metaworld
+from hybrid.sim import simulator_for
 from hybrid.types import Observation
 
 TIERS = ("features", "progress", "subgoal", "imagine", "score", "decode", "action")
@@ -31,6 +32,7 @@ TIERS = ("features", "progress", "subgoal", "imagine", "score", "decode", "actio
 @dataclass(frozen=True)
 class EvalConfig:
     policy: str
+    embodiment: str
     tasks: tuple[str, ...]
     episodes: int
     seed: int = 1000
@@ -54,10 +56,9 @@ class EpisodeResult:
 _worker: dict = {}
 
 
-def _camera(policy) -> tuple[str, str]:
-    """(feature key, Meta-World camera name) of the policy's first camera."""
-    spec = next(iter(policy.embodiments.values()))
-    key = spec.cameras[0] if spec.cameras else "observation.images.corner"
+def _camera(spec, sim) -> tuple[str, str]:
+    """(feature key, simulator camera name) of the robot's first camera."""
+    key = spec.cameras[0] if spec.cameras else f"observation.images.{sim.DEFAULT_CAMERA}"
     return key, key.rsplit(".", 1)[-1]
 
 
@@ -67,7 +68,9 @@ def _init_worker(config: EvalConfig) -> None:
     from planners.hierarchical import HybridPlanner
 
     torch.set_num_threads(1)
-    _worker["planner"] = HybridPlanner.from_pretrained(config.policy, **config.planner)
+    _worker["planner"] = HybridPlanner.from_pretrained(
+        config.policy, embodiment=config.embodiment, **config.planner
+    )
     _worker["config"] = config
 
 
@@ -91,14 +94,15 @@ def _frame_panel(camera: np.ndarray, plan, chosen: np.ndarray | None, size: int)
 def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     task, episode = job
     planner, config = _worker["planner"], _worker["config"]
-    key, camera = _camera(planner.policy)
+    sim = simulator_for(config.embodiment)
+    key, camera = _camera(planner.spec, sim)
     if _worker.get("task") != task:
         if "env" in _worker:
             _worker["env"].close()
-        _worker["env"] = metaworld.MetaWorldEnv(task, camera, config.image_size, config.seed)
+        _worker["env"] = sim.make_env(task, camera, config.image_size, config.seed)
         _worker["task"] = task
     env = _worker["env"]
-    instruction = metaworld.task_language()[task].instruction
+    instruction = sim.task_language()[task].instruction
     obs = env.reset(episode_seed(config.seed, task, episode))
     planner.reset()
     timings, subgoals, frames, success, steps = [], [], [], False, 0
@@ -107,7 +111,7 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
         steps += 1
         image = env.render()
         planned = not planner.queue
-        action = planner.act(Observation({key: image}, obs[:4]), instruction)
+        action = planner.act(Observation({key: image}, sim.policy_state(obs)), instruction)
         if planned:
             timings.append(planner.last_plan.timings_ms)
             subgoals.append(planner.last_plan.subgoal)
@@ -169,14 +173,26 @@ def evaluate(
     workers: int = 2,
     video: bool = False,
     planner: dict | None = None,
+    embodiment: str | None = None,
     console: Console | None = None,
 ) -> dict:
-    """Run the rollouts, print the tables, write `<out>/results.json` (and videos)."""
+    """Run the rollouts, print the tables, write `<out>/results.json` (and videos). `embodiment`
+    None is the policy's first robot; another one needs its adapter under `<policy>/adapters/`."""
+    from hybrid.adapters import available_embodiments
+
     console = console or Console()
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     if not (Path(policy) / "policy_config.json").is_file():
         raise ValueError(f"--policy {policy}: not a policy directory (no policy_config.json)")
+    robots = available_embodiments(policy)
+    embodiment = embodiment or robots[0]
+    if embodiment not in robots:
+        raise ValueError(
+            f"--embodiment {embodiment!r}: {policy} has no such robot or adapter; it offers "
+            f"{robots} (`hybrid finetune` adds one)"
+        )
+    sim = simulator_for(embodiment)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     video_dir = None
@@ -185,7 +201,8 @@ def evaluate(
         video_dir.mkdir(exist_ok=True)
     config = EvalConfig(
         policy=str(policy),
-        tasks=tuple(metaworld.resolve_tasks(tasks)),
+        embodiment=embodiment,
+        tasks=tuple(sim.resolve_tasks(tasks)),
         episodes=episodes,
         seed=seed,
         max_steps=max_steps,

@@ -67,13 +67,19 @@ class HybridModule(L.LightningModule):
         self._val_values: list[torch.Tensor] = []
 
     # 1. building the policy from the data ---------------------------------------------------------
+    def _datamodule(self, stage: str) -> HybridDataModule:
+        dm = self.trainer.datamodule
+        if not isinstance(dm, HybridDataModule):
+            raise TypeError(
+                f"{type(self).__name__} trains from a HybridDataModule, got {type(dm).__name__}"
+            )
+        dm.setup(stage)
+        return dm
+
     def setup(self, stage: str) -> None:
         if self.policy is not None:
             return
-        dm = self.trainer.datamodule
-        if not isinstance(dm, HybridDataModule):
-            raise TypeError(f"HybridModule trains from a HybridDataModule, got {type(dm).__name__}")
-        dm.setup(stage)
+        dm = self._datamodule(stage)
         windows = dm.train_set
         spec = EmbodimentSpec(
             name=windows.embodiment,
@@ -151,10 +157,13 @@ class HybridModule(L.LightningModule):
         self._log_value_correlation("test")
 
     # 3. optimisation ------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": self.hparams.weight_decay}]
+
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimiser = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimiser = torch.optim.AdamW(self.param_groups(), lr=hp.lr)
         total = max(self.trainer.estimated_stepping_batches, hp.warmup_steps + 1)
 
         def schedule(step: int) -> float:

@@ -13,6 +13,7 @@ Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.action import ActionExpert
+from experts.embodiment_heads import EmbodimentLinear
 from experts.fast import FastTokenizer
 from experts.vlm import HighLevelVLM, train_tokenizer
 from experts.world_model import WorldModel
@@ -55,16 +57,10 @@ class HybridPolicy(nn.Module):
             action_expert,
             fast,
         )
-        self.embodiments = {spec.name: spec for spec in embodiments}
-        self.norm_stats = norm_stats
+        self.embodiments: dict[str, EmbodimentSpec] = {}
+        self.norm_stats: dict = {}
         self.norm_modes = norm_modes or {STATE_KEY: "mean_std", ACTION_KEY: "mean_std"}
-        self.normalizers = {
-            name: Normalizer(
-                {k: {s: np.asarray(v) for s, v in d.items()} for k, d in norm_stats[name].items()},
-                self.norm_modes,
-            )
-            for name in self.embodiments
-        }
+        self.normalizers: dict[str, Normalizer] = {}
         cfg = action_expert.config
         if cfg.num_embodiments < len(embodiments):
             raise ValueError(
@@ -72,12 +68,89 @@ class HybridPolicy(nn.Module):
                 f"but {len(embodiments)} are given"
             )
         for spec in embodiments:
-            if spec.state_dim > cfg.max_state_dim or spec.action_dim > cfg.max_action_dim:
-                raise ValueError(
-                    f"embodiment {spec.name!r} has state/action dims {spec.state_dim}/"
-                    f"{spec.action_dim}; the action expert takes at most "
-                    f"{cfg.max_state_dim}/{cfg.max_action_dim}"
-                )
+            self._register(spec, norm_stats[spec.name])
+        self.fingerprint: str | None = None  # of the weights as saved; set by save/load
+
+    def _register(self, spec: EmbodimentSpec, stats: dict) -> None:
+        cfg = self.action_expert.config
+        if spec.state_dim > cfg.max_state_dim or spec.action_dim > cfg.max_action_dim:
+            raise ValueError(
+                f"embodiment {spec.name!r} has state/action dims {spec.state_dim}/"
+                f"{spec.action_dim}; the action expert takes at most "
+                f"{cfg.max_state_dim}/{cfg.max_action_dim} (a base policy made with larger "
+                "`action_expert.max_state_dim` / `max_action_dim` leaves room)"
+            )
+        if spec.action_dim > self.fast.action_dim:
+            raise ValueError(
+                f"embodiment {spec.name!r} has {spec.action_dim} action dims; the FAST tokenizer "
+                f"of this policy was fit on {self.fast.action_dim}"
+            )
+        self.embodiments[spec.name] = spec
+        self.norm_stats[spec.name] = stats
+        self.normalizers[spec.name] = Normalizer(
+            {k: {s: np.asarray(v) for s, v in d.items()} for k, d in stats.items()},
+            self.norm_modes,
+        )
+
+    # 0. robots --------------------------------------------------------------------------------
+    def _heads(self) -> dict[str, EmbodimentLinear]:
+        return {
+            name: module
+            for name, module in self.action_expert.named_modules()
+            if isinstance(module, EmbodimentLinear)
+        }
+
+    def add_embodiment(self, spec: EmbodimentSpec, norm_stats: dict) -> None:
+        """A new robot: one more row in every per-embodiment layer (initialised as the mean of
+        the existing rows) and its normalisation statistics. The shared weights are untouched."""
+        if spec.name in self.embodiments:
+            raise ValueError(f"embodiment {spec.name!r} already exists in {list(self.embodiments)}")
+        self._register(spec, norm_stats)
+        for head in self._heads().values():
+            head.add_row()
+        self.action_expert.register_to_config(num_embodiments=len(self.embodiments))
+
+    def embodiment_rows(self, name: str) -> dict[str, torch.Tensor]:
+        """The robot's own row of each per-embodiment parameter, by parameter name."""
+        row = list(self.embodiments).index(name)
+        return {
+            f"{path}.{kind}": getattr(head, kind).data[row].clone()
+            for path, head in self._heads().items()
+            for kind in ("weight", "bias")
+        }
+
+    def set_embodiment_rows(self, name: str, rows: dict[str, torch.Tensor]) -> None:
+        row = list(self.embodiments).index(name)
+        for path, head in self._heads().items():
+            for kind in ("weight", "bias"):
+                param = getattr(head, kind)
+                value = rows[f"{path}.{kind}"]
+                if value.shape != param.shape[1:]:
+                    raise ValueError(
+                        f"embodiment {name!r}: head {path}.{kind} has shape {tuple(value.shape)}, "
+                        f"this policy's rows are {tuple(param.shape[1:])}"
+                    )
+                param.data[row] = value.to(param.dtype)
+
+    def keep_embodiments(self, names: list[str]) -> None:
+        """Drop every robot not named (and its rows)."""
+        rows = [list(self.embodiments).index(n) for n in names]
+        for head in self._heads().values():
+            head.keep_rows(rows)
+        self.embodiments = {n: self.embodiments[n] for n in names}
+        self.norm_stats = {n: self.norm_stats[n] for n in names}
+        self.normalizers = {n: self.normalizers[n] for n in names}
+        self.action_expert.register_to_config(num_embodiments=len(names))
+
+    def compute_fingerprint(self) -> str:
+        """sha256 of every weight (names, dtypes, shapes, bytes) and the robots' specs."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        digest.update(json.dumps([s.to_dict() for s in self.embodiments.values()]).encode())
+        return digest.hexdigest()
 
     @classmethod
     def create(
@@ -108,15 +181,20 @@ class HybridPolicy(nn.Module):
         vlm_model = HighLevelVLM(tokenizer, num_action_tokens=fast_tokenizer.vocab_size, **vlm)
         wm = WorldModel(context_dim=vlm_model.hidden_size, **world_model)
         channels, size, _ = wm.latent_shape
+        action_expert = dict(action_expert or {})
+        # The YAML may leave room for robots added later (`hybrid finetune`); never less than now.
+        for key, need in (
+            ("max_state_dim", max(s.state_dim for s in embodiments)),
+            ("max_action_dim", max(s.action_dim for s in embodiments)),
+        ):
+            action_expert[key] = max(action_expert.get(key, need), need)
         expert = ActionExpert(
             vlm_dim=vlm_model.hidden_size,
             latent_channels=channels,
             latent_size=size,
             chunk_size=horizon,
-            max_state_dim=max(s.state_dim for s in embodiments),
-            max_action_dim=max(s.action_dim for s in embodiments),
             num_embodiments=len(embodiments),
-            **(action_expert or {}),
+            **action_expert,
         )
         return cls(vlm_model, wm, expert, fast_tokenizer, embodiments, norm_stats)
 
@@ -153,7 +231,9 @@ class HybridPolicy(nn.Module):
         ids = self.embodiment_ids(names)
         actions = batch["actions"]
         instructions = list(batch["instruction"])
-        fast_tokens = self.fast.encode(actions.detach().float().cpu().numpy())
+        # robots with fewer action dims than FAST was fit on are zero-padded, as in the expert
+        fast_actions = self._pad(actions.detach().float(), self.fast.action_dim)
+        fast_tokens = self.fast.encode(fast_actions.cpu().numpy())
         out = self.vlm(batch["images"], instructions, list(batch["subgoal"]), fast_tokens)
         with torch.no_grad():  # one encoding serves the world model and the action expert
             frames = torch.cat([batch["images"], batch["future_images"]])
@@ -197,8 +277,16 @@ class HybridPolicy(nn.Module):
     # 3. persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the policy to `directory` atomically: into a sibling temporary folder first, then
-        swapped into place, so an interrupted save never leaves a half-written policy."""
+        swapped into place, so an interrupted save never leaves a half-written policy. Adapters
+        are not part of it (`hybrid.adapters` saves them); a policy with LoRA layers attached is
+        refused: merge them first."""
+        if any("lora_" in name for name, _ in self.named_parameters()):
+            raise ValueError(
+                "this policy has LoRA layers attached; save the adapter with "
+                "EmbodimentAdapters.save, or merge it first (`hybrid export --merge`)"
+            )
         directory = Path(directory)
+        self.fingerprint = self.compute_fingerprint()
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
@@ -210,6 +298,7 @@ class HybridPolicy(nn.Module):
                 "embodiments": [s.to_dict() for s in self.embodiments.values()],
                 "norm_stats": self.norm_stats,
                 "norm_modes": self.norm_modes,
+                "fingerprint": self.fingerprint,
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
             old = directory.with_name(f".{directory.name}.old")
@@ -230,7 +319,7 @@ class HybridPolicy(nn.Module):
                 "(`hybrid fit` exports one; `HybridPolicy.save_pretrained` writes one)"
             )
         config = json.loads(path.read_text())
-        return cls(
+        policy = cls(
             vlm=HighLevelVLM.from_pretrained(directory / "vlm"),
             world_model=WorldModel.from_pretrained(directory / "world_model"),
             action_expert=ActionExpert.from_pretrained(directory / "action_expert"),
@@ -239,3 +328,5 @@ class HybridPolicy(nn.Module):
             norm_stats=config["norm_stats"],
             norm_modes=config["norm_modes"],
         )
+        policy.fingerprint = config.get("fingerprint") or policy.compute_fingerprint()
+        return policy

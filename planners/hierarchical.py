@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from hybrid.adapters import EmbodimentAdapters
 from hybrid.data.windows import resize_frames
 from hybrid.policy import HybridPolicy
 from hybrid.types import Observation, Plan
@@ -46,6 +47,8 @@ class HybridPlanner:
     Args:
         policy: a trained HybridPolicy.
         embodiment: which of the policy's robots this is; default its only one.
+        adapters: the policy's per-robot LoRA adapters (`from_pretrained` makes them), for
+            `set_embodiment`; None serves only the robots the policy already has.
         num_candidates: K visual subgoals imagined and scored per refresh.
         imagine_steps, action_steps: flow-matching steps of the world model and the action expert.
         execute_steps: actions of each chunk executed before planning again (<= H).
@@ -69,14 +72,17 @@ class HybridPlanner:
         scorer: Scorer | None = None,
         decode_candidates: bool = True,
         seed: int = 0,
+        adapters: EmbodimentAdapters | None = None,
     ):
         self.policy = policy.eval()
+        self.adapters = adapters or EmbodimentAdapters(policy)
         names = list(policy.embodiments)
         if embodiment is None and len(names) != 1:
             raise ValueError(f"this policy knows several embodiments {names}; name one")
         self.embodiment = embodiment or names[0]
         if self.embodiment not in policy.embodiments:
             raise ValueError(f"unknown embodiment {self.embodiment!r}; this policy knows {names}")
+        self.adapters.activate(self.embodiment)
         horizon = policy.action_expert.config.chunk_size
         if not 1 <= execute_steps <= horizon:
             raise ValueError(f"execute_steps must be in [1, {horizon}], got {execute_steps}")
@@ -96,7 +102,21 @@ class HybridPlanner:
     def from_pretrained(
         cls, directory: str | Path, embodiment: str | None = None, device: str = "cpu", **kwargs
     ) -> HybridPlanner:
-        return cls(HybridPolicy.from_pretrained(directory).to(device), embodiment, **kwargs)
+        """Load the policy in `directory`; `embodiment` None is its first robot. A robot with an
+        adapter under `<directory>/adapters/` has it loaded and activated."""
+        policy = HybridPolicy.from_pretrained(directory)
+        adapters = EmbodimentAdapters(policy, directory)
+        embodiment = embodiment or adapters.base_embodiments[0]
+        adapters.activate(embodiment)
+        return cls(policy.to(device), embodiment, adapters=adapters, **kwargs)
+
+    def set_embodiment(self, name: str) -> None:
+        """Switch robots without reloading the base: activates `name`'s adapter (loaded on first
+        use) or, for a robot of the base, disables every adapter. Starts a new episode."""
+        self.adapters.activate(name)
+        self.policy.to(self.device).eval()
+        self.embodiment = name
+        self.reset()
 
     @property
     def spec(self):

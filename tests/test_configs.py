@@ -49,6 +49,7 @@ STACKS = [
     ["configs/quickstart.yaml", "configs/experiment/mt10_tiny.yaml"],
     ["configs/quickstart.yaml", "configs/experiment/gpu_smolvlm.yaml"],
     ["configs/trainer/cpu.yaml", "configs/data/quickstart.yaml", "configs/model/tiny.yaml"],
+    ["finetune", "configs/finetune/panda.yaml"],
 ]
 
 
@@ -58,9 +59,10 @@ def test_config_stacks_parse(stack):
     import subprocess
     import sys
 
-    args = [a for path in stack for a in ("--config", str(ROOT / path))]
+    verb, paths = (stack[0], stack[1:]) if stack[0] == "finetune" else ("fit", stack)
+    args = [a for path in paths for a in ("--config", str(ROOT / path))]
     run = subprocess.run(
-        [sys.executable, "-m", "hybrid.cli", "fit", *args, "--print_config"],
+        [sys.executable, "-m", "hybrid.cli", verb, *args, "--print_config"],
         capture_output=True,
         text=True,
         cwd=ROOT,
