@@ -7,7 +7,9 @@ export HF_HUB_OFFLINE := 1
 QUICKSTART_DATA ?= data/quickstart
 QUICKSTART_TASKS ?= reach-v3 push-v3 pick-place-v3 drawer-open-v3 button-press-topdown-v3
 
-.PHONY: setup quickstart test lint
+PANDA_DATA ?= data/panda
+
+.PHONY: setup quickstart finetune test lint
 
 setup: $(STAMP)
 
@@ -20,6 +22,12 @@ quickstart: setup
 	$(BIN)/hybrid fit --config configs/quickstart.yaml --data.root $(QUICKSTART_DATA) --ckpt_path last
 	$(BIN)/hybrid eval --policy outputs/quickstart/policy --tasks $(QUICKSTART_TASKS) --episodes 5 --out outputs/quickstart/eval --video
 	@echo "quickstart policy: outputs/quickstart/policy (HybridPlanner.from_pretrained); results and videos: outputs/quickstart/eval"
+
+# After quickstart: adapt its policy to the panda-gym Franka Panda with a LoRA adapter.
+finetune: setup
+	$(BIN)/hybrid collect panda --tasks all --episodes-per-task 20 --out $(PANDA_DATA)
+	$(BIN)/hybrid finetune --config configs/finetune/panda.yaml --data.root $(PANDA_DATA) --ckpt_path last
+	$(BIN)/hybrid eval --policy outputs/quickstart/policy --embodiment panda --tasks all --episodes 10 --max-steps 100 --out outputs/finetune_panda/eval --video
 
 test: setup
 	$(BIN)/ruff check .

@@ -1,10 +1,15 @@
-"""Reading and writing an expert's JSON config beside its weights; writes are atomic (a temporary
-file renamed into place), so an interrupted save never leaves a torn config."""
+"""Reading and writing an expert's JSON config beside its weights, and whole directories; writes
+are atomic (a temporary file or folder renamed into place), so an interrupted save never leaves a
+torn config or a half-written directory."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -22,3 +27,22 @@ def load_config(directory: str | Path, name: str, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no {what} config at {path}")
     return json.loads(path.read_text())
+
+
+@contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield a sibling temporary folder to fill. When the block ends normally it replaces
+    `directory` (the old one is removed after the swap); on an error it is removed and `directory`
+    stays as it was."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -20,19 +20,16 @@ robots) is recorded and compared.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from experts.config_io import atomic_directory
 from hybrid.embodiment import EmbodimentSpec
-from hybrid.policy import CONFIG_NAME, HybridPolicy
+from hybrid.policy import ADAPTERS_DIR, CONFIG_NAME, HybridPolicy
 
-ADAPTERS_DIR = "adapters"
 HEADS_FILE = "embodiment_heads.safetensors"
 EMBODIMENT_FILE = "embodiment.json"
 EXPERTS = ("vlm", "world_model", "action_expert")
@@ -161,15 +158,11 @@ class EmbodimentAdapters:
         """Write adapter `name` to `directory` (see the module docstring), atomically."""
         from peft import get_peft_model_state_dict
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             self.peft.peft_config[name].save_pretrained(tmp)
             state = get_peft_model_state_dict(self.peft, adapter_name=name)
-            save_file(
-                {k: v.contiguous() for k, v in state.items()}, tmp / "adapter_model.safetensors"
-            )
+            state = {k: v.contiguous() for k, v in state.items()}
+            save_file(state, tmp / "adapter_model.safetensors")
             save_file(self.policy.embodiment_rows(name), tmp / HEADS_FILE)
             record = {
                 "embodiment": self.policy.embodiments[name].to_dict(),
@@ -178,13 +171,6 @@ class EmbodimentAdapters:
                 "base_embodiments": self.base_embodiments,
             }
             (tmp / EMBODIMENT_FILE).write_text(json.dumps(record, indent=2))
-            old = directory.with_name(f".{directory.name}.old")
-            if directory.exists():
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, name: str, directory: str | Path | None = None) -> None:
         """Load adapter `name` (from `<policy>/adapters/<name>` unless `directory` is given)."""

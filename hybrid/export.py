@@ -7,13 +7,12 @@ it, the base is copied with only that robot's adapter (a smaller registry to shi
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 
+from experts.config_io import atomic_directory
 from hybrid.adapters import ADAPTERS_DIR, EmbodimentAdapters, adapter_dir, available_embodiments
 from hybrid.policy import CONFIG_NAME, HybridPolicy
 
@@ -41,18 +40,11 @@ def export(
         adapters.merged(embodiment).save_pretrained(out)
         console.print(f"wrote the merged {embodiment!r} policy to {out}")
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         shutil.copytree(
             policy, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ADAPTERS_DIR)
         )
         if (policy / ADAPTERS_DIR / embodiment).is_dir():
             shutil.copytree(adapter_dir(policy, embodiment), adapter_dir(tmp, embodiment))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     console.print(f"wrote {out}: the base policy with the {embodiment!r} adapter")
     return out

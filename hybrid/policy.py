@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.action import ActionExpert
+from experts.config_io import atomic_directory
 from experts.embodiment_heads import EmbodimentLinear
 from experts.fast import FastTokenizer
 from experts.vlm import HighLevelVLM, train_tokenizer
@@ -35,6 +34,7 @@ from hybrid.data.windows import ACTION_KEY, STATE_KEY
 from hybrid.embodiment import EmbodimentSpec
 
 CONFIG_NAME = "policy_config.json"
+ADAPTERS_DIR = "adapters"  # per-robot LoRA adapters, see hybrid.adapters
 
 
 class HybridPolicy(nn.Module):
@@ -287,9 +287,7 @@ class HybridPolicy(nn.Module):
             )
         directory = Path(directory)
         self.fingerprint = self.compute_fingerprint()
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             self.vlm.save_pretrained(tmp / "vlm")
             self.world_model.save_pretrained(tmp / "world_model")
             self.action_expert.save_pretrained(tmp / "action_expert")
@@ -301,13 +299,8 @@ class HybridPolicy(nn.Module):
                 "fingerprint": self.fingerprint,
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-            old = directory.with_name(f".{directory.name}.old")
-            if directory.exists():
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if (directory / ADAPTERS_DIR).is_dir():  # kept: they name the base they belong to
+                shutil.copytree(directory / ADAPTERS_DIR, tmp / ADAPTERS_DIR)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> HybridPolicy:

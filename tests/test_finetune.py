@@ -163,7 +163,7 @@ def test_switching_robots_matches_a_fresh_load_of_each(finetuned):
     assert np.array_equal(panda_first, panda_again)
     assert np.array_equal(panda_first, _actions(fresh_panda, PANDA))
     assert np.array_equal(sawyer, _actions(fresh_sawyer, SAWYER))
-    # and the adapter matters: the same panda observation without it acts differently
+    # switching changed nothing on disk: the base still knows only its own robot
     plain = HybridPolicy.from_pretrained(base)
     assert planner.policy.embodiments["panda"].state_dim == 7 and "panda" not in plain.embodiments
 

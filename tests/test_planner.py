@@ -122,9 +122,9 @@ def test_bad_input_is_named(planner, frames, images, state, instruction, message
 
 def test_unknown_embodiment(tiny_policy_dir):
     with pytest.raises(
-        ValueError, match=r"unknown embodiment 'panda'; this policy knows \['sawyer'\]"
+        ValueError, match=r"no adapter for embodiment 'ur5'.*this policy offers \['sawyer'\]"
     ):
-        HybridPlanner.from_pretrained(tiny_policy_dir, embodiment="panda")
+        HybridPlanner.from_pretrained(tiny_policy_dir, embodiment="ur5")
 
 
 def test_frames_are_resized_as_in_training(planner, frames):

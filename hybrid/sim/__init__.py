@@ -32,3 +32,19 @@ def simulator_for(embodiment: str) -> ModuleType:
         f"no simulator for embodiment {embodiment!r}; simulated robots: "
         f"{', '.join(f'{r} ({s})' for s, r in SIMULATORS.items())}"
     )
+
+
+def expand_tasks(names: list[str], known, presets: dict, simulator_label: str) -> list[str]:
+    """Expand preset names and check every task against `known` (the language table); order
+    kept, duplicates dropped. An unknown name is named with the valid ones."""
+    tasks: list[str] = []
+    for name in names:
+        for task in presets.get(name, (name,)):
+            if task not in known:
+                raise ValueError(
+                    f"unknown {simulator_label} task {task!r}; valid tasks: "
+                    f"{', '.join(sorted(known))}; presets: {', '.join(presets)}"
+                )
+            if task not in tasks:
+                tasks.append(task)
+    return tasks

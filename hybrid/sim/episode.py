@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,3 +20,35 @@ class Episode:
     state: np.ndarray
     actions: np.ndarray
     phases: np.ndarray
+
+
+def record_rollout(
+    env,
+    seed: int,
+    act: Callable[[object], tuple[np.ndarray, int]],
+    state_of: Callable[[object], np.ndarray],
+    max_steps: int,
+) -> Episode:
+    """Roll out `act(obs) -> (action, phase)` in `env` from the configuration chosen by `seed`,
+    rendering every step, until success or `max_steps`; `state_of(obs)` is the robot's state."""
+    obs = env.reset(seed)
+    images, state, actions, phases = [], [], [], []
+    success = False
+    for _ in range(max_steps):
+        action, phase = act(obs)
+        images.append(env.render())
+        state.append(state_of(obs))
+        actions.append(action)
+        phases.append(phase)
+        obs, success = env.step(action)
+        if success:
+            break
+    return Episode(
+        task=env.task,
+        seed=seed,
+        success=success,
+        images=np.stack(images),
+        state=np.stack(state),
+        actions=np.stack(actions),
+        phases=np.asarray(phases, np.int64),
+    )

@@ -20,7 +20,8 @@ import numpy as np
 import yaml
 
 from hybrid.embodiment import EmbodimentSpec
-from hybrid.sim.episode import Episode
+from hybrid.sim import expand_tasks
+from hybrid.sim.episode import Episode, record_rollout
 
 ROBOT_TYPE = "sawyer"
 FPS = 80  # Meta-World steps at dt = 0.0125 s
@@ -86,18 +87,7 @@ def task_language() -> dict[str, TaskLanguage]:
 
 def resolve_tasks(names: list[str]) -> list[str]:
     """Expand presets (`mt10`) and check every name against the language table."""
-    table = task_language()
-    tasks: list[str] = []
-    for name in names:
-        for task in PRESETS.get(name, (name,)):
-            if task not in table:
-                raise ValueError(
-                    f"unknown Meta-World task {task!r}; valid tasks: {', '.join(sorted(table))}; "
-                    f"presets: {', '.join(PRESETS)}"
-                )
-            if task not in tasks:
-                tasks.append(task)
-    return tasks
+    return expand_tasks(names, task_language(), PRESETS, "Meta-World")
 
 
 def policy_state(obs: np.ndarray) -> np.ndarray:
@@ -222,26 +212,11 @@ def rollout_expert(env: MetaWorldEnv, seed: int, max_steps: int = MAX_EPISODE_ST
 
     expert = expert_for(env.task)
     tracker = PhaseTracker(task_language()[env.task])
-    obs = env.reset(seed)
-    images, state, actions, phases = [], [], [], []
-    success = False
+
+    def act(obs: np.ndarray) -> tuple[np.ndarray, int]:
+        action = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
+        return action, tracker.update(obs)
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
-        for _ in range(max_steps):
-            action = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
-            images.append(env.render())
-            state.append(policy_state(obs))
-            actions.append(action)
-            phases.append(tracker.update(obs))
-            obs, success = env.step(action)
-            if success:
-                break
-    return Episode(
-        task=env.task,
-        seed=seed,
-        success=success,
-        images=np.stack(images),
-        state=np.stack(state),
-        actions=np.stack(actions),
-        phases=np.asarray(phases, np.int64),
-    )
+        return record_rollout(env, seed, act, policy_state, max_steps)

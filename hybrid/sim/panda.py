@@ -23,7 +23,8 @@ import numpy as np
 import yaml
 
 from hybrid.embodiment import EmbodimentSpec
-from hybrid.sim.episode import Episode
+from hybrid.sim import expand_tasks
+from hybrid.sim.episode import Episode, record_rollout
 
 ROBOT_TYPE = "panda"
 FPS = 25  # 20 PyBullet substeps of 2 ms per step
@@ -33,7 +34,8 @@ MAX_EPISODE_STEPS = 100
 DEFAULT_CAMERA = "front"
 # Named viewpoints: PyBullet yaw/pitch/distance around a target point on the table.
 CAMERAS = {
-    "front": {"target": (0.0, 0.0, 0.0), "distance": 0.6, "yaw": 60.0, "pitch": -45.0},
+    # close enough that the 4 cm cube and target span ~4 px at 64 px
+    "front": {"target": (0.0, 0.0, 0.05), "distance": 0.45, "yaw": 90.0, "pitch": -50.0},
     "side": {"target": (0.0, 0.0, 0.05), "distance": 0.6, "yaw": 0.0, "pitch": -30.0},
     "top": {"target": (0.0, 0.0, 0.0), "distance": 0.6, "yaw": 90.0, "pitch": -89.0},
 }
@@ -72,17 +74,7 @@ def task_language() -> dict[str, TaskLanguage]:
 
 def resolve_tasks(names: list[str]) -> list[str]:
     """Expand the `all` preset and check every name against the language table."""
-    table, tasks = task_language(), []
-    for name in names:
-        for task in PRESETS.get(name, (name,)):
-            if task not in table:
-                raise ValueError(
-                    f"unknown panda task {task!r}; valid tasks: {', '.join(sorted(table))}; "
-                    f"presets: {', '.join(PRESETS)}"
-                )
-            if task not in tasks:
-                tasks.append(task)
-    return tasks
+    return expand_tasks(names, task_language(), PRESETS, "panda")
 
 
 def policy_state(obs: dict) -> np.ndarray:
@@ -224,25 +216,4 @@ class ScriptedExpert:
 
 def rollout_expert(env: PandaEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS) -> Episode:
     """Run the scripted expert from the configuration chosen by `seed` until success or time out."""
-    expert = ScriptedExpert(env.task)
-    obs = env.reset(seed)
-    images, state, actions, phases = [], [], [], []
-    success = False
-    for _ in range(max_steps):
-        action, phase = expert.act(obs)
-        images.append(env.render())
-        state.append(policy_state(obs))
-        actions.append(action)
-        phases.append(phase)
-        obs, success = env.step(action)
-        if success:
-            break
-    return Episode(
-        task=env.task,
-        seed=seed,
-        success=success,
-        images=np.stack(images),
-        state=np.stack(state),
-        actions=np.stack(actions),
-        phases=np.asarray(phases, np.int64),
-    )
+    return record_rollout(env, seed, ScriptedExpert(env.task).act, policy_state, max_steps)
