@@ -26,7 +26,7 @@ class FinetuneModule(HybridModule):
 
     Args:
         base_policy: directory of the base policy (exported by `hybrid fit`).
-        embodiment: the new robot's spec file, e.g. `configs/embodiment/panda.yaml`; its name,
+        embodiment_spec: the new robot's spec file, e.g. `configs/embodiment/panda.yaml`; its name,
             dims and cameras must match the dataset's.
         lora: `LoraSpec` fields: rank, alpha, dropout, experts (which of vlm, world_model,
             action_expert get LoRA) and targets (per expert, a regex replacing its defaults).
@@ -39,7 +39,7 @@ class FinetuneModule(HybridModule):
     def __init__(
         self,
         base_policy: str,
-        embodiment: str,
+        embodiment_spec: str,
         lora: dict | None = None,
         loss_weights: dict[str, float] | None = None,
         lr: float = 1e-3,
@@ -67,14 +67,14 @@ class FinetuneModule(HybridModule):
         except TypeError as error:
             fields = list(LoraSpec.__dataclass_fields__)
             raise ValueError(f"model.lora: {error}; fields are {fields}") from error
-        self.spec = EmbodimentSpec.from_yaml(embodiment)
+        self.spec = EmbodimentSpec.from_yaml(embodiment_spec)
         self.adapters: EmbodimentAdapters | None = None
 
     def setup(self, stage: str) -> None:
         if self.policy is not None:
             return
         dm = self._datamodule(stage)
-        windows, spec = dm.train_set, self.spec
+        windows, spec, spec_file = dm.train_set, self.spec, self.hparams.embodiment_spec
         episode = windows.episodes[0]
         data = {
             "name": windows.embodiment,
@@ -84,14 +84,14 @@ class FinetuneModule(HybridModule):
         for key, value in data.items():
             if getattr(spec, key) != value:
                 raise ValueError(
-                    f"embodiment spec {self.hparams.embodiment} says {key}={getattr(spec, key)!r} "
+                    f"embodiment spec {spec_file} says {key}={getattr(spec, key)!r} "
                     f"but dataset {dm.hparams.root} has {key}={value!r}; fix the spec or use "
                     "that robot's dataset"
                 )
         missing = sorted(set(spec.cameras) - set(dm.cameras))
         if missing:
             raise ValueError(
-                f"embodiment spec {self.hparams.embodiment} names cameras {missing} that dataset "
+                f"embodiment spec {spec_file} names cameras {missing} that dataset "
                 f"{dm.hparams.root} does not have (it has {dm.cameras})"
             )
         policy = HybridPolicy.from_pretrained(self.hparams.base_policy)

@@ -36,7 +36,7 @@ def _config(tmp_path, base, dataset, max_steps):
     config = {
         "model": {
             "base_policy": str(base),
-            "embodiment": PANDA_SPEC,
+            "embodiment_spec": PANDA_SPEC,
             "lora": {"rank": 4, "alpha": 8},
             "warmup_steps": 1,
             "lr": 1e-2,
@@ -51,7 +51,11 @@ def _config(tmp_path, base, dataset, max_steps):
             "check_val_every_n_epoch": None,
             "num_sanity_val_steps": 0,
             "enable_progress_bar": False,
-            "logger": False,
+            # a logger, as the shipped config has: it merges module and data hparams
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "csv"},
+            },
             "default_root_dir": str(tmp_path),
             "callbacks": [
                 {
@@ -81,6 +85,7 @@ def finetuned(tiny_policy_dir, panda_dataset, tmp_path_factory):
         run = _hybrid("finetune", "--config", _config(tmp, base, panda_dataset[0], steps), *extra)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "parameters train" in run.stdout + run.stderr
+    assert list(tmp.glob("csv/version_*/metrics.csv")), "the CSV logger wrote no metrics"
     return base, tmp
 
 
