@@ -33,12 +33,14 @@ def load_config(directory: str | Path, name: str, what: str) -> dict:
 def atomic_directory(directory: str | Path) -> Iterator[Path]:
     """Yield a sibling temporary folder to fill. When the block ends normally it replaces
     `directory` (the old one is removed after the swap); on an error it is removed and `directory`
-    stays as it was."""
+    stays as it was. The result gets the permissions the umask gives new files and folders (a
+    temporary folder, and safetensors' own temporary files, would be private to the user)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         yield tmp
+        _apply_umask(tmp)
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             os.replace(directory, old)
@@ -46,3 +48,14 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_umask(root: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for folder, subfolders, files in os.walk(root):
+        for name in subfolders:
+            os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)

@@ -1,5 +1,8 @@
 """HybridPolicy on real Meta-World windows: knowledge insulation, mixed robots, save/load."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +104,11 @@ def test_save_load_identical_outputs(setup, tmp_path):
     policy.save_pretrained(tmp_path / "policy")
     policy.save_pretrained(tmp_path / "policy")  # overwriting is atomic too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"], "no temporary folders left"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp_path / "policy", *(tmp_path / "policy").rglob("*")]:
+        expected_mode = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected_mode, f"{path} is not as umask gives"
     loaded = HybridPolicy.from_pretrained(tmp_path / "policy").eval()
     assert loaded.embodiments == policy.embodiments and loaded.norm_stats == policy.norm_stats
     for key in policy.state_dict():
