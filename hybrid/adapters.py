@@ -145,9 +145,10 @@ class EmbodimentAdapters:
         for head in self.policy._heads().values():
             for param in (head.weight, head.bias):
                 param.requires_grad_(True)
-                mask = torch.zeros(param.shape[0], *[1] * (param.dim() - 1), device=param.device)
+                mask = torch.zeros(param.shape[0], *[1] * (param.dim() - 1))
                 mask[row] = 1
-                param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype))
+                # called before Lightning moves the model to its device: follow the gradient's
+                param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
                 heads.append(param)
         for param in lora:
             param.requires_grad_(True)
