@@ -66,26 +66,26 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=600)
     args = parser.parse_args()
-    trainer = [
-        *("--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision),
-        *("--trainer.logger", "false", "--trainer.callbacks", "null"),
-        "--trainer.enable_progress_bar=false",
-    ]
-    base = args.out / "base" / "policy"
+    base = args.out / "fit" / "policy"
+
+    def train(verb: str, config: str, data: str, steps: int, *model: str) -> float:
+        return hybrid(
+            verb, "--config", config, "--data.root", data, *model,
+            "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision,
+            "--trainer.logger", "false", "--trainer.callbacks", "null",
+            "--trainer.enable_progress_bar=false", "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(steps),
+            "--trainer.default_root_dir", str(args.out / verb),
+        )  # fmt: skip
+
     wall = {
-        "fit": hybrid(
-            "fit", "--config", "configs/quickstart.yaml", *trainer,
-            "--data.root", args.base_data, "--model.export_dir", str(base),
-            "--trainer.max_steps", str(args.fit_steps),
-            "--trainer.val_check_interval", str(args.fit_steps),
-            "--trainer.default_root_dir", str(args.out / "base"),
+        "fit": train(
+            "fit", "configs/quickstart.yaml", args.base_data, args.fit_steps,
+            "--model.export_dir", str(base),
         ),
-        "finetune": hybrid(
-            "finetune", "--config", "configs/finetune/panda.yaml", *trainer,
-            "--data.root", args.panda_data, "--model.base_policy", str(base),
-            "--trainer.max_steps", str(args.finetune_steps),
-            "--trainer.val_check_interval", str(args.finetune_steps),
-            "--trainer.default_root_dir", str(args.out / "finetune"),
+        "finetune": train(
+            "finetune", "configs/finetune/panda.yaml", args.panda_data, args.finetune_steps,
+            "--model.base_policy", str(base),
         ),
         "export --merge": hybrid(
             "export", "--policy", str(base), "--embodiment", "panda", "--merge",
