@@ -140,7 +140,7 @@ class EmbodimentAdapters:
         zero gradient (give the heads no weight decay, so their rows stay bit-identical)."""
         self.policy.requires_grad_(False)
         lora = [p for n, p in self.policy.named_parameters() if f".{name}." in n and "lora_" in n]
-        row = list(self.policy.embodiments).index(name)
+        (row,) = self.policy.embodiment_ids([name]).tolist()
         heads = []
         for head in self.policy._heads().values():
             for param in (head.weight, head.bias):
@@ -194,7 +194,6 @@ class EmbodimentAdapters:
                 f"{offered} (`hybrid finetune` writes adapters)"
             )
         record = json.loads(record_path.read_text())
-        _ = self.base_fingerprint
         if record["base_fingerprint"] != self.base_fingerprint:
             raise ValueError(
                 f"adapter {directory} was trained on a base with fingerprint "

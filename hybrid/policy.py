@@ -112,7 +112,7 @@ class HybridPolicy(nn.Module):
 
     def embodiment_rows(self, name: str) -> dict[str, torch.Tensor]:
         """The robot's own row of each per-embodiment parameter, by parameter name."""
-        row = list(self.embodiments).index(name)
+        (row,) = self.embodiment_ids([name]).tolist()
         return {
             f"{path}.{kind}": getattr(head, kind).data[row].clone()
             for path, head in self._heads().items()
@@ -120,7 +120,7 @@ class HybridPolicy(nn.Module):
         }
 
     def set_embodiment_rows(self, name: str, rows: dict[str, torch.Tensor]) -> None:
-        row = list(self.embodiments).index(name)
+        (row,) = self.embodiment_ids([name]).tolist()
         for path, head in self._heads().items():
             for kind in ("weight", "bias"):
                 param = getattr(head, kind)
@@ -134,7 +134,7 @@ class HybridPolicy(nn.Module):
 
     def keep_embodiments(self, names: list[str]) -> None:
         """Drop every robot not named (and its rows)."""
-        rows = [list(self.embodiments).index(n) for n in names]
+        rows = self.embodiment_ids(names).tolist()
         for head in self._heads().values():
             head.keep_rows(rows)
         self.embodiments = {n: self.embodiments[n] for n in names}
