@@ -74,25 +74,19 @@ class FinetuneModule(HybridModule):
         if self.policy is not None:
             return
         dm = self._datamodule(stage)
-        windows, spec, spec_file = dm.train_set, self.spec, self.hparams.embodiment_spec
-        episode = windows.episodes[0]
-        data = {
-            "name": windows.embodiment,
-            "state_dim": episode["state"].shape[1],
-            "action_dim": episode["actions"].shape[1],
-        }
-        for key, value in data.items():
-            if getattr(spec, key) != value:
+        spec, data, spec_file = self.spec, dm.embodiment_spec(), self.hparams.embodiment_spec
+        for key in ("name", "state_dim", "action_dim"):
+            if getattr(spec, key) != getattr(data, key):
                 raise ValueError(
                     f"embodiment spec {spec_file} says {key}={getattr(spec, key)!r} "
-                    f"but dataset {dm.hparams.root} has {key}={value!r}; fix the spec or use "
-                    "that robot's dataset"
+                    f"but dataset {dm.hparams.root} has {key}={getattr(data, key)!r}; fix the "
+                    "spec or use that robot's dataset"
                 )
-        missing = sorted(set(spec.cameras) - set(dm.cameras))
+        missing = sorted(set(spec.cameras) - set(data.cameras))
         if missing:
             raise ValueError(
                 f"embodiment spec {spec_file} names cameras {missing} that dataset "
-                f"{dm.hparams.root} does not have (it has {dm.cameras})"
+                f"{dm.hparams.root} does not have (it has {data.cameras})"
             )
         policy = HybridPolicy.from_pretrained(self.hparams.base_policy)
         for key, base_value in (

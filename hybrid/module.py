@@ -20,7 +20,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from hybrid.data.datamodule import HybridDataModule
-from hybrid.embodiment import EmbodimentSpec
 from hybrid.policy import HybridPolicy
 
 DEFAULT_WEIGHTS = {"lang": 1.0, "fast": 0.5, "world": 1.0, "value": 1.0, "action": 1.0, "vae": 1.0}
@@ -80,16 +79,10 @@ class HybridModule(L.LightningModule):
         if self.policy is not None:
             return
         dm = self._datamodule(stage)
-        windows = dm.train_set
-        spec = EmbodimentSpec(
-            name=windows.embodiment,
-            state_dim=windows.episodes[0]["state"].shape[1],
-            action_dim=windows.episodes[0]["actions"].shape[1],
-            cameras=dm.cameras,
-        )
+        spec = dm.embodiment_spec()
         self.policy = HybridPolicy.create(
-            windows.texts(),
-            windows.action_chunks(),
+            dm.train_set.texts(),
+            dm.train_set.action_chunks(),
             [spec],
             {spec.name: dm.norm_stats()},
             **(self.hparams.experts or {}),

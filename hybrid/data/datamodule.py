@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset
 from hybrid.data.normalize import Mode, Normalizer
 from hybrid.data.windows import ACTION_KEY, STATE_KEY, TrainingWindows
+from hybrid.embodiment import EmbodimentSpec
 
 
 def split_episodes(tasks: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -93,6 +94,16 @@ class HybridDataModule(L.LightningDataModule):
 
         self.dataset, self.cameras = dataset, cameras
         self.train_set, self.val_set = windows(train), windows(val)
+
+    def embodiment_spec(self) -> EmbodimentSpec:
+        """The robot this data is of: its name, state and action dims, and the cameras read."""
+        episode = self.train_set.episodes[0]
+        return EmbodimentSpec(
+            name=self.train_set.embodiment,
+            state_dim=episode["state"].shape[1],
+            action_dim=episode["actions"].shape[1],
+            cameras=self.cameras,
+        )
 
     def norm_stats(self) -> dict[str, dict[str, list[float]]]:
         """The statistics of state and actions, JSON-ready, as a policy stores them."""
