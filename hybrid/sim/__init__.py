@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from hybrid.embodiment import EmbodimentSpec
+
 SIMULATORS = {"metaworld": "sawyer", "panda": "panda"}  # simulator -> the robot it simulates
 
 
@@ -31,6 +33,20 @@ def simulator_for(embodiment: str) -> ModuleType:
     raise ValueError(
         f"no simulator for embodiment {embodiment!r}; simulated robots: "
         f"{', '.join(f'{r} ({s})' for s, r in SIMULATORS.items())}"
+    )
+
+
+def simulated_robot(
+    name: str, state_names: list[str], action_names: list[str], camera: str
+) -> EmbodimentSpec:
+    """The spec of a simulated robot: its adapter scales every action dim to [-1, 1]."""
+    return EmbodimentSpec(
+        name=name,
+        state_dim=len(state_names),
+        action_dim=len(action_names),
+        action_low=[-1.0] * len(action_names),
+        action_high=[1.0] * len(action_names),
+        cameras=[f"observation.images.{camera}"],
     )
 
 

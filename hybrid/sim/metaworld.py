@@ -19,8 +19,7 @@ from importlib import resources
 import numpy as np
 import yaml
 
-from hybrid.embodiment import EmbodimentSpec
-from hybrid.sim import expand_tasks
+from hybrid.sim import expand_tasks, simulated_robot
 from hybrid.sim.episode import Episode, record_rollout
 
 ROBOT_TYPE = "sawyer"
@@ -47,14 +46,7 @@ PRESETS = {
     ),
 }
 
-EMBODIMENT = EmbodimentSpec(
-    name=ROBOT_TYPE,
-    state_dim=len(STATE_NAMES),
-    action_dim=len(ACTION_NAMES),
-    action_low=[-1.0] * len(ACTION_NAMES),
-    action_high=[1.0] * len(ACTION_NAMES),
-    cameras=[f"observation.images.{DEFAULT_CAMERA}"],
-)
+EMBODIMENT = simulated_robot(ROBOT_TYPE, STATE_NAMES, ACTION_NAMES, DEFAULT_CAMERA)
 
 # Observation layout of every Meta-World v3 task (39 dims).
 _POINTS = {"hand": slice(0, 3), "object": slice(4, 7), "goal": slice(36, 39)}

@@ -22,8 +22,7 @@ from importlib import resources
 import numpy as np
 import yaml
 
-from hybrid.embodiment import EmbodimentSpec
-from hybrid.sim import expand_tasks
+from hybrid.sim import expand_tasks, simulated_robot
 from hybrid.sim.episode import Episode, record_rollout
 
 ROBOT_TYPE = "panda"
@@ -42,14 +41,7 @@ CAMERAS = {
 TARGET_RGBA = (0.9, 0.1, 0.1, 1.0)  # panda-gym draws cube and target in the same green
 PRESETS = {"all": ("reach", "push", "pick-and-place")}
 
-EMBODIMENT = EmbodimentSpec(
-    name=ROBOT_TYPE,
-    state_dim=len(STATE_NAMES),
-    action_dim=len(ACTION_NAMES),
-    action_low=[-1.0] * len(ACTION_NAMES),
-    action_high=[1.0] * len(ACTION_NAMES),
-    cameras=[f"observation.images.{DEFAULT_CAMERA}"],
-)
+EMBODIMENT = simulated_robot(ROBOT_TYPE, STATE_NAMES, ACTION_NAMES, DEFAULT_CAMERA)
 
 STEP_M = 0.05  # metres of end-effector displacement per unit action
 EXPERT_SPEED = 0.5  # the experts move at most half the robot's top speed: smoother demonstrations
