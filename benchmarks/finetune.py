@@ -15,9 +15,6 @@ parameters the fine-tune trains, the adapter's size on disk, and wall times on t
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
+from timed_cli import run_hybrid
 
 from hybrid.adapters import EmbodimentAdapters, adapter_dir
 from hybrid.collect import episode_seed
@@ -36,14 +34,8 @@ from hybrid.policy import HybridPolicy
 from hybrid.sim import panda
 
 
-def _run(*args) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "hybrid.cli", *map(str, args)], check=True)
-    return time.perf_counter() - start
-
-
 def _eval(policy: Path, out: Path, args) -> dict:
-    _run(
+    run_hybrid(
         "eval", "--policy", policy, "--embodiment", "panda", "--tasks", "all",
         "--episodes", args.episodes, "--max-steps", args.max_steps, "--out", out,
     )  # fmt: skip
@@ -129,17 +121,18 @@ def main() -> None:
             "configs/finetune/panda.yaml", args.out, args.out / "lora", args.data, args.steps,
             base_policy=str(base),
         )  # fmt: skip
-        wall_lora = _run("finetune", "--config", config)
+        wall_lora = run_hybrid("finetune", "--config", config)
         # (b) the same budget from scratch
         config = _config(
             "configs/quickstart.yaml", args.out, args.out / "scratch_run", args.data, args.steps,
             export_dir=str(args.out / "scratch"),
         )  # fmt: skip
-        wall_scratch = _run("fit", "--config", config)
+        wall_scratch = run_hybrid("fit", "--config", config)
     # (c) the base with the panda's rows, untrained
     data = HybridDataModule(str(args.data), chunk_size=16, future_offset=16)
     data.setup("fit")
     unadapted = HybridPolicy.from_pretrained(base)
+    base_params = sum(p.numel() for p in unadapted.parameters())
     unadapted.add_embodiment(
         EmbodimentSpec.from_yaml("configs/embodiment/panda.yaml"), data.norm_stats()
     )
@@ -164,12 +157,10 @@ def main() -> None:
     adapter = adapter_dir(base, "panda")
     lora_params = _numel(adapter / "adapter_model.safetensors")
     head_params = _numel(adapter / "embodiment_heads.safetensors")
-    base_params = sum(p.numel() for p in HybridPolicy.from_pretrained(base).parameters())
     adapter_bytes = sum(f.stat().st_size for f in adapter.iterdir())
 
-    zero = _zero_action(list(next(iter(results.values()))["tasks"]), args)
-
     tasks = list(next(iter(results.values()))["tasks"])
+    zero = _zero_action(tasks, args)
     table = Table(
         title=f"panda: {demos} demonstrations, {args.steps} steps, "
         f"{args.episodes} eval episodes per task"

@@ -12,7 +12,6 @@ Wall times include process start and one validation each.
 """
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from timed_cli import run_hybrid
 
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
@@ -29,13 +29,6 @@ ROBOTS = {  # name -> (camera, state dim, instruction)
     "panda": ("observation.images.front", 7, "push the cube to the red target"),
     "sawyer": ("observation.images.corner", 4, "push the puck to the goal"),
 }
-
-
-def hybrid(*args: str) -> float:
-    """Run a `hybrid` verb in a fresh process; its wall time in seconds."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "hybrid.cli", *args], check=True)
-    return time.perf_counter() - start
 
 
 def observation(robot: str) -> Observation:
@@ -69,7 +62,7 @@ def main() -> None:
     base = args.out / "fit" / "policy"
 
     def train(verb: str, config: str, data: str, steps: int, *model: str) -> float:
-        return hybrid(
+        return run_hybrid(
             verb, "--config", config, "--data.root", data, *model,
             "--trainer.accelerator", args.accelerator, "--trainer.precision", args.precision,
             "--trainer.logger", "false", "--trainer.callbacks", "null",
@@ -87,7 +80,7 @@ def main() -> None:
             "finetune", "configs/finetune/panda.yaml", args.panda_data, args.finetune_steps,
             "--model.base_policy", str(base),
         ),
-        "export --merge": hybrid(
+        "export --merge": run_hybrid(
             "export", "--policy", str(base), "--embodiment", "panda", "--merge",
             "--out", str(args.out / "merged"),
         ),
