@@ -2,6 +2,8 @@
 attempts each), made once per test session by the same code path as `hybrid collect`."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -13,6 +15,21 @@ from hybrid.collect import collect  # noqa: E402
 
 MT10_EPISODES = 2
 PANDA_EPISODES = 2
+
+
+@pytest.fixture(scope="session")
+def hybrid_cli():
+    """`hybrid_cli(*args)` runs `hybrid <args>` in a fresh process and returns the completed
+    process, output captured: wide, so rich does not wrap it, and one OpenMP thread."""
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+
+    def run(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "hybrid.cli", *map(str, args)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+
+    return run
 
 
 @pytest.fixture(scope="session")

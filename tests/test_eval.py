@@ -1,28 +1,18 @@
 """`hybrid eval` end to end: a real policy in the real simulator, results and a playable video."""
 
 import json
-import os
-import subprocess
-import sys
 
 import av
 import pytest
 
-ENV = {**os.environ, "COLUMNS": "200"}
-
-
-def _eval(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "hybrid.cli", "eval", *map(str, args)],
-        capture_output=True, text=True, env=ENV, timeout=600,
-    )  # fmt: skip
-
 
 @pytest.mark.slow
-def test_eval_one_episode_writes_results_and_a_playable_video(tiny_policy_dir, tmp_path):
-    run = _eval(
-        "--policy", tiny_policy_dir, "--tasks", "reach-v3", "--episodes", 1, "--max-steps", 20,
-        "--workers", 1, "--out", tmp_path, "--video", "--num-candidates", 2,
+def test_eval_one_episode_writes_results_and_a_playable_video(
+    tiny_policy_dir, tmp_path, hybrid_cli
+):
+    run = hybrid_cli(
+        "eval", "--policy", tiny_policy_dir, "--tasks", "reach-v3", "--episodes", 1,
+        "--max-steps", 20, "--workers", 1, "--out", tmp_path, "--video", "--num-candidates", 2,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "closed-loop evaluation" in run.stdout and "amortised per chunk" in run.stdout
@@ -38,6 +28,6 @@ def test_eval_one_episode_writes_results_and_a_playable_video(tiny_policy_dir, t
     assert frames[0].shape == (96, 288, 3), "camera | imagined subgoal | text"
 
 
-def test_eval_rejects_a_directory_that_is_no_policy(tmp_path):
-    run = _eval("--policy", tmp_path, "--tasks", "reach-v3", "--out", tmp_path / "out")
+def test_eval_rejects_a_directory_that_is_no_policy(tmp_path, hybrid_cli):
+    run = hybrid_cli("eval", "--policy", tmp_path, "--tasks", "reach-v3", "--out", tmp_path / "out")
     assert run.returncode == 2 and "not a policy directory" in run.stdout

@@ -2,10 +2,7 @@
 trained on Meta-World, the adapter registry, switching robots, plain peft, merging, and eval."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,15 +18,7 @@ from hybrid.policy import HybridPolicy
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
 
-ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 PANDA_SPEC = str(Path("configs/embodiment/panda.yaml").resolve())
-
-
-def _hybrid(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "hybrid.cli", *map(str, args)],
-        capture_output=True, text=True, env=ENV, timeout=600,
-    )  # fmt: skip
 
 
 def _config(tmp_path, base, dataset, max_steps):
@@ -75,14 +64,16 @@ def _config(tmp_path, base, dataset, max_steps):
 
 
 @pytest.fixture(scope="module")
-def finetuned(tiny_policy_dir, panda_dataset, tmp_path_factory):
+def finetuned(tiny_policy_dir, panda_dataset, tmp_path_factory, hybrid_cli):
     """A copy of the Meta-World base, fine-tuned for the panda in two runs: 3 steps, then resumed
     from `last` to 6. Returns (base directory with its adapter, run directory)."""
     tmp = tmp_path_factory.mktemp("finetune")
     base = tmp / "policy"
     shutil.copytree(tiny_policy_dir, base)
     for steps, extra in ((3, []), (6, ["--ckpt_path", "last"])):
-        run = _hybrid("finetune", "--config", _config(tmp, base, panda_dataset[0], steps), *extra)
+        run = hybrid_cli(
+            "finetune", "--config", _config(tmp, base, panda_dataset[0], steps), *extra
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "parameters train" in run.stdout + run.stderr
     assert list(tmp.glob("csv/version_*/metrics.csv")), "the CSV logger wrote no metrics"
@@ -200,9 +191,13 @@ def test_spec_that_disagrees_with_the_dataset_is_named(tiny_policy_dir, panda_da
         trainer.fit(module, data)
 
 
-def test_export_merge_writes_a_standalone_policy_that_acts_like_the_adapter(finetuned, tmp_path):
+def test_export_merge_writes_a_standalone_policy_that_acts_like_the_adapter(
+    finetuned, tmp_path, hybrid_cli
+):
     base, _ = finetuned
-    run = _hybrid("export", "--policy", base, "--embodiment", "panda", "--merge", "--out", tmp_path)
+    run = hybrid_cli(
+        "export", "--policy", base, "--embodiment", "panda", "--merge", "--out", tmp_path
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     merged = HybridPolicy.from_pretrained(tmp_path)
     assert list(merged.embodiments) == ["panda"]
@@ -212,14 +207,14 @@ def test_export_merge_writes_a_standalone_policy_that_acts_like_the_adapter(fine
     )
     standalone = _actions(HybridPlanner.from_pretrained(tmp_path, num_candidates=2), PANDA)
     np.testing.assert_allclose(standalone, adapted, atol=1e-4)
-    run = _hybrid("export", "--policy", base, "--embodiment", "ur5", "--out", tmp_path / "x")
+    run = hybrid_cli("export", "--policy", base, "--embodiment", "ur5", "--out", tmp_path / "x")
     assert run.returncode == 2 and "'ur5'" in run.stdout and "panda" in run.stdout
 
 
 @pytest.mark.slow
-def test_eval_runs_the_panda_through_its_adapter(finetuned, tmp_path):
+def test_eval_runs_the_panda_through_its_adapter(finetuned, tmp_path, hybrid_cli):
     base, _ = finetuned
-    run = _hybrid(
+    run = hybrid_cli(
         "eval", "--policy", base, "--embodiment", "panda", "--tasks", "reach", "--episodes", 1,
         "--max-steps", 10, "--workers", 1, "--num-candidates", 2, "--out", tmp_path,
     )  # fmt: skip
