@@ -1,61 +1,69 @@
 """Closed-loop success of the planner's ablation modes on the same trained policy, beside a
-zero-action baseline. Prints numbers; asserts nothing.
+zero-action baseline, with 95% Wilson intervals. Prints numbers; asserts nothing.
 
-    python benchmarks/ablation.py --policy outputs/quickstart/policy --episodes 5
+    python benchmarks/ablation.py --policy outputs/quickstart/policy --episodes 20 \
+        --readme README.md --out outputs/quickstart/ablation.json
 
-Modes: full (K candidates scored), K = 1 (no scoring), flat (no visual subgoal), no language
-subgoal (the instruction stands in). Task configurations come from --seed, which differs from
-the seeds of the training data.
+Modes: full (K candidates scored), K = 1 (no scoring), flat (no visual subgoal for the action
+expert), no language subgoal (the instruction stands in). Each switch changes one thing: the
+refresh rule is the same in every mode (`planners/schedule.py`). Task configurations come from
+--seed, which differs from the seeds of the training data. `--readme` rewrites the README's
+`ablation` table between its markers.
 """
 
 import argparse
+import json
 import tempfile
+from pathlib import Path
 
 import numpy as np
+from readme import markdown_table, write_figure
 from rich.console import Console
-from rich.table import Table
 
 from hybrid.collect import episode_seed
 from hybrid.evaluate import evaluate
+from hybrid.intervals import format_rate
 from hybrid.sim import metaworld
 
 QUICKSTART = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3"]
 MODES = {
-    "full (K=8)": {"num_candidates": 8},
+    "full (K=8, scored)": {"num_candidates": 8},
     "K=1, no scoring": {"num_candidates": 1},
     "flat: no visual subgoal": {"visual_subgoal": False},
     "no language subgoal": {"language_subgoal": False},
 }
 
 
-def zero_action_success(task: str, episodes: int, seed: int, max_steps: int) -> float:
-    env = metaworld.MetaWorldEnv(task, "corner", 32, seed)
-    successes = []
+def zero_action_successes(task: str, episodes: int, seed: int, max_steps: int) -> int:
+    env = metaworld.MetaWorldEnv(task, image_size=32, seed=seed)
+    successes = 0
     for episode in range(episodes):
         env.reset(episode_seed(seed, task, episode))
-        success = False
         for _ in range(max_steps):
             _, success = env.step(np.zeros(4, np.float32))
             if success:
+                successes += 1
                 break
-        successes.append(success)
     env.close()
-    return float(np.mean(successes))
+    return successes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", required=True)
     parser.add_argument("--tasks", nargs="+", default=QUICKSTART)
-    parser.add_argument("--episodes", type=int, default=5)
+    parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--readme", help="rewrite this README's `ablation` table")
+    parser.add_argument("--out", help="write every count to this JSON file")
     args = parser.parse_args()
     console = Console()
     tasks = metaworld.resolve_tasks(args.tasks)
-    rows = {}
-    for mode, switches in MODES.items():
+    counts: dict[str, list[int]] = {}  # mode -> successes per task
+    for mode in args.modes:
         with tempfile.TemporaryDirectory() as out:
             summary = evaluate(
                 args.policy,
@@ -65,21 +73,33 @@ def main() -> None:
                 seed=args.seed,
                 max_steps=args.max_steps,
                 workers=args.workers,
-                planner=switches,
+                planner=MODES[mode],
                 console=Console(quiet=True),
             )
-        rows[mode] = [summary["tasks"][t]["success_rate"] for t in tasks]
-        rows[mode].append(summary["mean_success_rate"])
-        console.print(f"{mode}: mean success {summary['mean_success_rate']:.0%}")
-    zero = [zero_action_success(t, args.episodes, args.seed, args.max_steps) for t in tasks]
-    rows["zero action"] = [*zero, float(np.mean(zero))]
-    table = Table(title=f"success over {args.episodes} episodes per task (seed {args.seed})")
-    table.add_column("mode")
-    for task in [*tasks, "mean"]:
-        table.add_column(task.removesuffix("-v3"), justify="right")
-    for mode, values in rows.items():
-        table.add_row(mode, *(f"{v:.0%}" for v in values))
+        counts[mode] = [summary["tasks"][t]["successes"] for t in tasks]
+        rate = format_rate(sum(counts[mode]), args.episodes * len(tasks))
+        console.print(f"{mode}: mean success {rate}")
+    counts["zero action"] = [
+        zero_action_successes(t, args.episodes, args.seed, args.max_steps) for t in tasks
+    ]
+    n = args.episodes
+    header = ["mode", *(t.removesuffix("-v3") for t in tasks), "mean"]
+    rows = [
+        [
+            mode,
+            *(format_rate(c, n) for c in per_task),
+            f"**{format_rate(sum(per_task), n * len(tasks))}**",
+        ]
+        for mode, per_task in counts.items()
+    ]
+    table = markdown_table(header, rows)
+    console.print(f"success over {n} episodes per task (seed {args.seed}), 95% Wilson intervals")
     console.print(table)
+    if args.readme:
+        write_figure(args.readme, "ablation", table)
+    if args.out:
+        record = {"episodes": n, "seed": args.seed, "tasks": tasks, "successes": counts}
+        Path(args.out).write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

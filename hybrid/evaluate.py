@@ -23,10 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from hybrid.collect import episode_seed
+from hybrid.intervals import format_rate, wilson_interval
 from hybrid.sim import simulator_for
 from hybrid.types import Observation
 
-TIERS = ("features", "progress", "subgoal", "imagine", "score", "decode", "action")
+TIERS = ("encode", "subgoal", "features", "imagine", "score", "decode", "action")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class EpisodeResult:
     steps: int
     timings_ms: list[dict[str, float]]
     subgoals: list[str]
+    refreshes: int
     video: str | None
 
 
@@ -105,7 +107,7 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     instruction = sim.task_language()[task].instruction
     obs = env.reset(episode_seed(config.seed, task, episode))
     planner.reset()
-    timings, subgoals, frames, success, steps = [], [], [], False, 0
+    timings, subgoals, frames, success, steps, refreshes = [], [], [], False, 0, 0
     chosen = None  # the visual subgoal in force: the schedule does not imagine every chunk
     while steps < config.max_steps and not success:
         steps += 1
@@ -115,6 +117,7 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
         if planned:
             timings.append(planner.last_plan.timings_ms)
             subgoals.append(planner.last_plan.subgoal)
+            refreshes += planner.last_plan.subgoal_refreshed
             if planner.last_plan.chosen_image is not None:
                 chosen = planner.last_plan.chosen_image
         if config.video_dir:
@@ -129,18 +132,22 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
         encode_video(np.stack(frames), tmp, fps=20)
         os.replace(tmp, path)
         video = str(path)
-    return EpisodeResult(task, episode, success, steps, timings, subgoals, video)
+    return EpisodeResult(task, episode, success, steps, timings, subgoals, refreshes, video)
 
 
 def _summarise(config: EvalConfig, results: list[EpisodeResult], seconds: float) -> dict:
     per_task = {}
     for task in config.tasks:
         rows = [r for r in results if r.task == task]
+        successes = sum(r.success for r in rows)
         per_task[task] = {
-            "success_rate": float(np.mean([r.success for r in rows])),
+            "success_rate": successes / len(rows),
+            "successes": successes,
+            "ci95": wilson_interval(successes, len(rows)),
             "mean_steps": float(np.mean([r.steps for r in rows])),
             "episodes": len(rows),
         }
+    successes = sum(r.success for r in results)
     plans = [t for r in results for t in r.timings_ms]
     latency = {}
     for tier in TIERS:
@@ -155,6 +162,11 @@ def _summarise(config: EvalConfig, results: list[EpisodeResult], seconds: float)
         "config": asdict(config),
         "tasks": per_task,
         "mean_success_rate": float(np.mean([row["success_rate"] for row in per_task.values()])),
+        # every task runs the same number of episodes, so the pooled interval is the mean's
+        "successes": successes,
+        "episodes_total": len(results),
+        "mean_ci95": wilson_interval(successes, len(results)),
+        "subgoal_refreshes_per_chunk": sum(r.refreshes for r in results) / max(len(plans), 1),
         "latency": latency,
         "amortised_ms_per_chunk": float(np.mean([sum(t.values()) for t in plans])),
         "chunks": len(plans),
@@ -207,7 +219,8 @@ def evaluate(
         seed=seed,
         max_steps=max_steps,
         video_dir=str(video_dir) if video_dir else None,
-        planner=planner or {},
+        # nothing reads the imagined pixels unless a video shows them
+        planner={"decode_candidates": video, **(planner or {})},
     )
     jobs = [(task, i) for task in config.tasks for i in range(episodes)]
     start, results = time.perf_counter(), []
@@ -248,14 +261,22 @@ def _map(config: EvalConfig, jobs: list, workers: int):
 
 def print_summary(summary: dict, console: Console) -> None:
     table = Table(title="closed-loop evaluation")
-    for column in ("task", "success", "mean steps", "episodes"):
+    for column in ("task", "success [95% CI]", "mean steps", "episodes"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, row in summary["tasks"].items():
         table.add_row(
-            task, f"{row['success_rate']:.0%}", f"{row['mean_steps']:.0f}", str(row["episodes"])
+            task,
+            format_rate(row["successes"], row["episodes"]),
+            f"{row['mean_steps']:.0f}",
+            str(row["episodes"]),
         )
     table.add_section()
-    table.add_row("mean", f"{summary['mean_success_rate']:.0%}", "", "")
+    table.add_row(
+        "mean",
+        format_rate(summary["successes"], summary["episodes_total"]),
+        "",
+        str(summary["episodes_total"]),
+    )
     console.print(table)
     latency = Table(title="latency per tier (ms; runs per chunk: how often the schedule ran it)")
     for column in ("tier", "p50", "p95", "runs per chunk"):
@@ -266,4 +287,7 @@ def print_summary(summary: dict, console: Console) -> None:
         )
     latency.add_section()
     latency.add_row("amortised per chunk", f"{summary['amortised_ms_per_chunk']:.1f}", "", "")
+    latency.add_row(
+        "language subgoal refreshes", "", "", f"{summary['subgoal_refreshes_per_chunk']:.2f}"
+    )
     console.print(latency)
