@@ -205,7 +205,10 @@ def _write_dataset(sim, config: CollectConfig, out: Path, staging: Path, console
                     kept += 1
                     frames += int(staged["length"])
             per_task[task] = {"kept": kept, "attempted": config.episodes_per_task, "frames": frames}
-        writer.finish(names={"observation.state": sim.STATE_NAMES, "action": sim.ACTION_NAMES})
+        writer.finish(
+            names={"observation.state": sim.STATE_NAMES, "action": sim.ACTION_NAMES},
+            cameras={f"observation.images.{config.camera}": sim.camera_info(config.camera)},
+        )
     return {
         "simulator": config.simulator,
         "tasks": per_task,

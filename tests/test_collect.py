@@ -70,7 +70,7 @@ def test_sigkill_midway_then_rerun_yields_exactly_the_requested_episodes(tmp_pat
         ep = ds.episode(i)
         assert meta["episode_index"] == i
         assert np.array_equal(ep["frame_index"], np.arange(meta["length"]))
-        assert ds.camera_frames(i, "observation.images.corner").shape[0] == meta["length"]
+        assert ds.camera_frames(i, "observation.images.front").shape[0] == meta["length"]
         assert ep["progress"][-1] == pytest.approx(1.0)
     # Episodes are reproducible: an uninterrupted run gives the very same data.
     clean = tmp_path / "clean"

@@ -11,7 +11,7 @@ from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset
 from hybrid.data.lerobot_writer import EpisodeData, LeRobotWriter
 from hybrid.sim.metaworld import PRESETS, task_language
 
-CAMERA = "observation.images.corner"
+CAMERA = "observation.images.front"
 
 
 def test_collection_reads_back_with_shapes_dtypes_and_language(mt10_dataset):

@@ -76,3 +76,42 @@ def test_expert_rollout_is_reproducible_and_rendered():
     assert a.images.shape[1:] == (48, 48, 3) and a.images.dtype == np.uint8
     assert np.abs(a.actions).max() <= 1.0
     assert list(np.unique(a.phases)) == [0, 1, 2, 3]
+
+
+def _pixels_of(env: MetaWorldEnv, size: int) -> tuple[int, int]:
+    """Pixels the task's object (body `obj`) and its goal marker (site `goal`) cover in the
+    env's camera at `size` px, from MuJoCo's segmentation rendering."""
+    import mujoco
+
+    model, data = env.env.unwrapped.model, env.env.unwrapped.data
+    renderer = mujoco.Renderer(model, size, size)
+    renderer.enable_segmentation_rendering()
+    renderer.update_scene(data, camera=env.mujoco_camera)
+    ids, types = np.moveaxis(renderer.render(), -1, 0)
+    renderer.close()
+    body = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "obj")
+    geoms = [g for g in range(model.ngeom) if model.geom_bodyid[g] == body]
+    site = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "goal")
+    obj = np.isin(ids, geoms) & (types == mujoco.mjtObj.mjOBJ_GEOM)
+    goal = (ids == site) & (types == mujoco.mjtObj.mjOBJ_SITE)
+    return int(obj.sum()), int(goal.sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["push-v3", "pick-place-v3"])
+def test_the_default_camera_sees_the_object_and_its_goal(task):
+    """At 64 px, the placed `front` camera shows the puck and the goal marker over many pixels,
+    where Meta-World's stock `corner` view gives them a few."""
+    counts = {}
+    for camera in ("front", "corner"):
+        env = MetaWorldEnv(task, camera=camera, image_size=64)
+        try:
+            env.reset(seed=5)
+            frame = env.render()
+            counts[camera] = _pixels_of(env, 64)
+        finally:
+            env.close()
+        assert frame.shape == (64, 64, 3) and frame.any()
+    obj, goal = counts["front"]
+    assert obj >= 9 and goal >= 9, counts
+    assert counts["corner"][0] <= 5 and counts["corner"][1] <= 5, counts

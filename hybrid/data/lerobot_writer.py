@@ -207,8 +207,11 @@ class LeRobotWriter:
         _replace(writer.path, self._video_paths.pop(key))
         self._video_file[key] += 1
 
-    def finish(self, names: dict[str, list[str]] | None = None) -> None:
-        """Write the remaining files and the metadata; `names` labels vector features' dims."""
+    def finish(
+        self, names: dict[str, list[str]] | None = None, cameras: dict[str, dict] | None = None
+    ) -> None:
+        """Write the remaining files and the metadata; `names` labels vector features' dims,
+        `cameras` adds to a video feature's `info` how its camera is placed."""
         import pandas as pd
 
         if not self.episodes:
@@ -218,6 +221,8 @@ class LeRobotWriter:
             self._close_video(key)
         for key, dims in (names or {}).items():
             self.features[key]["names"] = dims
+        for key, placement in (cameras or {}).items():
+            self.features[key].setdefault("info", {}).update(placement)
 
         def write_parquet(frame: pd.DataFrame, relative: str) -> None:
             path = self.root / relative

@@ -6,6 +6,7 @@ Each adapter module offers the same names, so collection and evaluation take any
     make_env(task, camera, image_size, seed) -> env with reset(seed), step(action) ->
         (obs, success), render() -> (S, S, 3) uint8, close()
     policy_state(obs) -> the robot's state vector, rollout_expert(env, seed) -> Episode
+    camera_info(camera) -> how the camera is placed (stored in the dataset's info.json)
 """
 
 from __future__ import annotations

@@ -27,9 +27,25 @@ FPS = 80  # Meta-World steps at dt = 0.0125 s
 STATE_NAMES = ["ee_x", "ee_y", "ee_z", "gripper"]
 ACTION_NAMES = ["dx", "dy", "dz", "grip"]
 MAX_EPISODE_STEPS = 500
-DEFAULT_CAMERA = "corner"
-CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
-# These cameras render rotated by 180 degrees; flipping both image axes makes them upright.
+# Our own cameras, placed over the workspace: name -> (position, point looked at, vertical field
+# of view in degrees), in world metres. Meta-World's stock views see the table from afar: at 64 px
+# the push puck covers ~4 pixels from `corner`, ~14 from `front` (28 at 96 px), and its goal
+# marker ~1 against ~12. `front` faces the robot from across the table, so the gripper never hides
+# the object it approaches. Each placement re-poses the stock `corner2` camera in this env's model.
+PLACED_CAMERAS = {"front": ((0.0, 1.25, 0.65), (0.0, 0.62, 0.08), 50.0)}
+_PLACED_SLOT = "corner2"
+DEFAULT_CAMERA = "front"
+CAMERAS = (
+    *PLACED_CAMERAS,
+    "corner",
+    "corner2",
+    "corner3",
+    "corner4",
+    "topview",
+    "behindGripper",
+    "gripperPOV",
+)
+# These stock cameras render rotated by 180 degrees; flipping both image axes makes them upright.
 ROTATED_CAMERAS = frozenset({"corner", "corner2", "corner3", "corner4"})
 PRESETS = {
     "mt10": (
@@ -120,6 +136,46 @@ def _check_camera(camera: str) -> None:
         raise ValueError(f"unknown Meta-World camera {camera!r}; valid: {', '.join(CAMERAS)}")
 
 
+def camera_info(camera: str) -> dict:
+    """How `camera` is placed, as recorded with its video feature in the dataset's info.json."""
+    if camera not in PLACED_CAMERAS:
+        return {"camera.name": camera, "camera.placement": "Meta-World's stock camera"}
+    position, target, fovy = PLACED_CAMERAS[camera]
+    return {
+        "camera.name": camera,
+        "camera.position": list(position),
+        "camera.look_at": list(target),
+        "camera.fovy": fovy,
+    }
+
+
+def look_at(position, target) -> np.ndarray:
+    """MuJoCo camera quaternion (w, x, y, z) that looks from `position` at `target`, z up. A
+    MuJoCo camera looks along its -z axis with +y up in the image."""
+    import mujoco
+
+    position, target = np.asarray(position, float), np.asarray(target, float)
+    forward = (target - position) / np.linalg.norm(target - position)
+    right = np.cross(forward, (0.0, 0.0, 1.0))
+    right /= np.linalg.norm(right)
+    up = np.cross(right, forward)
+    quat = np.zeros(4)
+    mujoco.mju_mat2Quat(quat, np.stack([right, up, -forward], axis=1).reshape(-1))
+    return quat
+
+
+def _place_camera(model, name: str) -> str:
+    """Pose the slot camera as the placed camera `name`; returns the MuJoCo camera to render."""
+    import mujoco
+
+    position, target, fovy = PLACED_CAMERAS[name]
+    slot = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, _PLACED_SLOT)
+    model.cam_pos[slot] = position
+    model.cam_quat[slot] = look_at(position, target)
+    model.cam_fovy[slot] = fovy
+    return _PLACED_SLOT
+
+
 class MetaWorldEnv:
     """One Meta-World v3 task with fast offscreen rendering and upright frames.
 
@@ -128,7 +184,9 @@ class MetaWorldEnv:
     call `close()` before making the next (an old renderer collected late blanks the new one).
     """
 
-    def __init__(self, task: str, camera: str = "corner", image_size: int = 96, seed: int = 0):
+    def __init__(
+        self, task: str, camera: str = DEFAULT_CAMERA, image_size: int = 96, seed: int = 0
+    ):
         os.environ.setdefault("MUJOCO_GL", "egl")
         import gymnasium as gym
         import metaworld  # noqa: F401  (registers the Meta-World environments)
@@ -136,16 +194,19 @@ class MetaWorldEnv:
 
         _check_camera(camera)
         self.task, self.camera = task, camera
+        self.mujoco_camera = _PLACED_SLOT if camera in PLACED_CAMERAS else camera
         self.env = gym.make(
             "Meta-World/MT1",
             env_name=task,
             seed=seed,
             disable_env_checker=True,
             render_mode="rgb_array",
-            camera_name=camera,
+            camera_name=self.mujoco_camera,
             width=image_size,
             height=image_size,
         )
+        if camera in PLACED_CAMERAS:
+            _place_camera(self.env.unwrapped.model, camera)
         self.env.unwrapped.model.vis.quality.offsamples = 0
         viewer = self.env.unwrapped.mujoco_renderer._get_viewer("rgb_array")
         viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0

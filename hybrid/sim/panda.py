@@ -38,6 +38,13 @@ CAMERAS = {
     "side": {"target": (0.0, 0.0, 0.05), "distance": 0.6, "yaw": 0.0, "pitch": -30.0},
     "top": {"target": (0.0, 0.0, 0.0), "distance": 0.6, "yaw": 90.0, "pitch": -89.0},
 }
+
+
+def camera_info(camera: str) -> dict:
+    """How `camera` is placed, as recorded with its video feature in the dataset's info.json."""
+    return {"camera.name": camera, **{f"camera.{k}": v for k, v in CAMERAS[camera].items()}}
+
+
 TARGET_RGBA = (0.9, 0.1, 0.1, 1.0)  # panda-gym draws cube and target in the same green
 PRESETS = {"all": ("reach", "push", "pick-and-place")}
 
