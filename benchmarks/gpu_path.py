@@ -27,7 +27,7 @@ from planners.hierarchical import HybridPlanner
 
 ROBOTS = {  # name -> (camera, state dim, instruction)
     "panda": ("observation.images.front", 7, "push the cube to the red target"),
-    "sawyer": ("observation.images.corner", 4, "push the puck to the goal"),
+    "sawyer": ("observation.images.front", 4, "push the puck to the goal"),
 }
 
 

@@ -1,9 +1,11 @@
-"""The action expert: a flow-matching transformer that turns state, the chosen visual subgoal and
-the VLM's features into an action chunk.
+"""The action expert: a flow-matching transformer that turns state, the current camera frames, the
+chosen visual subgoal and the VLM's features into an action chunk.
 
 Tokens, in the order they are attended:
-    context  [VLM prefix features (B, L, D_vlm), visual-subgoal latent patches]  (B, L + P, hidden)
-    suffix   [state token, H noisy action tokens]                               (B, 1 + H, hidden)
+    context  [VLM prefix features (B, L, D_vlm), current-frame tokens (B, I, hidden) from its own
+              CNN (`experts.image_encoder`), visual-subgoal latent patches (B, P, ...)]
+                                                                        (B, L + I + P, hidden)
+    suffix   [state token, H noisy action tokens]                       (B, 1 + H, hidden)
 The suffix attends to the context and to itself (bidirectionally); the context attends to nothing
 here, so its keys and values are computed once per sample and reused at every flow step.
 Knowledge insulation: the VLM features pass through a stop-gradient here, so the action loss never
@@ -24,6 +26,7 @@ from torch import nn
 
 from experts.embodiment_heads import EmbodimentLinear, StateEncoder
 from experts.flow_matching import TIMESTEP_SCALE, euler_sample, flow_loss, interpolate, sample_time
+from experts.image_encoder import ImageEncoder, random_shift
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -76,7 +79,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
     # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert).
     LORA_TARGETS = (
         r"blocks\.\d+\.(qkv|context_kv_proj|attn_out|mlp\.0|mlp\.2)"
-        r"|vlm_in|visual_in|state_in\.out\.1"
+        r"|vlm_in|visual_in|state_in\.out\.1|image_in\.proj"
     )
 
     @register_to_config
@@ -93,7 +96,14 @@ class ActionExpert(ModelMixin, ConfigMixin):
         hidden: int = 128,
         num_layers: int = 3,
         num_heads: int = 4,
+        image_size: int | None = 96,
+        num_cameras: int = 1,
+        image_channels: tuple[int, ...] = (32, 64, 128),
+        image_shift: int = 4,
     ):
+        """`image_size` is the side at which the expert sees the current frames (None: it sees
+        them only through the VLM's features); `image_shift` the random-shift augmentation of
+        those frames in training, in pixels of the frames as given."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
@@ -107,6 +117,11 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.vlm_in = nn.Linear(vlm_dim, hidden)
         self.visual_in = nn.Linear(latent_channels * latent_patch**2, hidden)
         self.visual_pos = nn.Parameter(torch.zeros(1, num_patches, hidden))
+        self.image_in = (
+            None
+            if image_size is None
+            else ImageEncoder(hidden, image_size, num_cameras, tuple(image_channels))
+        )
         self.time_proj = Timesteps(hidden, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(hidden, hidden)
         self.blocks = nn.ModuleList(Block(hidden, num_heads) for _ in range(num_layers))
@@ -118,12 +133,17 @@ class ActionExpert(ModelMixin, ConfigMixin):
         nn.init.normal_(self.suffix_pos, std=0.02)
         nn.init.normal_(self.visual_pos, std=0.02)
 
-    def _context(self, vlm_features, vlm_mask, visual_latent, visual_keep=None):
+    def _context(self, vlm_features, vlm_mask, images, visual_latent, visual_keep=None):
         """Per block, the context keys and values, and the attention mask over [context; suffix]
-        (B, 1, 1, L [+ P] + 1 + H); `visual_keep` (B,) bool hides the visual subgoal from the
-        samples where it is False. The stop-gradient of knowledge insulation lives here."""
+        (B, 1, 1, L [+ I] [+ P] + 1 + H); `visual_keep` (B,) bool hides the visual subgoal from
+        the samples where it is False. The stop-gradient of knowledge insulation lives here."""
         tokens = [self.vlm_in(vlm_features.detach())]
         masks = [vlm_mask]
+        if self.image_in is not None:
+            if images is None:
+                raise ValueError("this action expert sees the current frames: pass `images`")
+            tokens.append(self.image_in(images))
+            masks.append(vlm_mask.new_ones(tokens[-1].shape[:2]))
         if visual_latent is not None:
             p = self.config.latent_patch
             patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
@@ -161,14 +181,20 @@ class ActionExpert(ModelMixin, ConfigMixin):
         embodiment_ids: torch.Tensor,
         vlm_features: torch.Tensor,
         vlm_mask: torch.Tensor,
+        images: torch.Tensor | None,
         visual_latent: torch.Tensor | None,
         visual_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow-matching loss on normalised actions (B, H, max_action_dim), masked over padded
-        steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim).
+        steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim). `images`
+        (B, N, 3, S, S) in [0, 1] are the current frames, randomly shifted here.
         `visual_keep` (B,) bool drops the visual subgoal for some samples (condition dropout), so
         the expert also learns to act without it."""
-        context_kv, context_mask = self._context(vlm_features, vlm_mask, visual_latent, visual_keep)
+        if images is not None:
+            images = random_shift(images, self.config.image_shift)
+        context_kv, context_mask = self._context(
+            vlm_features, vlm_mask, images, visual_latent, visual_keep
+        )
         mask = action_mask[:, :, None] & dim_mask[:, None, :]
         # Whatever padding holds, the model sees zeros on padded dims and steps.
         actions = actions * mask
@@ -186,6 +212,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         embodiment_ids: torch.Tensor,
         vlm_features: torch.Tensor,
         vlm_mask: torch.Tensor,
+        images: torch.Tensor | None,
         visual_latent: torch.Tensor | None,
         dim_mask: torch.Tensor | None = None,
         steps: int = 10,
@@ -194,7 +221,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         """An action chunk (B, H, max_action_dim), normalised, by Euler integration of the flow;
         zeros on the dims `dim_mask` (B, max_action_dim) marks as padding. The context keys and
         values are computed once and reused by every step."""
-        context_kv, context_mask = self._context(vlm_features, vlm_mask, visual_latent)
+        context_kv, context_mask = self._context(vlm_features, vlm_mask, images, visual_latent)
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         noise = torch.randn(shape, generator=generator, device=state.device, dtype=state.dtype)
         dims = torch.ones_like(noise[:, :1]) if dim_mask is None else dim_mask[:, None, :]

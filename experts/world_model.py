@@ -9,9 +9,11 @@ Parts, all diffusers building blocks:
                  a stop-gradient)
     value        ValueHead: latent + pooled context -> task progress in [0, 1]
 Losses: `world` (flow matching on the future latent, `experts.flow_matching`), `value` (MSE on
-the progress of the current and the true future latent) and, for the tiny VAE trained here, `vae`
-(reconstruction + a small KL). Latents used by `world` and `value` are detached: those losses never
-reshape the VAE. With a pretrained VAE (`vae="<hub name or dir>"`) it is frozen and `vae` is None.
+the progress of the current latent, the true future latent and the future the transformer
+imagines in the same step, so that the head also ranks imagined latents, which are what it scores
+at planning time) and, for the tiny VAE trained here, `vae` (reconstruction + a small KL).
+Latents used by `world` and `value` are detached: those losses never reshape the VAE. With a
+pretrained VAE (`vae="<hub name or dir>"`) it is frozen and `vae` is None.
 The world model sees one camera: the first of the images it is given.
 """
 
@@ -193,8 +195,11 @@ class WorldModel(nn.Module):
         context_mask: torch.Tensor,
         progress: torch.Tensor,
         future_progress: torch.Tensor,
-    ) -> dict[str, torch.Tensor | None]:
-        """`world`, `value` and `vae` (None with a frozen VAE) for one batch.
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+        """`world`, `value` and `vae` (None with a frozen VAE) for one batch, and the imagined
+        future (B, C, h, w), detached: the one-step estimate of the future latent from the noisy
+        one, x_t - t * v. Its quality runs from exact (t near 0) to a blurry mean (t near 1), like
+        the futures the planner samples.
 
         images (B, N, 3, S, S) in [0, 1], for the VAE's reconstruction; current and future
         (B, C, h, w), the latents of the frames at t and t + k from `encode` (the caller encodes
@@ -213,21 +218,24 @@ class WorldModel(nn.Module):
             vae_loss = None
         noise = torch.randn_like(future)
         t = sample_time(batch, future.device)
-        v = self.velocity(interpolate(future, noise, t), t, current, context, context_mask)
+        noisy = interpolate(future, noise, t)
+        v = self.velocity(noisy, t, current, context, context_mask)
+        imagined = (noisy - t[:, None, None, None] * v).detach()
         pooled = masked_mean(context, context_mask)
-        values = self.value(torch.stack([current, future], 1), pooled)  # (B, 2)
-        targets = torch.stack([progress, future_progress], 1).to(values.dtype)
-        return {
+        values = self.value(torch.stack([current, future, imagined], 1), pooled)  # (B, 3)
+        targets = torch.stack([progress, future_progress, future_progress], 1).to(values.dtype)
+        losses = {
             "world": flow_loss(v, future, noise),
             "value": F.mse_loss(values, targets),
             "vae": vae_loss,
         }
+        return losses, imagined
 
     # 3. planning --------------------------------------------------------------------------------
     @torch.no_grad()
     def imagine(
         self,
-        images: torch.Tensor,
+        current: torch.Tensor,
         context: torch.Tensor,
         context_mask: torch.Tensor,
         num_candidates: int = 8,
@@ -235,9 +243,10 @@ class WorldModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """K candidate future latents (B, K, C, h, w) from independent noise, in one batched call.
-        images (B, [N,] 3, S, S) in [0, 1]; context (B, L, D) with mask (B, L)."""
+        current (B, C, h, w), the latent of the current frame (`encode`); context (B, L, D) with
+        mask (B, L)."""
         k = num_candidates
-        current = repeat(self.encode(images), "b c h w -> (b k) c h w", k=k)
+        current = repeat(current, "b c h w -> (b k) c h w", k=k)
         context = repeat(context, "b l d -> (b k) l d", k=k)
         context_mask = repeat(context_mask, "b l -> (b k) l", k=k)
         noise = torch.randn(

@@ -49,6 +49,7 @@ class FinetuneModule(HybridModule):
         val_imagine_steps: int = 4,
         visual_dropout: float = 0.1,
         language_dropout: float = 0.1,
+        imagined_share: float = 0.5,
     ):
         super().__init__(
             experts=None,
@@ -60,6 +61,8 @@ class FinetuneModule(HybridModule):
             val_imagine_steps=val_imagine_steps,
             visual_dropout=visual_dropout,
             language_dropout=language_dropout,
+            imagined_share=imagined_share,
+            ema_decay=None,  # the adapter saved is the live one
         )
         self.save_hyperparameters()
         try:
@@ -91,7 +94,7 @@ class FinetuneModule(HybridModule):
         policy = HybridPolicy.from_pretrained(self.hparams.base_policy)
         for key, base_value in (
             ("chunk_size", policy.action_expert.config.chunk_size),
-            ("image_size", policy.world_model.config["image_size"]),
+            ("image_size", policy.frame_size),
         ):
             if dm.hparams[key] != base_value:
                 raise ValueError(

@@ -6,8 +6,9 @@ action chunks, normalisation comes from its statistics). Each loss is logged on 
 (`train/loss_lang`, `val/loss_world`, ...) and summed with the weights from the YAML. Validation
 also measures what the planner relies on: the world model's future-latent error against the
 copy-the-current-frame baseline, and the Spearman correlation of the value head with progress.
-At the end of `fit` the policy is exported with `HybridPolicy.save_pretrained`: the directory the
-planner loads.
+An exponential moving average of the weights (EMA) is kept beside them; validation and the export
+use it. At the end of `fit` the policy is exported with `HybridPolicy.save_pretrained`: the
+directory the planner loads.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class HybridModule(L.LightningModule):
         val_imagine_steps: flow steps of the world model in the validation metrics.
         visual_dropout, language_dropout: condition dropout for the action expert, so the
             planner's flat (no visual subgoal) and no-language-subgoal modes stay valid.
+        imagined_share: share of samples whose visual subgoal is the world model's own estimate
+            of the future rather than the true future frame (`HybridPolicy.losses`).
+        ema_decay: decay of the weights' moving average, ramped up as (1 + n) / (10 + n) over
+            the first steps n; None keeps no average.
     """
 
     def __init__(
@@ -58,12 +63,24 @@ class HybridModule(L.LightningModule):
         val_imagine_steps: int = 4,
         visual_dropout: float = 0.1,
         language_dropout: float = 0.1,
+        imagined_share: float = 0.5,
+        ema_decay: float | None = 0.999,
     ):
         super().__init__()
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         self.save_hyperparameters()
         self.weights = {**DEFAULT_WEIGHTS, **(loss_weights or {})}
         self.policy: HybridPolicy | None = None
         self._val_values: list[torch.Tensor] = []
+        # read here, not from hparams: a subclass saves its own signature as its hyperparameters
+        self.train_conditioning = {
+            "visual_dropout": visual_dropout,
+            "language_dropout": language_dropout,
+            "imagined_share": imagined_share,
+        }
+        self.ema_decay = ema_decay
+        self.ema: dict[str, torch.Tensor] | None = None  # parameter name -> averaged value
 
     # 1. building the policy from the data ---------------------------------------------------------
     def _datamodule(self, stage: str) -> HybridDataModule:
@@ -90,10 +107,8 @@ class HybridModule(L.LightningModule):
 
     # 2. the step ----------------------------------------------------------------------------------
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
-        dropout = {"visual_dropout": 0.0, "language_dropout": 0.0}
-        if stage == "train":
-            dropout = {k: self.hparams[k] for k in dropout}
-        losses = self.policy.losses(batch, **dropout)
+        conditioning = self.train_conditioning if stage == "train" else {}
+        losses = self.policy.losses(batch, **conditioning)
         for name, value in losses.items():
             if not torch.isfinite(value):
                 raise FloatingPointError(
@@ -129,7 +144,7 @@ class HybridModule(L.LightningModule):
         )
         current, future = wm.encode(batch["images"]), wm.encode(batch["future_images"])
         imagined = wm.imagine(
-            batch["images"], features, mask, num_candidates=1, steps=self.hparams.val_imagine_steps
+            current, features, mask, num_candidates=1, steps=self.hparams.val_imagine_steps
         )[:, 0]
         for name, error in (("world_mse", imagined - future), ("copy_mse", current - future)):
             self.log(f"{stage}/{name}", error.square().mean(), batch_size=size, sync_dist=True)
@@ -143,7 +158,11 @@ class HybridModule(L.LightningModule):
         self._val_values.clear()
         self.log(f"{stage}/value_spearman", spearman(values, progress), sync_dist=True)
 
+    def on_validation_epoch_start(self) -> None:
+        self._swap_ema()
+
     def on_validation_epoch_end(self) -> None:
+        self._swap_ema()
         self._log_value_correlation("val")
 
     def on_test_epoch_end(self) -> None:
@@ -171,14 +190,50 @@ class HybridModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    # 4. export ------------------------------------------------------------------------------------
+    # 4. the weights' moving average --------------------------------------------------------------
+    def _trained(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema_decay is None:
+            return
+        params = self._trained()
+        if self.ema is None:
+            self.ema = {n: p.detach().clone() for n, p in params.items()}
+            return
+        n = self.global_step
+        decay = min(self.ema_decay, (1 + n) / (10 + n))
+        with torch.no_grad():
+            for name, param in params.items():
+                self.ema[name].lerp_(param.detach(), 1 - decay)
+
+    def _swap_ema(self) -> None:
+        """Exchange the live weights and their average (a second call swaps back)."""
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for name, param in self._trained().items():
+                live = param.detach().clone()
+                param.copy_(self.ema[name])
+                self.ema[name] = live
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.ema = checkpoint.get("ema")
+
+    # 5. export ------------------------------------------------------------------------------------
     def export_dir(self) -> Path:
         if self.hparams.export_dir:
             return Path(self.hparams.export_dir)
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "policy"
 
     def on_fit_end(self) -> None:
+        self._swap_ema()  # the average is what is exported
         if self.trainer.is_global_zero:
             directory = self.export_dir()
             self.policy.save_pretrained(directory)
             rank_zero_info(f"exported the policy to {directory}")
+        self._swap_ema()

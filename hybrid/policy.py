@@ -182,6 +182,7 @@ class HybridPolicy(nn.Module):
         wm = WorldModel(context_dim=vlm_model.hidden_size, **world_model)
         channels, size, _ = wm.latent_shape
         action_expert = dict(action_expert or {})
+        action_expert.setdefault("num_cameras", max(len(s.cameras) for s in embodiments) or 1)
         # The YAML may leave room for robots added later (`hybrid finetune`); never less than now.
         for key, need in (
             ("max_state_dim", max(s.state_dim for s in embodiments)),
@@ -197,6 +198,12 @@ class HybridPolicy(nn.Module):
             **action_expert,
         )
         return cls(vlm_model, wm, expert, fast_tokenizer, embodiments, norm_stats)
+
+    @property
+    def frame_size(self) -> int:
+        """The side of the camera frames this policy trains and plans on: what its action expert
+        sees (the VLM and the world model resize to their own sides)."""
+        return self.action_expert.config.image_size or self.world_model.config["image_size"]
 
     # 1. batches -------------------------------------------------------------------------------
     def embodiment_ids(self, names: list[str]) -> torch.Tensor:
@@ -218,14 +225,21 @@ class HybridPolicy(nn.Module):
 
     # 2. training ------------------------------------------------------------------------------
     def losses(
-        self, batch: dict, visual_dropout: float = 0.0, language_dropout: float = 0.0
+        self,
+        batch: dict,
+        visual_dropout: float = 0.0,
+        language_dropout: float = 0.0,
+        imagined_share: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Every loss of the hierarchy on one batch: lang, fast, world, value, action (+ vae when
         the world model's VAE trains). The action loss reaches only the action expert.
 
         Condition dropout keeps the planner's ablation modes valid: for a `visual_dropout` share
         of samples the action expert acts without the visual subgoal, for a `language_dropout`
-        share it reads VLM features whose subgoal is the instruction itself."""
+        share it reads VLM features whose subgoal is the instruction itself. For an
+        `imagined_share` of samples its visual subgoal is the world model's own estimate of the
+        future from this step (as at planning time, where the future is imagined), for the rest
+        the true future frame."""
         cfg = self.action_expert.config
         names = list(batch["embodiment"])
         ids = self.embodiment_ids(names)
@@ -238,7 +252,7 @@ class HybridPolicy(nn.Module):
         with torch.no_grad():  # one encoding serves the world model and the action expert
             frames = torch.cat([batch["images"], batch["future_images"]])
             current, future = self.world_model.encode(frames).chunk(2)
-        world = self.world_model.losses(
+        world, imagined = self.world_model.losses(
             batch["images"],
             current,
             future,
@@ -249,6 +263,8 @@ class HybridPolicy(nn.Module):
         )
         size = len(names)
         visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
+        use_imagined = torch.rand(size, device=actions.device) < imagined_share
+        visual = torch.where(use_imagined[:, None, None, None], imagined, future)
         features, feature_mask = out.features, out.feature_mask
         drop = (torch.rand(size) < language_dropout).tolist()
         if any(drop):
@@ -268,7 +284,8 @@ class HybridPolicy(nn.Module):
             ids,
             features,
             feature_mask,
-            future,
+            batch["images"],
+            visual,
             visual_keep,
         )
         losses = {"lang": out.lang_loss, "fast": out.fast_loss, "action": action, **world}

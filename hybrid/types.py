@@ -24,9 +24,10 @@ class Observation:
 class Plan:
     """What `HybridPlanner.plan` decided, tier by tier.
 
-    candidate_latents (K, C, h, w) and candidate_images (K, S, S, 3) uint8 are empty (K = 0) when
-    the visual subgoal is off; scores (K,) is empty too, or all zeros with K = 1 (nothing to
-    choose); actions (H, action_dim) are in the robot's units, clipped to its limits.
+    candidate_latents (K, C, h, w), candidate_images (K, S, S, 3) uint8 and scores (K,) are
+    empty (K = 0) on a chunk where nothing was imagined, and candidate_images also when the planner
+    does not decode; actions (H, action_dim) are in the robot's units, clipped to its limits.
+    subgoal_refreshed says whether this plan set a new language subgoal.
     """
 
     subgoal: str
@@ -36,6 +37,7 @@ class Plan:
     chosen: int
     actions: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
+    subgoal_refreshed: bool = False
 
     @property
     def chosen_image(self) -> np.ndarray | None:

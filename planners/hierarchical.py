@@ -7,7 +7,8 @@
 `act` keeps a queue: it executes `execute_steps` of each chunk of H, then plans again.
 
 Ablation switches on the same trained policy: `num_candidates=1` (nothing to score),
-`visual_subgoal=False` (the action expert runs flat, VLA-style, on the VLM features alone),
+`visual_subgoal=False` (the action expert runs flat, VLA-style, without a visual subgoal; the
+world model still imagines each language subgoal's target, so that the refresh rule is the same),
 `language_subgoal=False` (the instruction stands in for the subgoal). Training drops the visual
 subgoal and the language subgoal for a share of samples so that these modes stay valid.
 """
@@ -29,7 +30,7 @@ from hybrid.adapters import EmbodimentAdapters
 from hybrid.data.windows import resize_frames
 from hybrid.policy import HybridPolicy
 from hybrid.types import Observation, Plan
-from planners.schedule import RefreshSchedule
+from planners.schedule import RefreshSchedule, latent_distance
 from planners.scoring import Scorer, ValueScorer, best_of_k
 
 
@@ -94,7 +95,7 @@ class HybridPlanner:
         self.schedule = schedule or RefreshSchedule()
         self.scorer = scorer or ValueScorer(policy.world_model)
         self.decode_candidates = decode_candidates
-        self.image_size = policy.world_model.config["image_size"]
+        self.image_size = policy.frame_size
         self.seed = seed
         self.reset()
 
@@ -133,7 +134,8 @@ class HybridPlanner:
         self.subgoal: str | None = None
         self.chunks_since_subgoal: int | None = None
         self.visual_latent: torch.Tensor | None = None  # (1, C, h, w), the chosen candidate
-        self.visual_score: float | None = None
+        # the language subgoal's visual target (1, C, h, w) and its distance when it was set
+        self.target: tuple[torch.Tensor, float] | None = None
         self.last_plan: Plan | None = None
 
     # 1. input checks ------------------------------------------------------------------------------
@@ -175,40 +177,33 @@ class HybridPlanner:
         images = self._check(obs, instruction)
         timings_ms: dict[str, float] = {}
         timer, policy, wm = partial(_timed, timings_ms), self.policy, self.policy.world_model
-        instructions = [instruction]
 
-        def prefix_features():
-            with timer("features"):
-                return policy.vlm.prefix_features(images, instructions, [self.subgoal])
-
-        # Is the current subgoal done? The value head rates this frame against the chosen future.
-        current_value = None
-        if self.subgoal is not None:
-            features, mask = prefix_features()
-            if self.visual_score is not None and self.language_subgoal:
-                with timer("progress"):
-                    current = wm.encode(images)[:, None]
-                    current_value = float(self.scorer(current, features, mask)[0, 0])
-        refresh = self.schedule.subgoal_due(
-            self.chunks_since_subgoal, current_value, self.visual_score
+        # 1. is the language subgoal done? Its visual target reached, or its time out.
+        with timer("encode"):
+            current = wm.encode(images)  # (1, C, h, w)
+        reached = self.target is not None and self.schedule.reached(
+            float(latent_distance(current, self.target[0])), self.target[1]
         )
+        refresh = self.schedule.subgoal_due(self.chunks_since_subgoal, reached)
         if refresh:
             if self.language_subgoal:
                 with timer("subgoal"):
-                    self.subgoal = policy.vlm.propose_subgoal(images, instructions)[0]
+                    self.subgoal = policy.vlm.propose_subgoal(images, [instruction])[0]
             else:
                 self.subgoal = instruction
             self.chunks_since_subgoal = 0
-            features, mask = prefix_features()
+        with timer("features"):
+            features, mask = policy.vlm.prefix_features(images, [instruction], [self.subgoal])
 
+        # 2. imagine K futures and keep the best; a new subgoal also takes it as its target.
         latents = np.zeros((0,), np.float32)
         candidate_images = np.zeros((0,), np.uint8)
         scores = np.zeros((0,), np.float32)
         chosen = 0
-        if self.visual_subgoal and self.schedule.visual_due(refresh):
+        if self.schedule.visual_due(refresh) and (self.visual_subgoal or refresh):
             with timer("imagine"):
                 candidates = wm.imagine(
-                    images,
+                    current,
                     features,
                     mask,
                     self.num_candidates,
@@ -216,15 +211,12 @@ class HybridPlanner:
                     generator=self.generator,
                 )
             with timer("score"):
-                if self.num_candidates > 1:
-                    candidate_scores = self.scorer(candidates, features, mask)
-                else:
-                    candidate_scores = torch.zeros(1, 1, device=self.device)
+                candidate_scores = self.scorer(candidates, features, mask)
                 chosen = int(best_of_k(candidate_scores)[0])
             self.visual_latent = candidates[:, chosen]
-            self.visual_score = (
-                float(candidate_scores[0, chosen]) if self.num_candidates > 1 else None
-            )
+            if refresh:
+                start = float(latent_distance(current, self.visual_latent))
+                self.target = (self.visual_latent, start)
             latents, scores = candidates[0].cpu().numpy(), candidate_scores[0].cpu().numpy()
             if self.decode_candidates:
                 with timer("decode"):
@@ -238,6 +230,7 @@ class HybridPlanner:
                         .numpy()
                     )
 
+        # 3. the action chunk, in the robot's units
         with timer("action"):
             ids = policy.embodiment_ids([self.embodiment])
             normalised = policy.action_expert.sample(
@@ -245,6 +238,7 @@ class HybridPlanner:
                 ids,
                 features,
                 mask,
+                images,
                 self.visual_latent if self.visual_subgoal else None,
                 policy.dim_mask([self.embodiment]),
                 steps=self.action_steps,
@@ -264,6 +258,7 @@ class HybridPlanner:
             chosen=chosen,
             actions=actions.astype(np.float32),
             timings_ms=timings_ms,
+            subgoal_refreshed=refresh,
         )
         return self.last_plan
 

@@ -1,10 +1,14 @@
 """When each tier of the hierarchy runs again; everything not rerun is reused from the cache.
 
-The action expert runs every chunk. The language subgoal is kept until it looks done: the value
-head rates the current frame at least as high as the visual subgoal that was chosen for it (the
-imagined future has been reached), or `max_chunks_per_subgoal` chunks have passed. The visual
-subgoal is imagined again with each new language subgoal (`visual="subgoal"`) or every chunk
-(`visual="chunk"`).
+The action expert runs every chunk. A language subgoal comes with a visual target: the candidate
+future chosen when the subgoal was set. The subgoal is kept until that target has been *reached*,
+i.e. the current frame's latent has closed at least `1 - reached_fraction` of its distance to the
+target (d(now, target) <= reached_fraction * d(then, target)), or `max_chunks_per_subgoal` chunks
+have passed. A robot that stalls keeps its subgoal until the time-out; one that gets where it
+imagined moves on at once. The rule reads only latents, so it runs the same in every ablation mode
+(K = 1, no language subgoal, flat). The visual subgoal the action expert reads is imagined again
+every chunk (`visual="chunk"`, so it is always `future_offset` steps ahead of the frame, as in
+training) or only with each new language subgoal (`visual="subgoal"`).
 """
 
 from __future__ import annotations
@@ -12,12 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
+
+def latent_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square distance of latents (B, C, h, w) -> (B,)."""
+    return (a - b).square().flatten(1).mean(1).sqrt()
+
 
 @dataclass(frozen=True)
 class RefreshSchedule:
     max_chunks_per_subgoal: int = 4
-    visual: Literal["subgoal", "chunk"] = "subgoal"
-    reached_margin: float = 0.02
+    visual: Literal["subgoal", "chunk"] = "chunk"
+    reached_fraction: float = 0.5
 
     def __post_init__(self):
         if self.max_chunks_per_subgoal < 1:
@@ -26,16 +37,16 @@ class RefreshSchedule:
             )
         if self.visual not in ("subgoal", "chunk"):
             raise ValueError(f"visual must be 'subgoal' or 'chunk', got {self.visual!r}")
+        if not 0.0 < self.reached_fraction < 1.0:
+            raise ValueError(f"reached_fraction must be in (0, 1), got {self.reached_fraction}")
 
-    def subgoal_due(
-        self, chunks_since: int | None, current_value: float | None, target_value: float | None
-    ) -> bool:
-        """chunks_since is None before the first plan; values are None without a world model."""
-        if chunks_since is None or chunks_since >= self.max_chunks_per_subgoal:
-            return True
-        if current_value is None or target_value is None:
-            return False
-        return current_value >= target_value - self.reached_margin
+    def reached(self, distance_now: float, distance_at_start: float) -> bool:
+        """Whether the frame is now close enough to the subgoal's visual target."""
+        return distance_now <= self.reached_fraction * distance_at_start
+
+    def subgoal_due(self, chunks_since: int | None, reached: bool) -> bool:
+        """chunks_since is None before the first plan of an episode."""
+        return chunks_since is None or chunks_since >= self.max_chunks_per_subgoal or reached
 
     def visual_due(self, subgoal_refreshed: bool) -> bool:
         return subgoal_refreshed or self.visual == "chunk"

@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import torch
 
 from experts.action import ActionExpert
+from experts.image_encoder import random_shift
 
 B, L, D, H = 3, 7, 32, 6
 
@@ -13,6 +16,7 @@ def _inputs(batch=B, generator=None):
         embodiment_ids=torch.tensor([0, 1, 0][:batch]),
         vlm_features=torch.randn(batch, L, D, generator=g),
         vlm_mask=torch.ones(batch, L, dtype=torch.bool),
+        images=torch.rand(batch, 1, 3, 32, 32, generator=g),
         visual_latent=torch.randn(batch, 4, 8, 8, generator=g),
     )
 
@@ -28,6 +32,8 @@ def expert():
         num_embodiments=2,
         hidden=32,
         num_layers=2,
+        image_size=32,
+        image_channels=(8, 16, 16),
     ).eval()
 
 
@@ -43,6 +49,44 @@ def test_sample_shapes_and_reproducibility(expert, batch):
 def test_flat_mode_without_visual_subgoal(expert):
     inputs = _inputs() | {"visual_latent": None}
     assert expert.sample(**inputs, steps=2).shape == (B, H, 3)
+
+
+def test_the_expert_sees_the_current_frame(expert):
+    """Its own CNN reads the frame: other pixels, other actions from the same noise; a blind
+    expert (image_size None) takes no frame at all."""
+    inputs = _inputs()
+    expert = copy.deepcopy(expert)
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        expert.modulation[1].weight.normal_(std=0.1)
+    a = expert.sample(**inputs, steps=2, generator=torch.Generator().manual_seed(0))
+    other = inputs | {"images": inputs["images"].flip(-1)}
+    b = expert.sample(**other, steps=2, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match=r"images must be \(B, 1, 3, S, S\)"):
+        expert.sample(**(inputs | {"images": inputs["images"][:, 0]}), steps=1)
+    blind = ActionExpert(
+        vlm_dim=D,
+        chunk_size=H,
+        max_state_dim=5,
+        max_action_dim=3,
+        num_embodiments=2,
+        hidden=32,
+        num_layers=1,
+        image_size=None,
+    )
+    assert blind.image_in is None
+    assert blind.sample(**(inputs | {"images": None}), steps=1).shape == (B, H, 3)
+
+
+def test_random_shift_moves_each_image_by_at_most_pad():
+    images = torch.zeros(4, 1, 3, 16, 16)
+    images[..., 8, 8] = 1.0  # one bright pixel per image, far from the border
+    shifted = random_shift(images, pad=2, generator=torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    where = [torch.nonzero(s[0, 0]).tolist() for s in shifted]
+    assert all(len(w) == 1 and abs(w[0][0] - 8) <= 2 and abs(w[0][1] - 8) <= 2 for w in where)
+    assert len({tuple(w[0]) for w in where}) > 1, "each image draws its own offset"
+    assert torch.equal(random_shift(images, pad=0), images)
 
 
 def test_embodiment_rows_are_separate(expert):

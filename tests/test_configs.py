@@ -46,7 +46,8 @@ def test_the_tiny_config_is_the_default():
 ROOT = Path(__file__).parents[1]
 STACKS = [
     ["configs/quickstart.yaml"],
-    ["configs/quickstart.yaml", "configs/experiment/mt10_tiny.yaml"],
+    ["configs/quickstart.yaml", "configs/experiment/mt10.yaml"],
+    ["configs/quickstart.yaml", "configs/experiment/mt10.yaml", "configs/experiment/mt10_gpu.yaml"],
     ["configs/quickstart.yaml", "configs/experiment/gpu_smolvlm.yaml"],
     ["configs/trainer/cpu.yaml", "configs/data/quickstart.yaml", "configs/model/tiny.yaml"],
     ["finetune", "configs/finetune/panda.yaml"],

@@ -87,7 +87,7 @@ def _obs(state_dim, camera, seed=0):
 
 
 PANDA = ("panda", 7, "observation.images.front", "push the cube to the red target")
-SAWYER = ("sawyer", 4, "observation.images.corner", "push the puck to the goal")
+SAWYER = ("sawyer", 4, "observation.images.front", "push the puck to the goal")
 
 
 def _actions(planner, robot):

@@ -14,7 +14,13 @@ ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 SMALL = {
     "vlm": {"text_hidden": 64, "text_layers": 2, "vision_hidden": 32, "vision_layers": 1},
     "world_model": {"vae_channels": [16, 16, 32, 32], "hidden": 32, "num_layers": 1},
-    "action_expert": {"hidden": 32, "num_layers": 1, "max_state_dim": 8, "max_action_dim": 8},
+    "action_expert": {
+        "hidden": 32,
+        "num_layers": 1,
+        "max_state_dim": 8,
+        "max_action_dim": 8,
+        "image_size": 64,
+    },
     "fast": {"vocab_size": 128},
 }
 

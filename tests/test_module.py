@@ -11,7 +11,7 @@ from hybrid.policy import HybridPolicy
 SMALL = dict(
     vlm=dict(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1),
     world_model=dict(vae_channels=(16, 16, 32, 32), hidden=32, num_layers=1, value_hidden=32),
-    action_expert=dict(hidden=32, num_layers=1),
+    action_expert=dict(hidden=32, num_layers=1, image_size=64),
     fast=dict(vocab_size=128),
 )
 
@@ -45,8 +45,12 @@ def test_fast_dev_run_trains_validates_and_exports(mt10_dataset, tmp_path):
     for name in ("val/world_mse", "val/copy_mse", "val/value_spearman"):
         assert torch.isfinite(logged[name]), name
     loaded = HybridPolicy.from_pretrained(tmp_path / "policy")
-    for key, value in module.policy.state_dict().items():
+    # the weights' moving average is what is exported; the live weights stay in the module
+    exported = {**module.policy.state_dict(), **module.ema}
+    for key, value in exported.items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+    live = module.policy.state_dict()
+    assert any(not torch.equal(live[k], v) for k, v in module.ema.items()), "an average, not a copy"
 
 
 class _PoisonBatch(L.Callback):

@@ -8,7 +8,7 @@ from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
 from planners.schedule import RefreshSchedule
 
-CAMERA = "observation.images.corner"
+CAMERA = "observation.images.front"
 INSTRUCTION = "pick up the puck and place it at the goal"
 
 
@@ -37,7 +37,8 @@ def test_plan_is_well_formed(planner, frames):
     assert plan.candidate_images.shape == (4, 64, 64, 3) and plan.candidate_images.dtype == np.uint8
     assert plan.actions.shape == (8, 4) and plan.actions.dtype == np.float32
     assert np.all(plan.actions >= -1.0) and np.all(plan.actions <= 1.0)
-    assert {"subgoal", "features", "imagine", "score", "action"} <= set(plan.timings_ms)
+    assert {"encode", "subgoal", "features", "imagine", "score", "action"} <= set(plan.timings_ms)
+    assert plan.subgoal_refreshed
 
 
 def test_plans_are_reproducible_after_reset(planner, frames):
@@ -49,11 +50,11 @@ def test_plans_are_reproducible_after_reset(planner, frames):
 
 
 def test_act_pops_the_queue_and_replans_on_schedule(tiny_policy_dir, frames):
+    never_reached = RefreshSchedule(
+        max_chunks_per_subgoal=2, visual="subgoal", reached_fraction=1e-9
+    )
     planner = HybridPlanner.from_pretrained(
-        tiny_policy_dir,
-        num_candidates=2,
-        execute_steps=3,
-        schedule=RefreshSchedule(max_chunks_per_subgoal=2, reached_margin=-1.0),
+        tiny_policy_dir, num_candidates=2, execute_steps=3, schedule=never_reached
     )
     plans = []
     for t in range(9):
@@ -62,28 +63,60 @@ def test_act_pops_the_queue_and_replans_on_schedule(tiny_policy_dir, frames):
             plans.append(planner.last_plan)
             np.testing.assert_array_equal(action, planner.last_plan.actions[0])
     assert len(plans) == 3, "3 actions per chunk, 9 steps: 3 plans"
-    # The subgoal (and with it the visual subgoal) refreshes every 2 chunks here.
+    # The subgoal (and with it the visual subgoal) times out every 2 chunks here.
+    assert [p.subgoal_refreshed for p in plans] == [True, False, True]
     assert ["subgoal" in p.timings_ms for p in plans] == [True, False, True]
     assert ["imagine" in p.timings_ms for p in plans] == [True, False, True]
 
 
 def test_schedule_rules():
-    schedule = RefreshSchedule(max_chunks_per_subgoal=3, reached_margin=0.05)
-    assert schedule.subgoal_due(None, None, None), "nothing planned yet"
-    assert schedule.subgoal_due(3, 0.1, 0.9), "too many chunks"
-    assert schedule.subgoal_due(1, 0.86, 0.9), "the chosen future is reached"
-    assert not schedule.subgoal_due(1, 0.5, 0.9)
-    assert not schedule.visual_due(False) and schedule.visual_due(True)
-    assert RefreshSchedule(visual="chunk").visual_due(False)
+    schedule = RefreshSchedule(max_chunks_per_subgoal=3, reached_fraction=0.5)
+    assert schedule.subgoal_due(None, False), "nothing planned yet"
+    assert schedule.subgoal_due(3, False), "too many chunks"
+    assert schedule.subgoal_due(1, True), "the visual target is reached"
+    assert not schedule.subgoal_due(1, False)
+    assert schedule.reached(0.4, 1.0) and not schedule.reached(0.6, 1.0)
+    assert schedule.visual_due(False), "by default the visual subgoal is imagined every chunk"
+    assert not RefreshSchedule(visual="subgoal").visual_due(False)
     with pytest.raises(ValueError, match="visual must be"):
         RefreshSchedule(visual="sometimes")
+    with pytest.raises(ValueError, match="reached_fraction must be in"):
+        RefreshSchedule(reached_fraction=1.5)
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{}, {"num_candidates": 1}, {"language_subgoal": False}, {"visual_subgoal": False}],
+    ids=["full", "K=1", "no-language", "flat"],
+)
+def test_reached_means_the_imagined_target_was_reached(tiny_policy_dir, frames, switches):
+    """End to end, in every ablation mode: with a world model that imagines exactly the frame
+    the robot will see 12 steps on, the subgoal stays while the robot stalls on its first frame,
+    is refreshed as soon as the frame it imagined is the one observed, and otherwise times out."""
+    planner = HybridPlanner.from_pretrained(
+        tiny_policy_dir, schedule=RefreshSchedule(max_chunks_per_subgoal=4), **switches
+    )
+    wm = planner.policy.world_model
+    images, states = frames
+    future = Observation({CAMERA: images[12]}, states[12])
+    perfect = wm.encode(planner._check(future, INSTRUCTION))  # (1, C, h, w)
+
+    def imagine(current, context, mask, num_candidates, steps, generator=None):
+        return perfect[:, None].expand(-1, num_candidates, -1, -1, -1)
+
+    wm.imagine = imagine
+    stalled = [planner.plan(_obs(frames, 0), INSTRUCTION).subgoal_refreshed for _ in range(5)]
+    assert stalled == [True, False, False, False, True], "a stalled robot times out only"
+    assert planner.plan(future, INSTRUCTION).subgoal_refreshed, "the target frame is reached"
+    assert not planner.plan(_obs(frames, 0), INSTRUCTION).subgoal_refreshed
 
 
 def test_ablation_modes(tiny_policy_dir, frames):
     flat = HybridPlanner.from_pretrained(tiny_policy_dir, visual_subgoal=False)
-    plan = flat.plan(_obs(frames), INSTRUCTION)
-    assert plan.candidate_latents.shape == (0,) and "imagine" not in plan.timings_ms
-    assert plan.actions.shape == (8, 4)
+    first, second = (flat.plan(_obs(frames, t), INSTRUCTION) for t in (0, 1))
+    assert "imagine" in first.timings_ms, "a new subgoal still takes a visual target"
+    assert second.candidate_latents.shape == (0,) and "imagine" not in second.timings_ms
+    assert first.actions.shape == (8, 4)
     single = HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=1)
     plan = single.plan(_obs(frames), INSTRUCTION)
     assert plan.scores.shape == (1,) and plan.chosen == 0
@@ -99,14 +132,14 @@ def test_ablation_modes(tiny_policy_dir, frames):
             {CAMERA: np.zeros((64, 64), np.uint8)},
             None,
             INSTRUCTION,
-            r"images\['observation.images.corner'\]: expected \(H, W, 3\) uint8, got \(64, 64\)",
+            r"images\['observation.images.front'\]: expected \(H, W, 3\) uint8, got \(64, 64\)",
         ),
         ({CAMERA: np.zeros((64, 64, 3), np.float32)}, None, INSTRUCTION, r"uint8, got .* float32"),
         (
             {"observation.images.top": np.zeros((64, 64, 3), np.uint8)},
             None,
             INSTRUCTION,
-            r"expected camera 'observation.images.corner', got \['observation.images.top'\]",
+            r"expected camera 'observation.images.front', got \['observation.images.top'\]",
         ),
         (None, np.array([0.0, np.nan, 0.0, 1.0]), INSTRUCTION, r"state: expected finite values"),
         (None, np.zeros(7), INSTRUCTION, r"state: expected shape \(4,\), got \(7,\)"),

@@ -15,7 +15,7 @@ from hybrid.sim.metaworld import EMBODIMENT
 SMALL = dict(
     vlm=dict(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1),
     world_model=dict(vae_channels=(16, 16, 32, 32), hidden=32, num_layers=1, value_hidden=32),
-    action_expert=dict(hidden=32, num_layers=2),
+    action_expert=dict(hidden=32, num_layers=2, image_size=64),
     fast=dict(vocab_size=128),
 )
 OTHER = EmbodimentSpec("arm2", state_dim=3, action_dim=2, action_low=[-1, -1], action_high=[1, 1])
@@ -88,6 +88,7 @@ def test_mixed_embodiments_in_one_batch(setup):
         policy.embodiment_ids(names),
         features,
         mask,
+        mixed["images"],
         None,
         policy.dim_mask(names),
         steps=2,

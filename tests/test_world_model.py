@@ -26,11 +26,12 @@ def _inputs(batch=B):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_imagine_shapes_noise_and_reproducibility(world_model, batch):
     images, context, mask = _inputs(batch)
+    current = world_model.encode(images)
     a = world_model.imagine(
-        images, context, mask, 4, steps=3, generator=torch.Generator().manual_seed(1)
+        current, context, mask, 4, steps=3, generator=torch.Generator().manual_seed(1)
     )
     b = world_model.imagine(
-        images, context, mask, 4, steps=3, generator=torch.Generator().manual_seed(1)
+        current, context, mask, 4, steps=3, generator=torch.Generator().manual_seed(1)
     )
     assert a.shape == (batch, 4, *world_model.latent_shape)
     assert torch.equal(a, b), "a fixed generator reproduces the candidates"
@@ -46,10 +47,11 @@ def test_losses_and_where_their_gradients_go(world_model):
     context.requires_grad_(True)
     future = torch.rand_like(images)
     current_latent, future_latent = world_model.encode(torch.cat([images, future])).chunk(2)
-    losses = world_model.losses(
+    losses, imagined = world_model.losses(
         images, current_latent, future_latent, context, mask, torch.rand(B), torch.rand(B)
     )
     assert set(losses) == {"world", "value", "vae"}
+    assert imagined.shape == future_latent.shape and not imagined.requires_grad
     world_model.zero_grad()
     (losses["world"] + losses["value"]).backward(retain_graph=True)
     assert context.grad is None, "the world model reads the VLM through a stop-gradient"
@@ -67,7 +69,7 @@ def test_a_frozen_pretrained_vae_has_no_vae_loss(world_model, tmp_path):
     assert not model.train_vae and not any(p.requires_grad for p in model.vae.parameters())
     images, context, mask = _inputs()
     latents = model.encode(images)
-    losses = model.losses(images, latents, latents, context, mask, torch.rand(B), torch.rand(B))
+    losses, _ = model.losses(images, latents, latents, context, mask, torch.rand(B), torch.rand(B))
     assert losses["vae"] is None
 
 
@@ -77,10 +79,8 @@ def test_save_load_identical(world_model, tmp_path):
     assert loaded.train_vae == world_model.train_vae
     images, context, mask = _inputs()
     a = world_model.imagine(
-        images, context, mask, 2, steps=2, generator=torch.Generator().manual_seed(3)
+        world_model.encode(images), context, mask, 2, 2, torch.Generator().manual_seed(3)
     )
-    b = loaded.imagine(
-        images, context, mask, 2, steps=2, generator=torch.Generator().manual_seed(3)
-    )
+    b = loaded.imagine(loaded.encode(images), context, mask, 2, 2, torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(world_model.score(a, context, mask), loaded.score(b, context, mask))

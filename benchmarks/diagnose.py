@@ -1,0 +1,158 @@
+"""Where a trained policy loses success, tier by tier, open loop on held-out episodes. Prints
+figures; asserts nothing.
+
+    python benchmarks/diagnose.py --policy outputs/quickstart/policy --data data/quickstart
+
+The held-out episodes are the validation split `hybrid fit` used (same seed and fraction). Per
+batch of held-out frames:
+- language: how often the generated subgoal is the annotated one (exact text);
+- world model: latent MSE of the imagined chosen future to the true future frame, beside copying
+  the current frame (a world model that has learned nothing beats neither);
+- value head: Spearman correlation with true progress on real current latents and on *imagined*
+  futures (what it ranks when planning), and whether best-of-K picks a candidate closer to the
+  true future than a random one;
+- action expert: MSE of the sampled chunk to the demonstrated one (normalised units, padded steps
+  masked), conditioned on (a) the true future latent, (b) the imagined chosen future, (c) no
+  visual subgoal; beside (d) always predicting the mean action (zeros after normalisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from hybrid.data.datamodule import HybridDataModule
+from hybrid.module import spearman
+from hybrid.policy import HybridPolicy
+from planners.schedule import latent_distance
+
+
+@torch.no_grad()
+def diagnose(
+    policy: HybridPolicy,
+    data: HybridDataModule,
+    batches: int,
+    num_candidates: int = 8,
+    imagine_steps: int = 4,
+    action_steps: int = 10,
+    seed: int = 0,
+) -> dict:
+    """The figures of the module docstring, averaged over `batches` held-out batches."""
+    policy.eval()
+    data.setup("fit")
+    generator = torch.Generator().manual_seed(seed)
+    wm, expert = policy.world_model, policy.action_expert
+    sums: dict[str, list[float]] = {}
+    values: dict[str, list[torch.Tensor]] = {"real": [], "imagined": [], "progress": []}
+    futures: list[torch.Tensor] = []
+
+    def add(name: str, value) -> None:
+        sums.setdefault(name, []).append(float(value))
+
+    for _, batch in zip(range(batches), data.val_dataloader(), strict=False):
+        names, images = list(batch["embodiment"]), batch["images"]
+        instructions, subgoals = list(batch["instruction"]), list(batch["subgoal"])
+        proposed = policy.vlm.propose_subgoal(images, instructions)
+        add("subgoal_exact", np.mean([a == b for a, b in zip(proposed, subgoals, strict=True)]))
+        features, mask = policy.vlm.prefix_features(images, instructions, subgoals)
+        current, future = wm.encode(images), wm.encode(batch["future_images"])
+        candidates = wm.imagine(current, features, mask, num_candidates, imagine_steps, generator)
+        scores = wm.score(candidates, features, mask)  # (B, K)
+        rows = torch.arange(len(names))
+        chosen = candidates[rows, scores.argmax(1)]
+        add("world_mse_chosen", (chosen - future).square().mean())
+        add("world_mse_copy", (current - future).square().mean())
+        distances = torch.stack(
+            [latent_distance(candidates[:, k], future) for k in range(num_candidates)], 1
+        )  # (B, K)
+        add(
+            "best_of_k_closer",
+            (distances[rows, scores.argmax(1)] < distances.mean(1)).float().mean(),
+        )
+        values["real"].append(wm.score(current[:, None], features, mask)[:, 0])
+        values["imagined"].append(scores[rows, scores.argmax(1)])
+        values["progress"].append(batch["progress"].float())
+        futures.append(batch["future_progress"].float())
+
+        cfg = expert.config
+        ids, dims = policy.embodiment_ids(names), policy.dim_mask(names)
+        state = policy._pad(batch["state"], cfg.max_state_dim)
+        target = policy._pad(batch["actions"], cfg.max_action_dim)
+        step_mask = (batch["action_mask"][:, :, None] & dims[:, None, :]).float()
+        for label, visual in (("true_future", future), ("imagined", chosen), ("no_visual", None)):
+            noise_seed = torch.Generator().manual_seed(seed + 1)  # the same noise per condition
+            actions = expert.sample(
+                state, ids, features, mask, images, visual, dims, action_steps, noise_seed
+            )
+            error = ((actions - target).square() * step_mask).sum() / step_mask.sum()
+            add(f"action_mse_{label}", error)
+        add("action_mse_mean_action", (target.square() * step_mask).sum() / step_mask.sum())
+
+    figures = {name: float(np.mean(v)) for name, v in sums.items()}
+    progress = torch.cat(values["progress"])
+    figures["value_spearman_real"] = float(spearman(torch.cat(values["real"]), progress))
+    figures["value_spearman_imagined"] = float(
+        spearman(torch.cat(values["imagined"]), torch.cat(futures))
+    )
+    figures["samples"] = int(len(progress))
+    return figures
+
+
+ROWS = [  # (tier, figure, key, format)
+    ("language", "generated subgoal = annotated", "subgoal_exact", "{:.0%}"),
+    ("world model", "latent MSE, imagined chosen vs true future", "world_mse_chosen", "{:.3f}"),
+    ("world model", "latent MSE, copying the current frame", "world_mse_copy", "{:.3f}"),
+    ("value head", "Spearman with progress, real latents", "value_spearman_real", "{:.3f}"),
+    ("value head", "Spearman with progress, imagined futures", "value_spearman_imagined", "{:.3f}"),
+    ("value head", "best-of-K closer to the truth than the mean", "best_of_k_closer", "{:.0%}"),
+    ("action expert", "chunk MSE | (a) true future latent", "action_mse_true_future", "{:.3f}"),
+    ("action expert", "chunk MSE | (b) imagined chosen future", "action_mse_imagined", "{:.3f}"),
+    ("action expert", "chunk MSE | (c) no visual subgoal", "action_mse_no_visual", "{:.3f}"),
+    ("action expert", "chunk MSE | (d) the mean action", "action_mse_mean_action", "{:.3f}"),
+]
+
+
+def print_figures(figures: dict, console: Console) -> None:
+    table = Table(title=f"open-loop diagnosis on {figures['samples']} held-out frames")
+    for column in ("tier", "figure", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for tier, label, key, fmt in ROWS:
+        table.add_row(tier, label, fmt.format(figures[key]))
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--data", required=True, help="the dataset the policy was trained on")
+    parser.add_argument("--future-offset", type=int, default=16, help="as in training")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-candidates", type=int, default=8)
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    policy = HybridPolicy.from_pretrained(args.policy)
+    data = HybridDataModule(
+        args.data,
+        chunk_size=policy.action_expert.config.chunk_size,
+        future_offset=args.future_offset,
+        image_size=policy.frame_size,
+        val_fraction=args.val_fraction,
+        batch_size=args.batch_size,
+    )
+    figures = diagnose(policy, data, args.batches, args.num_candidates)
+    print_figures(figures, Console())
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
