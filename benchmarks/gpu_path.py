@@ -25,17 +25,20 @@ from timed_cli import run_hybrid
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
 
-ROBOTS = {  # name -> (camera, state dim, instruction)
-    "panda": ("observation.images.front", 7, "push the cube to the red target"),
-    "sawyer": ("observation.images.front", 4, "push the puck to the goal"),
+ROBOTS = {  # name -> (cameras, state dim, instruction)
+    "panda": (["front"], 7, "push the cube to the red target"),
+    "sawyer": (["front", "side"], 4, "push the puck to the goal"),
 }
 
 
 def observation(robot: str) -> Observation:
-    camera, state_dim, _ = ROBOTS[robot]
+    cameras, state_dim, _ = ROBOTS[robot]
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    return Observation({camera: image}, rng.normal(size=state_dim))
+    images = {
+        f"observation.images.{c}": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        for c in cameras
+    }
+    return Observation(images, rng.normal(size=state_dim))
 
 
 def plan(planner: HybridPlanner, robot: str) -> tuple[np.ndarray, float]:

@@ -28,14 +28,16 @@ MODES = {
 
 
 def replay(planner: HybridPlanner, dataset: LeRobotDataset, episodes: list[int]) -> list[dict]:
-    key = planner.spec.cameras[0] if planner.spec.cameras else dataset.camera_keys[0]
+    keys = planner.spec.cameras or dataset.camera_keys
     timings = []
     for index in episodes:
-        columns, frames = dataset.episode(index), dataset.camera_frames(index, key)
+        columns = dataset.episode(index)
+        frames = {key: dataset.camera_frames(index, key) for key in keys}
         planner.reset()
-        for image, state in zip(frames, columns["observation.state"], strict=True):
+        for t, state in enumerate(columns["observation.state"]):
             planned = not planner.queue
-            planner.act(Observation({key: image}, state), columns["task"])
+            images = {key: frames[key][t] for key in keys}
+            planner.act(Observation(images, state), columns["task"])
             if planned:
                 timings.append(planner.last_plan.timings_ms)
     return timings

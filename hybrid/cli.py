@@ -33,7 +33,9 @@ def _collect_parser(subparsers) -> None:
         sim.add_argument("--episodes-per-task", type=int, default=10, help="attempts per task")
         sim.add_argument("--out", type=Path, required=True, help="dataset directory")
         sim.add_argument("--image-size", type=int, default=96, help="square camera image side")
-        sim.add_argument("--camera", default=None, help="camera name (default: the simulator's)")
+        sim.add_argument(
+            "--camera", nargs="+", default=None, help="camera names (default: the simulator's)"
+        )
         sim.add_argument("--seed", type=int, default=0, help="seed of task configurations")
         sim.add_argument("--workers", type=int, default=2, help="parallel simulator processes")
         sim.add_argument(
@@ -61,7 +63,7 @@ def _eval_parser(subparsers) -> None:
     ev.add_argument("--workers", type=int, default=2, help="parallel simulator processes")
     ev.add_argument("--video", action="store_true", help="write an MP4 per episode")
     ev.add_argument("--num-candidates", type=int, default=8, help="K visual subgoals scored")
-    ev.add_argument("--execute-steps", type=int, default=8, help="actions run per chunk")
+    ev.add_argument("--execute-steps", type=int, default=4, help="actions run per chunk")
     ev.add_argument("--no-visual-subgoal", action="store_true", help="flat: no world model")
     ev.add_argument("--no-language-subgoal", action="store_true", help="instruction as subgoal")
 

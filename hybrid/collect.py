@@ -37,7 +37,7 @@ class CollectConfig:
     tasks: tuple[str, ...]
     episodes_per_task: int
     image_size: int
-    camera: str
+    cameras: tuple[str, ...]
     seed: int
     keep_failures: bool
 
@@ -65,7 +65,7 @@ def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, i
     if _worker_env is None or _worker_env.task != task:
         if _worker_env is not None:
             _worker_env.close()
-        _worker_env = sim.make_env(task, config.camera, config.image_size, config.seed)
+        _worker_env = sim.make_env(task, config.cameras, config.image_size, config.seed)
     episode = sim.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt))
     path = _staged_path(Path(staging), task, attempt)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,14 +73,17 @@ def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, i
     keep = episode.success or config.keep_failures
     arrays = {"success": np.asarray(episode.success), "length": np.asarray(len(episode.phases))}
     if keep:  # a failed attempt is staged without its frames, only to count it as attempted
-        arrays |= {"images": episode.images, "state": episode.state, "actions": episode.actions}
+        arrays |= {f"images.{camera}": frames for camera, frames in episode.images.items()}
+        arrays |= {"state": episode.state, "actions": episode.actions}
         arrays |= {"phases": episode.phases, "seed": np.asarray(episode.seed)}
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return task, episode.success, len(episode.phases), time.perf_counter() - start
 
 
-def _to_episode_data(sim, task: str, staged: dict[str, np.ndarray], camera: str) -> EpisodeData:
+def _to_episode_data(
+    sim, task: str, staged: dict[str, np.ndarray], cameras: tuple[str, ...]
+) -> EpisodeData:
     language = sim.task_language()[task]
     length = int(staged["length"])
     subgoals = np.asarray(language.subgoals, dtype=object)[staged["phases"]]
@@ -93,7 +96,7 @@ def _to_episode_data(sim, task: str, staged: dict[str, np.ndarray], camera: str)
             "subgoal": subgoals,
             "progress": progress,
         },
-        videos={f"observation.images.{camera}": staged["images"]},
+        videos={f"observation.images.{camera}": staged[f"images.{camera}"] for camera in cameras},
     )
 
 
@@ -103,31 +106,35 @@ def collect(
     episodes_per_task: int,
     out: Path,
     image_size: int = 96,
-    camera: str | None = None,
+    camera: str | list[str] | None = None,
     seed: int = 0,
     workers: int = 2,
     keep_failures: bool = False,
     console: Console | None = None,
 ) -> dict:
     """Collect (or resume collecting) demonstrations of `simulator_name` (`metaworld`, `panda`);
-    returns the summary that was printed. `camera` None is the simulator's default camera."""
+    returns the summary that was printed. `camera` is one camera or several; None is the
+    simulator's default cameras."""
     console = console or Console()
     sim = simulator(simulator_name)
-    camera = camera or sim.DEFAULT_CAMERA
+    cameras = tuple([camera] if isinstance(camera, str) else camera or sim.DEFAULT_CAMERAS)
     if episodes_per_task < 1:
         raise ValueError(f"--episodes-per-task must be >= 1, got {episodes_per_task}")
     if image_size < 16 or image_size % 2:
         raise ValueError(f"--image-size must be an even number >= 16, got {image_size}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    if camera not in sim.CAMERAS:
-        raise ValueError(f"unknown camera {camera!r}; valid: {', '.join(sim.CAMERAS)}")
+    for name in cameras:
+        if name not in sim.CAMERAS:
+            raise ValueError(f"unknown camera {name!r}; valid: {', '.join(sim.CAMERAS)}")
+    if len(set(cameras)) != len(cameras):
+        raise ValueError(f"--camera names a camera twice: {list(cameras)}")
     config = CollectConfig(
         simulator_name,
         tuple(sim.resolve_tasks(tasks)),
         episodes_per_task,
         image_size,
-        camera,
+        cameras,
         seed,
         keep_failures,
     )
@@ -201,13 +208,13 @@ def _write_dataset(sim, config: CollectConfig, out: Path, staging: Path, console
                 with np.load(_staged_path(staging, task, attempt)) as staged:
                     if not (bool(staged["success"]) or config.keep_failures):
                         continue
-                    writer.add_episode(_to_episode_data(sim, task, dict(staged), config.camera))
+                    writer.add_episode(_to_episode_data(sim, task, dict(staged), config.cameras))
                     kept += 1
                     frames += int(staged["length"])
             per_task[task] = {"kept": kept, "attempted": config.episodes_per_task, "frames": frames}
         writer.finish(
             names={"observation.state": sim.STATE_NAMES, "action": sim.ACTION_NAMES},
-            cameras={f"observation.images.{config.camera}": sim.camera_info(config.camera)},
+            cameras={f"observation.images.{c}": sim.camera_info(c) for c in config.cameras},
         )
     return {
         "simulator": config.simulator,

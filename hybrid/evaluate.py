@@ -58,10 +58,10 @@ class EpisodeResult:
 _worker: dict = {}
 
 
-def _camera(spec, sim) -> tuple[str, str]:
-    """(feature key, simulator camera name) of the robot's first camera."""
-    key = spec.cameras[0] if spec.cameras else f"observation.images.{sim.DEFAULT_CAMERA}"
-    return key, key.rsplit(".", 1)[-1]
+def _cameras(spec, sim) -> dict[str, str]:
+    """The robot's cameras: simulator camera name -> feature key."""
+    keys = spec.cameras or [f"observation.images.{c}" for c in sim.DEFAULT_CAMERAS]
+    return {key.rsplit(".", 1)[-1]: key for key in keys}
 
 
 def _init_worker(config: EvalConfig) -> None:
@@ -97,11 +97,11 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     task, episode = job
     planner, config = _worker["planner"], _worker["config"]
     sim = simulator_for(config.embodiment)
-    key, camera = _camera(planner.spec, sim)
+    cameras = _cameras(planner.spec, sim)
     if _worker.get("task") != task:
         if "env" in _worker:
             _worker["env"].close()
-        _worker["env"] = sim.make_env(task, camera, config.image_size, config.seed)
+        _worker["env"] = sim.make_env(task, tuple(cameras), config.image_size, config.seed)
         _worker["task"] = task
     env = _worker["env"]
     instruction = sim.task_language()[task].instruction
@@ -111,9 +111,9 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     chosen = None  # the visual subgoal in force: the schedule does not imagine every chunk
     while steps < config.max_steps and not success:
         steps += 1
-        image = env.render()
+        images = {cameras[name]: frame for name, frame in env.render().items()}
         planned = not planner.queue
-        action = planner.act(Observation({key: image}, sim.policy_state(obs)), instruction)
+        action = planner.act(Observation(images, sim.policy_state(obs)), instruction)
         if planned:
             timings.append(planner.last_plan.timings_ms)
             subgoals.append(planner.last_plan.subgoal)
@@ -121,7 +121,8 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
             if planner.last_plan.chosen_image is not None:
                 chosen = planner.last_plan.chosen_image
         if config.video_dir:
-            frames.append(_frame_panel(image, planner.last_plan, chosen, config.image_size))
+            first = next(iter(images.values()))
+            frames.append(_frame_panel(first, planner.last_plan, chosen, config.image_size))
         obs, success = env.step(action)
     video = None
     if config.video_dir:

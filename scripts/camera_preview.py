@@ -25,7 +25,8 @@ def preview(cameras: list[str], tasks: list[str], size: int, scale: int, seed: i
             env = MetaWorldEnv(task, camera=camera, image_size=size, seed=0)
             try:
                 env.reset(seed)
-                frame = Image.fromarray(env.render()).resize((tile, tile), Image.NEAREST)
+                frame = env.render()[camera]
+                frame = Image.fromarray(frame).resize((tile, tile), Image.NEAREST)
             finally:
                 env.close()
             sheet.paste(frame, (label + column * tile, row * tile))
@@ -34,7 +35,7 @@ def preview(cameras: list[str], tasks: list[str], size: int, scale: int, seed: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cameras", nargs="+", default=["corner", "front"])
+    parser.add_argument("--cameras", nargs="+", default=["corner", "front", "side"])
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--scale", type=int, default=2)

@@ -36,9 +36,9 @@ def test_split_is_by_episode_per_task_and_seeded():
 def test_window_contents(datamodule):
     windows = datamodule.train_set
     sample = windows[0]
-    assert sample["images"].shape == (1, 3, 32, 32) and sample["images"].dtype == torch.float32
+    assert sample["images"].shape == (2, 3, 32, 32) and sample["images"].dtype == torch.float32
     assert 0.0 <= sample["images"].min() and sample["images"].max() <= 1.0
-    assert sample["future_images"].shape == (1, 3, 32, 32)
+    assert sample["future_images"].shape == (2, 3, 32, 32)
     assert sample["state"].shape == (4,) and sample["actions"].shape == (H, 4)
     assert sample["embodiment"] == "sawyer" and sample["instruction"] and sample["subgoal"]
     # The last frame of an episode: one real action, the rest padding; the future is clamped.
@@ -78,7 +78,7 @@ def test_loaders_batch_with_worker_processes(mt10_dataset):
     batches = list(dm.train_dataloader())
     assert len(batches) == len(dm.train_set) // 16
     batch = batches[0]
-    assert batch["images"].shape == (16, 1, 3, 32, 32) and batch["actions"].shape == (16, 16, 4)
+    assert batch["images"].shape == (16, 2, 3, 32, 32) and batch["actions"].shape == (16, 16, 4)
     assert len(batch["subgoal"]) == 16 and isinstance(batch["subgoal"][0], str)
     seen = torch.cat([b["episode_index"] for b in batches]).unique().tolist()
     assert set(seen) <= train_episodes

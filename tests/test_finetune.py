@@ -80,14 +80,19 @@ def finetuned(tiny_policy_dir, panda_dataset, tmp_path_factory, hybrid_cli):
     return base, tmp
 
 
-def _obs(state_dim, camera, seed=0):
+def _obs(state_dim, cameras, seed=0):
     rng = np.random.default_rng(seed)
-    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    return Observation({camera: image}, rng.normal(size=state_dim))
+    images = {key: rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for key in cameras}
+    return Observation(images, rng.normal(size=state_dim))
 
 
-PANDA = ("panda", 7, "observation.images.front", "push the cube to the red target")
-SAWYER = ("sawyer", 4, "observation.images.front", "push the puck to the goal")
+PANDA = ("panda", 7, ["observation.images.front"], "push the cube to the red target")
+SAWYER = (
+    "sawyer",
+    4,
+    ["observation.images.front", "observation.images.side"],
+    "push the puck to the goal",
+)
 
 
 def _actions(planner, robot):

@@ -20,7 +20,7 @@ def test_collection_reads_back_with_shapes_dtypes_and_language(mt10_dataset):
     kept = sum(row["kept"] for row in summary["tasks"].values())
     assert ds.num_episodes == kept == ds.info["total_episodes"]
     assert ds.info["codebase_version"] == "v3.0" and ds.robot_type == "sawyer"
-    assert ds.camera_keys == [CAMERA]
+    assert ds.camera_keys == [CAMERA, "observation.images.side"]
     for key, dtype, shape in [
         ("observation.state", "float32", [4]),
         ("action", "float32", [4]),

@@ -57,8 +57,10 @@ def test_phase_tracker_moves_forward_only():
 
 
 def test_unknown_camera_is_rejected():
-    with pytest.raises(ValueError, match="'side'.*corner"):
-        MetaWorldEnv("reach-v3", camera="side")
+    with pytest.raises(ValueError, match="'back'.*front, side, corner"):
+        MetaWorldEnv("reach-v3", camera="back")
+    with pytest.raises(ValueError, match=r"re-pose the stock \['corner2'\]"):
+        MetaWorldEnv("reach-v3", camera=("front", "corner2"))
 
 
 @pytest.mark.slow
@@ -69,24 +71,25 @@ def test_expert_rollout_is_reproducible_and_rendered():
         c = rollout_expert(env, seed=4)
     finally:
         env.close()
-    assert a.success and len(a.phases) == len(a.images) == len(a.actions) == len(a.state)
+    images = a.images["corner"]
+    assert a.success and len(a.phases) == len(images) == len(a.actions) == len(a.state)
     np.testing.assert_array_equal(a.actions, b.actions)
-    np.testing.assert_array_equal(a.images, b.images)
-    assert not np.array_equal(a.images[0], c.images[0]), "another seed, another configuration"
-    assert a.images.shape[1:] == (48, 48, 3) and a.images.dtype == np.uint8
+    np.testing.assert_array_equal(images, b.images["corner"])
+    assert not np.array_equal(images[0], c.images["corner"][0]), "another configuration"
+    assert images.shape[1:] == (48, 48, 3) and images.dtype == np.uint8
     assert np.abs(a.actions).max() <= 1.0
     assert list(np.unique(a.phases)) == [0, 1, 2, 3]
 
 
-def _pixels_of(env: MetaWorldEnv, size: int) -> tuple[int, int]:
-    """Pixels the task's object (body `obj`) and its goal marker (site `goal`) cover in the
-    env's camera at `size` px, from MuJoCo's segmentation rendering."""
+def _pixels_of(env: MetaWorldEnv, camera: str, size: int) -> tuple[int, int]:
+    """Pixels the task's object (body `obj`) and its goal marker (site `goal`) cover in
+    `camera` at `size` px, from MuJoCo's segmentation rendering."""
     import mujoco
 
     model, data = env.env.unwrapped.model, env.env.unwrapped.data
     renderer = mujoco.Renderer(model, size, size)
     renderer.enable_segmentation_rendering()
-    renderer.update_scene(data, camera=env.mujoco_camera)
+    renderer.update_scene(data, camera=env.mujoco_camera(camera))
     ids, types = np.moveaxis(renderer.render(), -1, 0)
     renderer.close()
     body = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "obj")
@@ -101,17 +104,17 @@ def _pixels_of(env: MetaWorldEnv, size: int) -> tuple[int, int]:
 @pytest.mark.parametrize("task", ["push-v3", "pick-place-v3"])
 def test_the_default_camera_sees_the_object_and_its_goal(task):
     """At 64 px, the placed `front` camera shows the puck and the goal marker over many pixels,
-    where Meta-World's stock `corner` view gives them a few."""
+    where Meta-World's stock `corner` view gives them a few; `side` sees them too."""
     counts = {}
-    for camera in ("front", "corner"):
-        env = MetaWorldEnv(task, camera=camera, image_size=64)
+    for cameras in (("front", "side"), ("corner",)):
+        env = MetaWorldEnv(task, camera=cameras, image_size=64)
         try:
             env.reset(seed=5)
-            frame = env.render()
-            counts[camera] = _pixels_of(env, 64)
+            frames = env.render()
+            counts |= {camera: _pixels_of(env, camera, 64) for camera in cameras}
         finally:
             env.close()
-        assert frame.shape == (64, 64, 3) and frame.any()
-    obj, goal = counts["front"]
-    assert obj >= 9 and goal >= 9, counts
-    assert counts["corner"][0] <= 5 and counts["corner"][1] <= 5, counts
+        assert list(frames) == list(cameras)
+        assert all(f.shape == (64, 64, 3) and f.any() for f in frames.values())
+    assert min(counts["front"]) >= 9 and min(counts["side"]) >= 5, counts
+    assert max(counts["corner"]) <= 5, counts

@@ -37,7 +37,8 @@ def test_scripted_pick_and_place_walks_through_its_phases():
     finally:
         env.close()
     assert episode.success
-    assert episode.images.shape[1:] == (64, 64, 3) and episode.images.dtype == np.uint8
+    images = episode.images["front"]
+    assert images.shape[1:] == (64, 64, 3) and images.dtype == np.uint8
     assert episode.state.shape[1] == 7 and episode.actions.shape[1] == 4
     assert np.abs(episode.actions).max() <= 1.0
     phases = episode.phases

@@ -8,7 +8,7 @@ from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
 from planners.schedule import RefreshSchedule
 
-CAMERA = "observation.images.front"
+CAMERA, SIDE = "observation.images.front", "observation.images.side"
 INSTRUCTION = "pick up the puck and place it at the goal"
 
 
@@ -16,12 +16,13 @@ INSTRUCTION = "pick up the puck and place it at the goal"
 def frames(mt10_dataset):
     ds = LeRobotDataset(mt10_dataset[0])
     index = next(i for i, e in enumerate(ds.episodes) if e["tasks"][0] == INSTRUCTION)
-    return ds.camera_frames(index, CAMERA), ds.episode(index)["observation.state"]
+    images = {key: ds.camera_frames(index, key) for key in (CAMERA, SIDE)}
+    return images, ds.episode(index)["observation.state"]
 
 
 def _obs(frames, t=0):
     images, states = frames
-    return Observation({CAMERA: images[t]}, states[t])
+    return Observation({key: images[key][t] for key in images}, states[t])
 
 
 @pytest.fixture
@@ -97,8 +98,7 @@ def test_reached_means_the_imagined_target_was_reached(tiny_policy_dir, frames, 
         tiny_policy_dir, schedule=RefreshSchedule(max_chunks_per_subgoal=4), **switches
     )
     wm = planner.policy.world_model
-    images, states = frames
-    future = Observation({CAMERA: images[12]}, states[12])
+    future = _obs(frames, 12)
     perfect = wm.encode(planner._check(future, INSTRUCTION))  # (1, C, h, w)
 
     def imagine(current, context, mask, num_candidates, steps, generator=None):
@@ -162,9 +162,9 @@ def test_unknown_embodiment(tiny_policy_dir):
 
 def test_frames_are_resized_as_in_training(planner, frames):
     """A camera at twice the size, area-averaged back, is the training frame exactly."""
-    images, states = frames
-    large = images[0].repeat(2, axis=0).repeat(2, axis=1)
-    a = planner.plan(Observation({CAMERA: large}, states[0]), INSTRUCTION)
+    obs = _obs(frames)
+    large = {key: image.repeat(2, axis=0).repeat(2, axis=1) for key, image in obs.images.items()}
+    a = planner.plan(Observation(large, obs.state), INSTRUCTION)
     planner.reset()
     b = planner.plan(_obs(frames), INSTRUCTION)
     np.testing.assert_array_equal(a.actions, b.actions)

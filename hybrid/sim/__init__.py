@@ -1,10 +1,10 @@
 """Simulator adapters: environments, scripted experts and their language annotations.
 
 Each adapter module offers the same names, so collection and evaluation take any of them:
-    ROBOT_TYPE, FPS, STATE_NAMES, ACTION_NAMES, CAMERAS, DEFAULT_CAMERA, EMBODIMENT
+    ROBOT_TYPE, FPS, STATE_NAMES, ACTION_NAMES, CAMERAS, DEFAULT_CAMERAS, EMBODIMENT
     task_language()[task].instruction / .subgoals, resolve_tasks(names)
-    make_env(task, camera, image_size, seed) -> env with reset(seed), step(action) ->
-        (obs, success), render() -> (S, S, 3) uint8, close()
+    make_env(task, cameras, image_size, seed) -> env with reset(seed), step(action) ->
+        (obs, success), render() -> {camera: (S, S, 3) uint8}, close()
     policy_state(obs) -> the robot's state vector, rollout_expert(env, seed) -> Episode
     camera_info(camera) -> how the camera is placed (stored in the dataset's info.json)
 """
@@ -38,7 +38,7 @@ def simulator_for(embodiment: str) -> ModuleType:
 
 
 def simulated_robot(
-    name: str, state_names: list[str], action_names: list[str], camera: str
+    name: str, state_names: list[str], action_names: list[str], cameras: tuple[str, ...]
 ) -> EmbodimentSpec:
     """The spec of a simulated robot: its adapter scales every action dim to [-1, 1]."""
     return EmbodimentSpec(
@@ -47,7 +47,7 @@ def simulated_robot(
         action_dim=len(action_names),
         action_low=[-1.0] * len(action_names),
         action_high=[1.0] * len(action_names),
-        cameras=[f"observation.images.{camera}"],
+        cameras=[f"observation.images.{camera}" for camera in cameras],
     )
 
 

@@ -10,13 +10,14 @@ import numpy as np
 
 @dataclass
 class Episode:
-    """T steps of a rollout: images (T, S, S, 3) uint8, state (T, state_dim) float32, actions
-    (T, action_dim) float32 as executed, phases (T,) int indexing the task's subgoal list."""
+    """T steps of a rollout: images, camera name -> (T, S, S, 3) uint8; state (T, state_dim)
+    float32; actions (T, action_dim) float32 as executed; phases (T,) int indexing the task's
+    subgoal list."""
 
     task: str
     seed: int
     success: bool
-    images: np.ndarray
+    images: dict[str, np.ndarray]
     state: np.ndarray
     actions: np.ndarray
     phases: np.ndarray
@@ -32,11 +33,13 @@ def record_rollout(
     """Roll out `act(obs) -> (action, phase)` in `env` from the configuration chosen by `seed`,
     rendering every step, until success or `max_steps`; `state_of(obs)` is the robot's state."""
     obs = env.reset(seed)
-    images, state, actions, phases = [], [], [], []
+    images: dict[str, list[np.ndarray]] = {}
+    state, actions, phases = [], [], []
     success = False
     for _ in range(max_steps):
         action, phase = act(obs)
-        images.append(env.render())
+        for camera, frame in env.render().items():
+            images.setdefault(camera, []).append(frame)
         state.append(state_of(obs))
         actions.append(action)
         phases.append(phase)
@@ -47,7 +50,7 @@ def record_rollout(
         task=env.task,
         seed=seed,
         success=success,
-        images=np.stack(images),
+        images={camera: np.stack(frames) for camera, frames in images.items()},
         state=np.stack(state),
         actions=np.stack(actions),
         phases=np.asarray(phases, np.int64),

@@ -31,10 +31,17 @@ MAX_EPISODE_STEPS = 500
 # of view in degrees), in world metres. Meta-World's stock views see the table from afar: at 64 px
 # the push puck covers ~4 pixels from `corner`, ~14 from `front` (28 at 96 px), and its goal
 # marker ~1 against ~12. `front` faces the robot from across the table, so the gripper never hides
-# the object it approaches. Each placement re-poses the stock `corner2` camera in this env's model.
-PLACED_CAMERAS = {"front": ((0.0, 1.25, 0.65), (0.0, 0.62, 0.08), 50.0)}
-_PLACED_SLOT = "corner2"
+# the object it approaches. Each placement re-poses a stock camera (`_PLACED_SLOTS`) in this env's
+# model, which then no longer offers that stock camera.
+PLACED_CAMERAS = {
+    "front": ((0.0, 1.25, 0.65), (0.0, 0.62, 0.08), 50.0),
+    # from the robot's right: depth and height, which one view cannot tell apart (a goal in the
+    # air, seen from `front` alone, could lie anywhere along its line of sight)
+    "side": ((0.75, 0.68, 0.45), (0.0, 0.68, 0.1), 55.0),
+}
+_PLACED_SLOTS = {"front": "corner2", "side": "corner3"}  # stock cameras they re-pose
 DEFAULT_CAMERA = "front"
+DEFAULT_CAMERAS = ("front", "side")  # what `hybrid collect metaworld` records
 CAMERAS = (
     *PLACED_CAMERAS,
     "corner",
@@ -62,7 +69,7 @@ PRESETS = {
     ),
 }
 
-EMBODIMENT = simulated_robot(ROBOT_TYPE, STATE_NAMES, ACTION_NAMES, DEFAULT_CAMERA)
+EMBODIMENT = simulated_robot(ROBOT_TYPE, STATE_NAMES, ACTION_NAMES, DEFAULT_CAMERAS)
 
 # Observation layout of every Meta-World v3 task (39 dims).
 _POINTS = {"hand": slice(0, 3), "object": slice(4, 7), "goal": slice(36, 39)}
@@ -164,16 +171,16 @@ def look_at(position, target) -> np.ndarray:
     return quat
 
 
-def _place_camera(model, name: str) -> str:
-    """Pose the slot camera as the placed camera `name`; returns the MuJoCo camera to render."""
+def _place_camera(model, name: str) -> int:
+    """Pose the placed camera `name` in `model` (its own slot); returns its MuJoCo camera id."""
     import mujoco
 
     position, target, fovy = PLACED_CAMERAS[name]
-    slot = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, _PLACED_SLOT)
+    slot = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, _PLACED_SLOTS[name])
     model.cam_pos[slot] = position
     model.cam_quat[slot] = look_at(position, target)
     model.cam_fovy[slot] = fovy
-    return _PLACED_SLOT
+    return slot
 
 
 class MetaWorldEnv:
@@ -185,30 +192,47 @@ class MetaWorldEnv:
     """
 
     def __init__(
-        self, task: str, camera: str = DEFAULT_CAMERA, image_size: int = 96, seed: int = 0
+        self,
+        task: str,
+        camera: str | tuple[str, ...] = DEFAULT_CAMERA,
+        image_size: int = 96,
+        seed: int = 0,
     ):
         os.environ.setdefault("MUJOCO_GL", "egl")
         import gymnasium as gym
         import metaworld  # noqa: F401  (registers the Meta-World environments)
         import mujoco
 
-        _check_camera(camera)
-        self.task, self.camera = task, camera
-        self.mujoco_camera = _PLACED_SLOT if camera in PLACED_CAMERAS else camera
+        self.cameras = (camera,) if isinstance(camera, str) else tuple(camera)
+        for name in self.cameras:
+            _check_camera(name)
+        taken = {_PLACED_SLOTS[c] for c in self.cameras if c in PLACED_CAMERAS}
+        if taken & set(self.cameras):
+            raise ValueError(
+                f"cameras {list(self.cameras)}: the placed cameras re-pose the stock "
+                f"{sorted(taken)}, which cannot be asked for beside them"
+            )
+        self.task = task
         self.env = gym.make(
             "Meta-World/MT1",
             env_name=task,
             seed=seed,
             disable_env_checker=True,
             render_mode="rgb_array",
-            camera_name=self.mujoco_camera,
+            camera_name=self.mujoco_camera(self.cameras[0]),
             width=image_size,
             height=image_size,
         )
-        if camera in PLACED_CAMERAS:
-            _place_camera(self.env.unwrapped.model, camera)
+        model = self.env.unwrapped.model
+        for name in self.cameras:
+            if name in PLACED_CAMERAS:
+                _place_camera(model, name)
+        self._camera_ids = {
+            name: mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, self.mujoco_camera(name))
+            for name in self.cameras
+        }
         self.env.unwrapped.model.vis.quality.offsamples = 0
-        viewer = self.env.unwrapped.mujoco_renderer._get_viewer("rgb_array")
+        viewer = self._viewer = self.env.unwrapped.mujoco_renderer._get_viewer("rgb_array")
         viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         # We pick the task configuration per episode ourselves, so episodes are reproducible.
@@ -227,21 +251,30 @@ class MetaWorldEnv:
         obs, _, _, _, info = self.env.step(action)
         return obs, bool(info["success"])
 
-    def render(self) -> np.ndarray:
-        """The current camera frame, upright: (S, S, 3) uint8."""
-        frame = self.env.render()
-        if self.camera in ROTATED_CAMERAS:
-            frame = frame[::-1, ::-1]
-        if not frame.any():
-            raise RuntimeError(
-                f"Meta-World rendered an all-black frame for {self.task}; another env's renderer "
-                "was probably released after this one was made (close envs before making new ones)"
-            )
-        return np.ascontiguousarray(frame)
+    @staticmethod
+    def mujoco_camera(name: str) -> str:
+        """The MuJoCo camera that renders our camera `name`."""
+        return _PLACED_SLOTS.get(name, name)
+
+    def render(self) -> dict[str, np.ndarray]:
+        """Each camera's current frame, upright: name -> (S, S, 3) uint8."""
+        frames = {}
+        for name in self.cameras:
+            frame = self._viewer.render(render_mode="rgb_array", camera_id=self._camera_ids[name])
+            if name in ROTATED_CAMERAS:
+                frame = frame[::-1, ::-1]
+            if not frame.any():
+                raise RuntimeError(
+                    f"Meta-World rendered an all-black frame for {self.task}; another env's "
+                    "renderer was probably released after this one was made (close envs before "
+                    "making new ones)"
+                )
+            frames[name] = np.ascontiguousarray(frame)
+        return frames
 
     def close(self) -> None:
         self.env.close()
-        del self.env
+        del self.env, self._viewer  # no reference may keep the renderer alive past this
         gc.collect()
 
 

@@ -31,6 +31,7 @@ STATE_NAMES = ["ee_x", "ee_y", "ee_z", "ee_vx", "ee_vy", "ee_vz", "finger_width"
 ACTION_NAMES = ["dx", "dy", "dz", "grip"]
 MAX_EPISODE_STEPS = 100
 DEFAULT_CAMERA = "front"
+DEFAULT_CAMERAS = (DEFAULT_CAMERA,)  # what `hybrid collect panda` records
 # Named viewpoints: PyBullet yaw/pitch/distance around a target point on the table.
 CAMERAS = {
     # close enough that the 4 cm cube and target span ~4 px at 64 px
@@ -48,7 +49,7 @@ def camera_info(camera: str) -> dict:
 TARGET_RGBA = (0.9, 0.1, 0.1, 1.0)  # panda-gym draws cube and target in the same green
 PRESETS = {"all": ("reach", "push", "pick-and-place")}
 
-EMBODIMENT = simulated_robot(ROBOT_TYPE, STATE_NAMES, ACTION_NAMES, DEFAULT_CAMERA)
+EMBODIMENT = simulated_robot(ROBOT_TYPE, STATE_NAMES, ACTION_NAMES, DEFAULT_CAMERAS)
 
 STEP_M = 0.05  # metres of end-effector displacement per unit action
 EXPERT_SPEED = 0.5  # the experts move at most half the robot's top speed: smoother demonstrations
@@ -82,10 +83,14 @@ def policy_state(obs: dict) -> np.ndarray:
 
 
 class PandaEnv:
-    """One panda-gym task with the Panda's gripper free and a named camera."""
+    """One panda-gym task with the Panda's gripper free and one or more named cameras."""
 
     def __init__(
-        self, task: str, camera: str = DEFAULT_CAMERA, image_size: int = 96, seed: int = 0
+        self,
+        task: str,
+        camera: str | tuple[str, ...] = DEFAULT_CAMERA,
+        image_size: int = 96,
+        seed: int = 0,
     ):
         from panda_gym.envs.core import RobotTaskEnv
         from panda_gym.envs.robots.panda import Panda
@@ -95,9 +100,11 @@ class PandaEnv:
         from panda_gym.pybullet import PyBullet
 
         resolve_tasks([task])
-        if camera not in CAMERAS:
-            raise ValueError(f"unknown panda camera {camera!r}; valid: {', '.join(CAMERAS)}")
-        self.task, self.camera = task, camera
+        self.cameras = (camera,) if isinstance(camera, str) else tuple(camera)
+        for name in self.cameras:
+            if name not in CAMERAS:
+                raise ValueError(f"unknown panda camera {name!r}; valid: {', '.join(CAMERAS)}")
+        self.task, self.image_size = task, image_size
         with _quiet_stdout():  # PyBullet prints its renderer arguments from C
             sim = PyBullet(render_mode="rgb_array", renderer="Tiny")
         robot = Panda(sim, block_gripper=False, base_position=np.array([-0.6, 0.0, 0.0]))
@@ -108,17 +115,7 @@ class PandaEnv:
         }
         task_model = tasks[task]()
         sim.physics_client.changeVisualShape(sim._bodies_idx["target"], -1, rgbaColor=TARGET_RGBA)
-        view = CAMERAS[camera]
-        self.env = RobotTaskEnv(
-            robot,
-            task_model,
-            render_width=image_size,
-            render_height=image_size,
-            render_target_position=np.asarray(view["target"]),
-            render_distance=view["distance"],
-            render_yaw=view["yaw"],
-            render_pitch=view["pitch"],
-        )
+        self.env = RobotTaskEnv(robot, task_model)
 
     def reset(self, seed: int) -> dict:
         obs, _ = self.env.reset(seed=seed)
@@ -129,12 +126,24 @@ class PandaEnv:
         obs, _, _, _, info = self.env.step(np.asarray(action, np.float32))
         return obs, bool(info["is_success"])
 
-    def render(self) -> np.ndarray:
-        """The camera frame: (S, S, 3) uint8."""
-        frame = np.asarray(self.env.render())[..., :3]
-        if not frame.any():
-            raise RuntimeError(f"PyBullet rendered an all-black frame for panda {self.task}")
-        return np.ascontiguousarray(frame, dtype=np.uint8)
+    def render(self) -> dict[str, np.ndarray]:
+        """Each camera's frame: name -> (S, S, 3) uint8."""
+        frames = {}
+        for name in self.cameras:
+            view = CAMERAS[name]
+            frame = self.env.sim.render(
+                width=self.image_size,
+                height=self.image_size,
+                target_position=np.asarray(view["target"]),
+                distance=view["distance"],
+                yaw=view["yaw"],
+                pitch=view["pitch"],
+            )
+            frame = np.asarray(frame)[..., :3]
+            if not frame.any():
+                raise RuntimeError(f"PyBullet rendered an all-black frame for panda {self.task}")
+            frames[name] = np.ascontiguousarray(frame, dtype=np.uint8)
+        return frames
 
     def close(self) -> None:
         self.env.close()
