@@ -12,12 +12,10 @@ refresh rule is the same in every mode (`planners/schedule.py`). Task configurat
 """
 
 import argparse
-import json
 import tempfile
-from pathlib import Path
 
 import numpy as np
-from readme import markdown_table, write_figure
+from readme import report_successes
 from rich.console import Console
 
 from hybrid.collect import episode_seed
@@ -59,6 +57,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--readme", help="rewrite this README's `ablation` table")
     parser.add_argument("--out", help="write every count to this JSON file")
+    parser.set_defaults(figure="ablation")
     args = parser.parse_args()
     console = Console()
     tasks = metaworld.resolve_tasks(args.tasks)
@@ -82,24 +81,9 @@ def main() -> None:
     counts["zero action"] = [
         zero_action_successes(t, args.episodes, args.seed, args.max_steps) for t in tasks
     ]
-    n = args.episodes
-    header = ["mode", *(t.removesuffix("-v3") for t in tasks), "mean"]
-    rows = [
-        [
-            mode,
-            *(format_rate(c, n) for c in per_task),
-            f"**{format_rate(sum(per_task), n * len(tasks))}**",
-        ]
-        for mode, per_task in counts.items()
-    ]
-    table = markdown_table(header, rows)
-    console.print(f"success over {n} episodes per task (seed {args.seed}), 95% Wilson intervals")
+    table = report_successes(counts, "mode", tasks, args.episodes, args.seed, args)
+    console.print(f"success, {args.episodes} episodes per task (seed {args.seed}), 95% Wilson")
     console.print(table)
-    if args.readme:
-        write_figure(args.readme, "ablation", table)
-    if args.out:
-        record = {"episodes": n, "seed": args.seed, "tasks": tasks, "successes": counts}
-        Path(args.out).write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Where a trained policy loses success, tier by tier, open loop on held-out episodes. Prints
 figures; asserts nothing.
 
-    python benchmarks/diagnose.py --policy outputs/quickstart/policy --data data/quickstart
+    python benchmarks/diagnose.py --policy outputs/quickstart/policy --data data/quickstart \
+        --readme README.md
 
 The held-out episodes are the validation split `hybrid fit` used (same seed and fraction). Per
 batch of held-out frames:
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from readme import markdown_table, write_figure
 from rich.console import Console
 from rich.table import Table
 
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-candidates", type=int, default=8)
     parser.add_argument("--out", help="also write the figures to this JSON file")
+    parser.add_argument("--readme", help="rewrite this README's `diagnosis` table")
     args = parser.parse_args()
     torch.manual_seed(0)
     policy = HybridPolicy.from_pretrained(args.policy)
@@ -152,6 +155,10 @@ def main() -> None:
     print_figures(figures, Console())
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))
+    if args.readme:
+        rows = [[tier, label, fmt.format(figures[key])] for tier, label, key, fmt in ROWS]
+        table = markdown_table(["tier", f"figure ({figures['samples']} held-out frames)", ""], rows)
+        write_figure(args.readme, "diagnosis", table)
 
 
 if __name__ == "__main__":

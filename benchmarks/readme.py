@@ -9,7 +9,10 @@ A table lives between two markers in the README, named after the command that ma
 `write_figure` replaces what lies between them (the markers must already be there).
 """
 
+import json
 from pathlib import Path
+
+from hybrid.intervals import format_rate
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -30,3 +33,24 @@ def write_figure(readme: str | Path, name: str, markdown: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(f"{head}{begin}\n{markdown.strip()}\n{end}{tail}")
     tmp.replace(path)
+
+
+def report_successes(
+    counts: dict, first_column: str, tasks: list[str], episodes: int, seed: int, args
+) -> str:
+    """The success table (one row per key of `counts`: successes per task, then the pooled mean,
+    each with its 95% Wilson interval) as markdown; written to `args.readme` under the figure
+    `args.figure` and to `args.out` as JSON when those are set."""
+    header = [first_column, *(t.removesuffix("-v3") for t in tasks), "mean"]
+    rows = [
+        [str(label), *(format_rate(c, episodes) for c in per_task)]
+        + [f"**{format_rate(sum(per_task), episodes * len(tasks))}**"]
+        for label, per_task in counts.items()
+    ]
+    table = markdown_table(header, rows)
+    if args.readme:
+        write_figure(args.readme, args.figure, table)
+    if args.out:
+        record = {"episodes": episodes, "seed": seed, "tasks": tasks, "successes": counts}
+        Path(args.out).write_text(json.dumps(record, indent=2))
+    return table

@@ -3,7 +3,8 @@ chosen visual subgoal and the VLM's features into an action chunk.
 
 Tokens, in the order they are attended:
     context  [VLM prefix features (B, L, D_vlm), current-frame tokens (B, I, hidden) from its own
-              CNN (`experts.image_encoder`), visual-subgoal latent patches (B, P, ...)]
+              CNN (`experts.image_encoder`; 6 x 6 per camera at 96 px), visual-subgoal latent
+              patches (B, P, ...)]
                                                                         (B, L + I + P, hidden)
     suffix   [state token, H noisy action tokens]                       (B, 1 + H, hidden)
 The suffix attends to the context and to itself (bidirectionally); the context attends to nothing
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from experts.embodiment_heads import EmbodimentLinear, StateEncoder
@@ -98,12 +99,15 @@ class ActionExpert(ModelMixin, ConfigMixin):
         num_heads: int = 4,
         image_size: int | None = 96,
         num_cameras: int = 1,
-        image_channels: tuple[int, ...] = (32, 64, 128),
+        image_channels: tuple[int, ...] = (32, 64, 128, 128),
         image_shift: int = 4,
+        flow_samples: int = 2,
     ):
         """`image_size` is the side at which the expert sees the current frames (None: it sees
         them only through the VLM's features); `image_shift` the random-shift augmentation of
-        those frames in training, in pixels of the frames as given."""
+        those frames in training, in pixels of the frames as given. `flow_samples` is how many
+        (noise, time) draws the loss averages per example: the context is encoded once and
+        shared, so more draws cost only the small suffix pass and steady the gradient."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
@@ -194,6 +198,13 @@ class ActionExpert(ModelMixin, ConfigMixin):
             images = random_shift(images, self.config.image_shift)
         context_kv, context_mask = self._context(
             vlm_features, vlm_mask, images, visual_latent, visual_keep
+        )
+        # n flow draws per example: everything per example repeats n times, (B, ...) -> (B n, ...)
+        n = self.config.flow_samples
+        context_kv = [tuple(repeat(x, "b ... -> (b n) ...", n=n) for x in kv) for kv in context_kv]
+        context_mask, state, embodiment_ids, actions, action_mask, dim_mask = (
+            repeat(x, "b ... -> (b n) ...", n=n)
+            for x in (context_mask, state, embodiment_ids, actions, action_mask, dim_mask)
         )
         mask = action_mask[:, :, None] & dim_mask[:, None, :]
         # Whatever padding holds, the model sees zeros on padded dims and steps.

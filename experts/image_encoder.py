@@ -30,7 +30,9 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | No
 
 class ImageEncoder(nn.Module):
     """See the module docstring. Each stage halves the side (3x3 convolution, stride 2, group
-    norm, SiLU); a learned position embedding per camera and grid cell follows the projection."""
+    norm, SiLU); a learned position embedding per camera and grid cell follows the projection.
+    A robot with fewer cameras than `num_cameras` (one added by `hybrid finetune`) uses the
+    first ones' embeddings."""
 
     def __init__(
         self,
@@ -57,9 +59,14 @@ class ImageEncoder(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, num_cameras * grid * grid, hidden) * 0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 5 or images.shape[1] != self.num_cameras or images.shape[2] != 3:
+        if (
+            images.dim() != 5
+            or not 1 <= images.shape[1] <= self.num_cameras
+            or images.shape[2] != 3
+        ):
             raise ValueError(
-                f"images must be (B, {self.num_cameras}, 3, S, S), got {tuple(images.shape)}"
+                f"images must be (B, N, 3, S, S) with 1 <= N <= {self.num_cameras} cameras, "
+                f"got {tuple(images.shape)}"
             )
         b = images.shape[0]
         x = rearrange(images, "b n c h w -> (b n) c h w")
@@ -67,4 +74,4 @@ class ImageEncoder(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
         x = self.stem(x * 2 - 1)  # (B * N, C, g, g)
         tokens = rearrange(x, "(b n) c h w -> b (n h w) c", b=b)
-        return self.proj(tokens) + self.pos
+        return self.proj(tokens) + self.pos[:, : tokens.shape[1]]  # a robot may have fewer cameras

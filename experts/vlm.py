@@ -91,7 +91,10 @@ class HighLevelVLM(nn.Module):
             config below, with fresh weights.
         num_action_tokens: FAST vocabulary size; `<act_i>` tokens are added when missing.
         max_subgoal_tokens: generation budget for a subgoal.
-        image_size .. scale_factor: the tiny config (ignored with a pretrained backbone).
+        image_size .. num_heads: the tiny config (ignored with a pretrained backbone).
+        cameras: how many of the given cameras (the first ones) the VLM reads; None: all.
+            The action expert reads every camera with its own CNN; the subgoal is a coarser
+            judgement, and each camera costs a VLM its image tokens.
     """
 
     # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert): the
@@ -116,6 +119,7 @@ class HighLevelVLM(nn.Module):
         vision_hidden: int = 128,
         vision_layers: int = 2,
         num_heads: int = 4,
+        cameras: int | None = 1,
     ):
         super().__init__()
         self.config = {
@@ -180,10 +184,14 @@ class HighLevelVLM(nn.Module):
         return self.backbone.config.text_config.hidden_size
 
     # 1. inputs -------------------------------------------------------------------------------
-    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, N, 3, S, S) in [0, 1] -> the backbone's pixel values (B, N, 3, s, s)."""
+    def _cameras(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3, S, S) -> the cameras this VLM reads, (B, n, 3, S, S)."""
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be (B, N, 3, H, W), got {tuple(images.shape)}")
+        return images[:, : self.config["cameras"]]
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, n, 3, S, S) in [0, 1] -> the backbone's pixel values (B, n, 3, s, s)."""
         b = images.shape[0]
         x = rearrange(images, "b n c h w -> (b n) c h w")
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
@@ -222,6 +230,7 @@ class HighLevelVLM(nn.Module):
     ) -> VLMOutput:
         """Teacher-forced pass: losses on subgoal (and FAST) tokens, and prefix features."""
         eos = self.tokenizer.eos_token_id
+        images = self._cameras(images)
         prompts = self._prompts(images.shape[1], instructions)
         sequences, spans = [], []
         for i, (prompt, subgoal) in enumerate(zip(prompts, subgoals, strict=True)):
@@ -261,6 +270,7 @@ class HighLevelVLM(nn.Module):
     @torch.no_grad()
     def propose_subgoal(self, images: torch.Tensor, instructions: list[str]) -> list[str]:
         """Greedy generation of one subgoal per sample, at most `max_subgoal_tokens` tokens."""
+        images = self._cameras(images)
         ids, mask = self._pad(self._prompts(images.shape[1], instructions), left=True)
         out = self.backbone.generate(
             input_ids=ids,

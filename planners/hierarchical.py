@@ -66,7 +66,7 @@ class HybridPlanner:
         num_candidates: int = 8,
         imagine_steps: int = 4,
         action_steps: int = 10,
-        execute_steps: int = 8,
+        execute_steps: int = 4,
         language_subgoal: bool = True,
         visual_subgoal: bool = True,
         schedule: RefreshSchedule | None = None,

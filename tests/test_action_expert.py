@@ -62,7 +62,7 @@ def test_the_expert_sees_the_current_frame(expert):
     other = inputs | {"images": inputs["images"].flip(-1)}
     b = expert.sample(**other, steps=2, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(a, b)
-    with pytest.raises(ValueError, match=r"images must be \(B, 1, 3, S, S\)"):
+    with pytest.raises(ValueError, match=r"images must be \(B, N, 3, S, S\) with 1 <= N <= 1"):
         expert.sample(**(inputs | {"images": inputs["images"][:, 0]}), steps=1)
     blind = ActionExpert(
         vlm_dim=D,

@@ -19,7 +19,7 @@ SMALL = dict(num_action_tokens=32, text_hidden=64, text_layers=2, vision_hidden=
 def vlm():
     torch.manual_seed(0)
     tokenizer = train_tokenizer(TEXTS, vocab_size=200, num_action_tokens=32)
-    return HighLevelVLM(tokenizer, max_subgoal_tokens=6, **SMALL).eval()
+    return HighLevelVLM(tokenizer, max_subgoal_tokens=6, cameras=None, **SMALL).eval()
 
 
 def _images(batch, cameras=1, seed=0):
@@ -88,3 +88,17 @@ def test_save_load_identical(vlm, tmp_path):
 def test_bad_image_shape_is_named(vlm):
     with pytest.raises(ValueError, match=r"images must be \(B, N, 3, H, W\), got \(2, 3, 64, 64\)"):
         vlm.propose_subgoal(torch.rand(2, 3, 64, 64), TEXTS[:2])
+
+
+def test_cameras_sets_how_many_cameras_the_vlm_reads():
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(TEXTS, vocab_size=200, num_action_tokens=32)
+    first_only = HighLevelVLM(tokenizer, cameras=1, **SMALL).eval()
+    images = _images(2, cameras=2)
+    other_second = torch.cat([images[:, :1], _images(2, cameras=1, seed=5)], 1)
+    a, mask_a = first_only.prefix_features(images, TEXTS[:2], TEXTS[1:3])
+    b, mask_b = first_only.prefix_features(other_second, TEXTS[:2], TEXTS[1:3])
+    assert torch.equal(a, b) and torch.equal(mask_a, mask_b), "the second camera is not read"
+    every = HighLevelVLM(tokenizer, cameras=None, **SMALL).eval()
+    c, _ = every.prefix_features(images, TEXTS[:2], TEXTS[1:3])
+    assert c.shape[1] > a.shape[1], "with cameras=None both image blocks are in the prefix"
