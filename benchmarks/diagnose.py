@@ -112,11 +112,26 @@ ROWS = [  # (tier, figure, key, format)
     ("world model", "latent MSE, copying the current frame", "world_mse_copy", "{:.3f}"),
     ("value head", "Spearman with progress, real latents", "value_spearman_real", "{:.3f}"),
     ("value head", "Spearman with progress, imagined futures", "value_spearman_imagined", "{:.3f}"),
-    ("value head", "best-of-K closer to the truth than the mean", "best_of_k_closer", "{:.0%}"),
-    ("action expert", "chunk MSE | (a) true future latent", "action_mse_true_future", "{:.3f}"),
-    ("action expert", "chunk MSE | (b) imagined chosen future", "action_mse_imagined", "{:.3f}"),
-    ("action expert", "chunk MSE | (c) no visual subgoal", "action_mse_no_visual", "{:.3f}"),
-    ("action expert", "chunk MSE | (d) the mean action", "action_mse_mean_action", "{:.3f}"),
+    (
+        "value head",
+        "best-of-K nearer the truth than the mean candidate",
+        "best_of_k_closer",
+        "{:.0%}",
+    ),
+    (
+        "action expert",
+        "chunk MSE given (a) the true future latent",
+        "action_mse_true_future",
+        "{:.3f}",
+    ),
+    (
+        "action expert",
+        "chunk MSE given (b) the imagined chosen future",
+        "action_mse_imagined",
+        "{:.3f}",
+    ),
+    ("action expert", "chunk MSE given (c) no visual subgoal", "action_mse_no_visual", "{:.3f}"),
+    ("action expert", "chunk MSE of (d) the mean action", "action_mse_mean_action", "{:.3f}"),
 ]
 
 
