@@ -21,20 +21,23 @@ def _inputs(batch=B, generator=None):
     )
 
 
-@pytest.fixture(scope="module")
-def expert():
-    torch.manual_seed(0)
+def _expert(**overrides) -> ActionExpert:
+    """A small expert for the inputs of `_inputs`: 5 state and 3 action dims, two robots."""
+    sizes = dict(hidden=32, num_layers=2, image_size=32, image_channels=(8, 16, 16))
     return ActionExpert(
         vlm_dim=D,
         chunk_size=H,
         max_state_dim=5,
         max_action_dim=3,
         num_embodiments=2,
-        hidden=32,
-        num_layers=2,
-        image_size=32,
-        image_channels=(8, 16, 16),
-    ).eval()
+        **(sizes | overrides),
+    )
+
+
+@pytest.fixture(scope="module")
+def expert():
+    torch.manual_seed(0)
+    return _expert().eval()
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -64,16 +67,7 @@ def test_the_expert_sees_the_current_frame(expert):
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match=r"images must be \(B, N, 3, S, S\) with 1 <= N <= 1"):
         expert.sample(**(inputs | {"images": inputs["images"][:, 0]}), steps=1)
-    blind = ActionExpert(
-        vlm_dim=D,
-        chunk_size=H,
-        max_state_dim=5,
-        max_action_dim=3,
-        num_embodiments=2,
-        hidden=32,
-        num_layers=1,
-        image_size=None,
-    )
+    blind = _expert(num_layers=1, image_size=None)
     assert blind.image_in is None
     assert blind.sample(**(inputs | {"images": None}), steps=1).shape == (B, H, 3)
 
