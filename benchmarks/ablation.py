@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--readme", help="rewrite this README's `ablation` table")
     parser.add_argument("--out", help="write every count to this JSON file")
-    parser.set_defaults(figure="ablation")
     args = parser.parse_args()
     console = Console()
     tasks = metaworld.resolve_tasks(args.tasks)
@@ -81,7 +80,9 @@ def main() -> None:
     counts["zero action"] = [
         zero_action_successes(t, args.episodes, args.seed, args.max_steps) for t in tasks
     ]
-    table = report_successes(counts, "mode", tasks, args.episodes, args.seed, args)
+    table = report_successes(
+        counts, "mode", tasks, args.episodes, args.seed, "ablation", args.readme, args.out
+    )
     console.print(f"success, {args.episodes} episodes per task (seed {args.seed}), 95% Wilson")
     console.print(table)
 

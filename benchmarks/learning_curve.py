@@ -53,7 +53,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--readme", help="rewrite this README's `learning_curve` table")
     parser.add_argument("--out", help="write every count to this JSON file")
-    parser.set_defaults(figure="learning_curve")
     args = parser.parse_args()
     console = Console()
     counts: dict[int, list[int]] = {}
@@ -75,7 +74,16 @@ def main() -> None:
         counts[step] = [row["successes"] for row in summary["tasks"].values()]
         rate = format_rate(sum(counts[step]), args.episodes * len(tasks))
         console.print(f"step {step} ({checkpoint.name}): mean success {rate}")
-    table = report_successes(counts, "training steps", tasks, args.episodes, args.seed, args)
+    table = report_successes(
+        counts,
+        "training steps",
+        tasks,
+        args.episodes,
+        args.seed,
+        "learning_curve",
+        args.readme,
+        args.out,
+    )
     console.print(table)
 
 

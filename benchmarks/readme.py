@@ -36,11 +36,18 @@ def write_figure(readme: str | Path, name: str, markdown: str) -> None:
 
 
 def report_successes(
-    counts: dict, first_column: str, tasks: list[str], episodes: int, seed: int, args
+    counts: dict,
+    first_column: str,
+    tasks: list[str],
+    episodes: int,
+    seed: int,
+    figure: str,
+    readme: str | None = None,
+    out: str | None = None,
 ) -> str:
     """The success table (one row per key of `counts`: successes per task, then the pooled mean,
-    each with its 95% Wilson interval) as markdown; written to `args.readme` under the figure
-    `args.figure` and to `args.out` as JSON when those are set."""
+    each with its 95% Wilson interval) as markdown; written to `readme` as `figure` and to `out`
+    as JSON when those are given."""
     header = [first_column, *(t.removesuffix("-v3") for t in tasks), "mean"]
     rows = [
         [str(label), *(format_rate(c, episodes) for c in per_task)]
@@ -48,9 +55,9 @@ def report_successes(
         for label, per_task in counts.items()
     ]
     table = markdown_table(header, rows)
-    if args.readme:
-        write_figure(args.readme, args.figure, table)
-    if args.out:
+    if readme:
+        write_figure(readme, figure, table)
+    if out:
         record = {"episodes": episodes, "seed": seed, "tasks": tasks, "successes": counts}
-        Path(args.out).write_text(json.dumps(record, indent=2))
+        Path(out).write_text(json.dumps(record, indent=2))
     return table

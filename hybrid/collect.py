@@ -24,7 +24,7 @@ from rich.table import Table
 
 from experts.config_io import save_config
 from hybrid.data.lerobot_writer import EpisodeData, LeRobotWriter, dataset_size_bytes
-from hybrid.sim import simulator
+from hybrid.sim import camera_names, simulator
 
 COLLECTION_FILE = "meta/collection.json"
 
@@ -117,16 +117,13 @@ def collect(
     simulator's default cameras."""
     console = console or Console()
     sim = simulator(simulator_name)
-    cameras = tuple([camera] if isinstance(camera, str) else camera or sim.DEFAULT_CAMERAS)
+    cameras = camera_names(camera or sim.DEFAULT_CAMERAS, sim.CAMERAS, simulator_name)
     if episodes_per_task < 1:
         raise ValueError(f"--episodes-per-task must be >= 1, got {episodes_per_task}")
     if image_size < 16 or image_size % 2:
         raise ValueError(f"--image-size must be an even number >= 16, got {image_size}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    for name in cameras:
-        if name not in sim.CAMERAS:
-            raise ValueError(f"unknown camera {name!r}; valid: {', '.join(sim.CAMERAS)}")
     if len(set(cameras)) != len(cameras):
         raise ValueError(f"--camera names a camera twice: {list(cameras)}")
     config = CollectConfig(

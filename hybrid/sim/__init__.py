@@ -51,6 +51,18 @@ def simulated_robot(
     )
 
 
+def camera_names(camera, known, simulator_label: str) -> tuple[str, ...]:
+    """One camera name or several as a tuple, each checked against `known` (an unknown one is
+    named with the valid ones)."""
+    names = (camera,) if isinstance(camera, str) else tuple(camera)
+    for name in names:
+        if name not in known:
+            raise ValueError(
+                f"unknown {simulator_label} camera {name!r}; valid: {', '.join(known)}"
+            )
+    return names
+
+
 def expand_tasks(names: list[str], known, presets: dict, simulator_label: str) -> list[str]:
     """Expand preset names and check every task against `known` (the language table); order
     kept, duplicates dropped. An unknown name is named with the valid ones."""

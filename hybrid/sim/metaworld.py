@@ -19,7 +19,7 @@ from importlib import resources
 import numpy as np
 import yaml
 
-from hybrid.sim import expand_tasks, simulated_robot
+from hybrid.sim import camera_names, expand_tasks, simulated_robot
 from hybrid.sim.episode import Episode, record_rollout
 
 ROBOT_TYPE = "sawyer"
@@ -138,11 +138,6 @@ class PhaseTracker:
         return self.phase
 
 
-def _check_camera(camera: str) -> None:
-    if camera not in CAMERAS:
-        raise ValueError(f"unknown Meta-World camera {camera!r}; valid: {', '.join(CAMERAS)}")
-
-
 def camera_info(camera: str) -> dict:
     """How `camera` is placed, as recorded with its video feature in the dataset's info.json."""
     if camera not in PLACED_CAMERAS:
@@ -171,8 +166,8 @@ def look_at(position, target) -> np.ndarray:
     return quat
 
 
-def _place_camera(model, name: str) -> int:
-    """Pose the placed camera `name` in `model` (its own slot); returns its MuJoCo camera id."""
+def _place_camera(model, name: str) -> None:
+    """Pose the placed camera `name` in `model`, in its slot (`_PLACED_SLOTS`)."""
     import mujoco
 
     position, target, fovy = PLACED_CAMERAS[name]
@@ -180,7 +175,6 @@ def _place_camera(model, name: str) -> int:
     model.cam_pos[slot] = position
     model.cam_quat[slot] = look_at(position, target)
     model.cam_fovy[slot] = fovy
-    return slot
 
 
 class MetaWorldEnv:
@@ -203,9 +197,7 @@ class MetaWorldEnv:
         import metaworld  # noqa: F401  (registers the Meta-World environments)
         import mujoco
 
-        self.cameras = (camera,) if isinstance(camera, str) else tuple(camera)
-        for name in self.cameras:
-            _check_camera(name)
+        self.cameras = camera_names(camera, CAMERAS, "Meta-World")
         taken = {_PLACED_SLOTS[c] for c in self.cameras if c in PLACED_CAMERAS}
         if taken & set(self.cameras):
             raise ValueError(

@@ -22,7 +22,7 @@ from importlib import resources
 import numpy as np
 import yaml
 
-from hybrid.sim import expand_tasks, simulated_robot
+from hybrid.sim import camera_names, expand_tasks, simulated_robot
 from hybrid.sim.episode import Episode, record_rollout
 
 ROBOT_TYPE = "panda"
@@ -100,10 +100,7 @@ class PandaEnv:
         from panda_gym.pybullet import PyBullet
 
         resolve_tasks([task])
-        self.cameras = (camera,) if isinstance(camera, str) else tuple(camera)
-        for name in self.cameras:
-            if name not in CAMERAS:
-                raise ValueError(f"unknown panda camera {name!r}; valid: {', '.join(CAMERAS)}")
+        self.cameras = camera_names(camera, CAMERAS, "panda")
         self.task, self.image_size = task, image_size
         with _quiet_stdout():  # PyBullet prints its renderer arguments from C
             sim = PyBullet(render_mode="rgb_array", renderer="Tiny")
