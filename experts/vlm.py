@@ -221,6 +221,26 @@ class HighLevelVLM(nn.Module):
         return [self._ids(block + text + SUBGOAL_PROMPT) for text in instructions]
 
     # 2. training ------------------------------------------------------------------------------
+    def _hidden(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden layer (B, L, D) of token ids (B, L) with their mask (B, L); images
+        (B, n, 3, S, S) are the cameras this VLM reads."""
+        out = self.backbone.model(
+            input_ids=ids, attention_mask=mask.long(), pixel_values=self._pixels(images)
+        )
+        return out.last_hidden_state
+
+    def _prefixes(
+        self, num_cameras: int, instructions: list[str], subgoals: list[str]
+    ) -> list[list[int]]:
+        """[images, instruction, "Subgoal:", subgoal, <eos>] per sample: the prefix the lower
+        tiers read."""
+        eos = self.tokenizer.eos_token_id
+        prompts = self._prompts(num_cameras, instructions)
+        return [
+            [*prompt, *self._ids(" " + subgoal), eos]
+            for prompt, subgoal in zip(prompts, subgoals, strict=True)
+        ]
+
     def forward(
         self,
         images: torch.Tensor,
@@ -232,21 +252,14 @@ class HighLevelVLM(nn.Module):
         eos = self.tokenizer.eos_token_id
         images = self._cameras(images)
         prompts = self._prompts(images.shape[1], instructions)
+        prefixes = self._prefixes(images.shape[1], instructions, subgoals)
         sequences, spans = [], []
-        for i, (prompt, subgoal) in enumerate(zip(prompts, subgoals, strict=True)):
-            goal = [*self._ids(" " + subgoal), eos]
+        for i, (prompt, prefix) in enumerate(zip(prompts, prefixes, strict=True)):
             fast = [] if fast_tokens is None else [*self.action_ids[fast_tokens[i]].tolist(), eos]
-            sequences.append(prompt + goal + fast)
-            spans.append(
-                (len(prompt), len(prompt) + len(goal), len(prompt) + len(goal) + len(fast))
-            )
+            sequences.append(prefix + fast)
+            spans.append((len(prompt), len(prefix), len(prefix) + len(fast)))
         ids, mask = self._pad(sequences)
-        out = self.backbone(
-            input_ids=ids,
-            attention_mask=mask.long(),
-            pixel_values=self._pixels(images),
-            output_hidden_states=True,
-        )
+        hidden = self._hidden(images, ids, mask)
         lang_target = torch.full_like(ids, -100)
         fast_target = torch.full_like(ids, -100)
         feature_mask = torch.zeros_like(mask)
@@ -254,7 +267,7 @@ class HighLevelVLM(nn.Module):
             lang_target[i, start:mid] = ids[i, start:mid]
             fast_target[i, mid:end] = ids[i, mid:end]
             feature_mask[i, :mid] = True
-        logits = out.logits[:, :-1]  # position j predicts token j + 1
+        logits = self.backbone.lm_head(hidden[:, :-1])  # position j predicts token j + 1
 
         def next_token_loss(target: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits.transpose(1, 2).float(), target[:, 1:], ignore_index=-100)
@@ -262,7 +275,7 @@ class HighLevelVLM(nn.Module):
         return VLMOutput(
             lang_loss=next_token_loss(lang_target),
             fast_loss=None if fast_tokens is None else next_token_loss(fast_target),
-            features=out.hidden_states[-1],
+            features=hidden,
             feature_mask=feature_mask,
         )
 
@@ -290,9 +303,11 @@ class HighLevelVLM(nn.Module):
         self, images: torch.Tensor, instructions: list[str], subgoals: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, L, D) and mask (B, L) of [images, instruction, subgoal] for the experts
-        below; the same features the teacher-forced `forward` gives."""
-        out = self.forward(images, instructions, subgoals)
-        return out.features, out.feature_mask
+        below: the teacher-forced `forward`'s features, from the backbone's last hidden layer
+        alone (no language-model head, no loss)."""
+        images = self._cameras(images)
+        ids, mask = self._pad(self._prefixes(images.shape[1], instructions, subgoals))
+        return self._hidden(images, ids, mask), mask
 
     # 4. persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:

@@ -50,6 +50,7 @@ class FinetuneModule(HybridModule):
         visual_dropout: float = 0.1,
         language_dropout: float = 0.1,
         imagined_share: float = 0.5,
+        vlm_rows: int | None = None,
     ):
         super().__init__(
             experts=None,
@@ -62,6 +63,7 @@ class FinetuneModule(HybridModule):
             visual_dropout=visual_dropout,
             language_dropout=language_dropout,
             imagined_share=imagined_share,
+            vlm_rows=vlm_rows,
             ema_decay=None,  # the adapter saved is the live one
         )
         self.save_hyperparameters()

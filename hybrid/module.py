@@ -50,6 +50,9 @@ class HybridModule(L.LightningModule):
             of the future rather than the true future frame (`HybridPolicy.losses`).
         ema_decay: decay of the weights' moving average, ramped up as (1 + n) / (10 + n) over
             the first steps n; None keeps no average.
+        vlm_rows: samples of each training batch the VLM's language and FAST losses train on
+            (None: all); the other samples' features come from a cheaper pass without gradient
+            (`HybridPolicy.losses`). 8 of 32 cuts the quickstart's step time by a third.
     """
 
     def __init__(
@@ -65,8 +68,13 @@ class HybridModule(L.LightningModule):
         language_dropout: float = 0.1,
         imagined_share: float = 0.5,
         ema_decay: float | None = 0.999,
+        vlm_rows: int | None = None,
     ):
         super().__init__()
+        if vlm_rows is not None and vlm_rows < 1:
+            raise ValueError(
+                f"vlm_rows must be a positive number of samples or None, got {vlm_rows}"
+            )
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         self.save_hyperparameters()
@@ -78,6 +86,7 @@ class HybridModule(L.LightningModule):
             "visual_dropout": visual_dropout,
             "language_dropout": language_dropout,
             "imagined_share": imagined_share,
+            "vlm_rows": vlm_rows,
         }
         self.ema_decay = ema_decay
         self.ema: dict[str, torch.Tensor] | None = None  # parameter name -> averaged value

@@ -230,6 +230,7 @@ class HybridPolicy(nn.Module):
         visual_dropout: float = 0.0,
         language_dropout: float = 0.0,
         imagined_share: float = 0.0,
+        vlm_rows: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every loss of the hierarchy on one batch: lang, fast, world, value, action (+ vae when
         the world model's VAE trains). The action loss reaches only the action expert.
@@ -239,43 +240,50 @@ class HybridPolicy(nn.Module):
         share it reads VLM features whose subgoal is the instruction itself. For an
         `imagined_share` of samples its visual subgoal is the world model's own estimate of the
         future from this step (as at planning time, where the future is imagined), for the rest
-        the true future frame."""
+        the true future frame. The VLM's own losses train on the first `vlm_rows` samples (None:
+        all); the other samples' features come from a pass without gradient, which no loss
+        below the VLM needs (knowledge insulation)."""
         cfg = self.action_expert.config
         names = list(batch["embodiment"])
         ids = self.embodiment_ids(names)
         actions = batch["actions"]
-        instructions = list(batch["instruction"])
+        images, instructions = batch["images"], list(batch["instruction"])
+        subgoals = list(batch["subgoal"])
+        size = len(names)
+        rows = size if vlm_rows is None else min(vlm_rows, size)
         # robots with fewer action dims than FAST was fit on are zero-padded, as in the expert
-        fast_actions = self._pad(actions.detach().float(), self.fast.action_dim)
+        fast_actions = self._pad(actions[:rows].detach().float(), self.fast.action_dim)
         fast_tokens = self.fast.encode(fast_actions.cpu().numpy())
-        out = self.vlm(batch["images"], instructions, list(batch["subgoal"]), fast_tokens)
+        out = self.vlm(images[:rows], instructions[:rows], subgoals[:rows], fast_tokens)
+        features, feature_mask = out.features, out.feature_mask
+        if rows < size:
+            rest = self.vlm.prefix_features(images[rows:], instructions[rows:], subgoals[rows:])
+            features, feature_mask = _cat_rows((features, feature_mask), rest)
         with torch.no_grad():  # one encoding serves the world model and the action expert
-            frames = torch.cat([batch["images"], batch["future_images"]])
+            frames = torch.cat([images, batch["future_images"]])
             current, future = self.world_model.encode(frames).chunk(2)
         world, imagined = self.world_model.losses(
-            batch["images"],
+            images,
             current,
             future,
-            out.features,
-            out.feature_mask,
+            features,
+            feature_mask,
             batch["progress"],
             batch["future_progress"],
         )
-        size = len(names)
         visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
         use_imagined = torch.rand(size, device=actions.device) < imagined_share
         visual = torch.where(use_imagined[:, None, None, None], imagined, future)
-        features, feature_mask = out.features, out.feature_mask
-        drop = (torch.rand(size) < language_dropout).tolist()
-        if any(drop):
-            rows = [i for i, d in enumerate(drop) if d]
-            plain = [instructions[i] for i in rows]
-            alt, alt_mask = self.vlm.prefix_features(batch["images"][rows], plain, plain)
+        drop = (torch.rand(size) < language_dropout).nonzero()[:, 0]
+        if len(drop):
+            plain = [instructions[i] for i in drop.tolist()]
+            alt, alt_mask = self.vlm.prefix_features(images[drop], plain, plain)
             width = max(features.shape[1], alt.shape[1])
-            features = F.pad(features, (0, 0, 0, width - features.shape[1])).clone()
-            feature_mask = F.pad(feature_mask, (0, width - feature_mask.shape[1])).clone()
-            features[rows] = F.pad(alt, (0, 0, 0, width - alt.shape[1]))
-            feature_mask[rows] = F.pad(alt_mask, (0, width - alt_mask.shape[1]))
+            features, feature_mask = _widen(features, feature_mask, width)
+            alt, alt_mask = _widen(alt, alt_mask, width)
+            at = drop.to(features.device)
+            features = features.index_copy(0, at, alt)
+            feature_mask = feature_mask.index_copy(0, at, alt_mask)
         action = self.action_expert.loss(
             self._pad(actions, cfg.max_action_dim),
             batch["action_mask"],
@@ -284,7 +292,7 @@ class HybridPolicy(nn.Module):
             ids,
             features,
             feature_mask,
-            batch["images"],
+            images,
             visual,
             visual_keep,
         )
@@ -340,3 +348,20 @@ class HybridPolicy(nn.Module):
         )
         policy.fingerprint = config.get("fingerprint") or policy.compute_fingerprint()
         return policy
+
+
+def _widen(
+    features: torch.Tensor, mask: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad features (B, L, D) and their mask (B, L) to `width` tokens."""
+    pad = width - features.shape[1]
+    return F.pad(features, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+
+
+def _cat_rows(
+    a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two batches of (features, mask), padded to one width and stacked: (Ba + Bb, L, D)."""
+    width = max(a[0].shape[1], b[0].shape[1])
+    (fa, ma), (fb, mb) = _widen(*a, width), _widen(*b, width)
+    return torch.cat([fa, fb]), torch.cat([ma, mb])

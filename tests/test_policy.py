@@ -72,6 +72,25 @@ def test_knowledge_insulation(setup):
         policy.zero_grad(set_to_none=True)
 
 
+def test_vlm_losses_on_a_subset_of_rows_leave_the_lower_tiers_unchanged(setup):
+    """With `vlm_rows`, the VLM's losses see only the first rows; every other row's features
+    come from the pass without gradient, which must be the same features: the world model's and
+    the action expert's losses do not move."""
+    policy, batch = setup
+    policy.eval()  # no dropout: both calls see the same networks
+    results = {}
+    for rows in (None, 2):
+        torch.manual_seed(1)
+        results[rows] = policy.losses(batch, language_dropout=0.5, vlm_rows=rows)
+    for name in ("world", "value", "action"):
+        torch.testing.assert_close(results[2][name], results[None][name])
+    first = policy.vlm(
+        batch["images"][:2], batch["instruction"][:2], batch["subgoal"][:2], fast_tokens=None
+    )
+    torch.testing.assert_close(results[2]["lang"], first.lang_loss)
+    assert not torch.allclose(results[2]["lang"], results[None]["lang"])
+
+
 def test_mixed_embodiments_in_one_batch(setup):
     policy, batch = setup
     mixed = _mixed(batch)
