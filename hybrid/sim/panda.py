@@ -8,6 +8,8 @@ action scaling. Every task builds the same robot (gripper free), so the embodime
         width change (x 0.2)
     images (T, S, S, 3) uint8       phases (T,) int: index into the task's subgoal list
 Object and goal positions only drive the experts and the phase labels; they never enter the state.
+Every episode starts the gripper at its own place in `START_BOX`, drawn from the episode's seed
+(panda-gym itself always starts from one pose, which makes reaching a few-step memorised move).
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ PRESETS = {"all": ("reach", "push", "pick-and-place")}
 
 EMBODIMENT = simulated_robot(ROBOT_TYPE, STATE_NAMES, ACTION_NAMES, DEFAULT_CAMERAS)
 
+# where an episode's gripper starts (metres, world frame; the table top is z = 0): above the
+# objects, within the tasks' goal area
+START_BOX = (np.array([-0.15, -0.15, 0.1]), np.array([0.15, 0.15, 0.3]))
 STEP_M = 0.05  # metres of end-effector displacement per unit action
-EXPERT_SPEED = 0.5  # the experts move at most half the robot's top speed: smoother demonstrations
+EXPERT_SPEED = 0.25  # a quarter of the top speed: smooth demonstrations, long enough to learn from
 OPEN, CLOSE = 1.0, -1.0
 
 
@@ -115,8 +120,15 @@ class PandaEnv:
         self.env = RobotTaskEnv(robot, task_model)
 
     def reset(self, seed: int) -> dict:
-        obs, _ = self.env.reset(seed=seed)
-        return obs
+        """The task configuration of `seed`, with the gripper moved to a start drawn from it."""
+        self.env.reset(seed=seed)
+        robot = self.env.robot
+        # a stream of its own: default_rng(seed) would repeat the draws of the task's goal
+        start = np.random.default_rng([seed, 1]).uniform(*START_BOX)
+        down = np.array([1.0, 0.0, 0.0, 0.0])  # the gripper pointing at the table, as in its steps
+        arm = robot.inverse_kinematics(link=robot.ee_link, position=start, orientation=down)[:7]
+        robot.set_joint_angles(np.concatenate([arm, robot.neutral_joint_values[7:]]))
+        return self.env._get_obs()  # panda-gym's own observation assembly, after the move
 
     def step(self, action: np.ndarray) -> tuple[dict, bool]:
         """Returns (observation, success)."""
