@@ -153,6 +153,8 @@ class HybridPlanner:
                 raise ValueError(
                     f"images[{key!r}]: expected (H, W, 3) uint8, got {image.shape} {image.dtype}"
                 )
+            if image.shape[0] == 0 or image.shape[1] == 0:
+                raise ValueError(f"images[{key!r}]: expected a non-empty frame, got {image.shape}")
             # Resized exactly as the training windows were (area averaging), not by the models.
             frames.append(torch.from_numpy(resize_frames(image[None], self.image_size)[0]))
         state = np.asarray(obs.state, dtype=np.float64)
@@ -160,6 +162,11 @@ class HybridPlanner:
             raise ValueError(f"state: expected shape ({self.spec.state_dim},), got {state.shape}")
         if not np.isfinite(state).all():
             raise ValueError(f"state: expected finite values, got {state.tolist()}")
+        if np.abs(state).max() > np.finfo(np.float32).max:  # the models compute in float32
+            raise ValueError(
+                f"state: values beyond float32's range ({np.finfo(np.float32).max:.2e}), got "
+                f"{state.tolist()}"
+            )
         images = rearrange(torch.stack(frames), "n h w c -> 1 n c h w").float() / 255.0
         return images.to(self.device)
 

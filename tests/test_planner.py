@@ -142,6 +142,13 @@ def test_ablation_modes(tiny_policy_dir, frames):
             r"expected camera 'observation.images.front', got \['observation.images.top'\]",
         ),
         (None, np.array([0.0, np.nan, 0.0, 1.0]), INSTRUCTION, r"state: expected finite values"),
+        (None, np.array([0.0, 1e39, 0.0, 1.0]), INSTRUCTION, r"state: values beyond float32"),
+        (
+            {CAMERA: np.zeros((0, 0, 3), np.uint8)},
+            None,
+            INSTRUCTION,
+            r"images\['observation.images.front'\]: expected a non-empty frame, got \(0, 0, 3\)",
+        ),
         (None, np.zeros(7), INSTRUCTION, r"state: expected shape \(4,\), got \(7,\)"),
         (None, None, "  ", r"instruction: expected a non-empty string, got '  '"),
     ],
