@@ -13,6 +13,7 @@ refresh rule is the same in every mode (`planners/schedule.py`). Task configurat
 
 import argparse
 import tempfile
+from types import ModuleType
 
 import numpy as np
 from readme import report_successes
@@ -32,13 +33,18 @@ MODES = {
 }
 
 
-def zero_action_successes(task: str, episodes: int, seed: int, max_steps: int) -> int:
-    env = metaworld.MetaWorldEnv(task, image_size=32, seed=seed)
+def zero_action_successes(
+    sim: ModuleType, task: str, episodes: int, seed: int, max_steps: int
+) -> int:
+    """Episodes of `task` that doing nothing solves, on the task configurations of `seed`; `sim`
+    is a simulator adapter (`hybrid.sim.metaworld`, `hybrid.sim.panda`)."""
+    env = sim.make_env(task, image_size=32, seed=seed)
+    still = np.zeros(sim.EMBODIMENT.action_dim, np.float32)
     successes = 0
     for episode in range(episodes):
         env.reset(episode_seed(seed, task, episode))
         for _ in range(max_steps):
-            _, success = env.step(np.zeros(4, np.float32))
+            _, success = env.step(still)
             if success:
                 successes += 1
                 break
@@ -78,7 +84,7 @@ def main() -> None:
         rate = format_rate(sum(counts[mode]), args.episodes * len(tasks))
         console.print(f"{mode}: mean success {rate}")
     counts["zero action"] = [
-        zero_action_successes(t, args.episodes, args.seed, args.max_steps) for t in tasks
+        zero_action_successes(metaworld, t, args.episodes, args.seed, args.max_steps) for t in tasks
     ]
     table = report_successes(
         counts, "mode", tasks, args.episodes, args.seed, "ablation", args.readme, args.out

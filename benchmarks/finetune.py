@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from ablation import zero_action_successes
 from readme import report_successes
 from rich.console import Console
 from rich.table import Table
@@ -30,7 +31,6 @@ from safetensors.torch import load_file
 from timed_cli import run_hybrid
 
 from hybrid.adapters import EmbodimentAdapters, adapter_dir
-from hybrid.collect import episode_seed
 from hybrid.data.datamodule import HybridDataModule
 from hybrid.data.lerobot_dataset import LeRobotDataset
 from hybrid.embodiment import EmbodimentSpec
@@ -58,25 +58,6 @@ def _val_losses(policy: HybridPolicy, data: HybridDataModule) -> dict[str, float
         for name, value in policy.losses(batch).items():
             sums.setdefault(name, []).append(value.item())
     return {name: float(np.mean(values)) for name, values in sums.items() if name != "vae"}
-
-
-def _zero_action(tasks: list[str], args) -> list[int]:
-    """Successes of doing nothing on the same task configurations, per task."""
-    counts = []
-    for task in tasks:
-        env = panda.PandaEnv(task, image_size=32)
-        successes = []
-        for episode in range(args.episodes):
-            env.reset(episode_seed(args.seed, task, episode))
-            success = False
-            for _ in range(args.max_steps):
-                _, success = env.step(np.zeros(4, np.float32))
-                if success:
-                    break
-            successes.append(success)
-        env.close()
-        counts.append(int(np.sum(successes)))
-    return counts
 
 
 def _numel(path: Path) -> int:
@@ -170,7 +151,9 @@ def main() -> None:
     counts = {
         name: [summary["tasks"][t]["successes"] for t in tasks] for name, summary in results.items()
     }
-    counts["zero action"] = _zero_action(tasks, args)
+    counts["zero action"] = [
+        zero_action_successes(panda, t, args.episodes, args.seed, args.max_steps) for t in tasks
+    ]
     table = report_successes(
         counts, "condition", tasks, args.episodes, args.seed, "finetune", args.readme
     )

@@ -16,14 +16,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from ablation import QUICKSTART
 from readme import report_successes
 from rich.console import Console
 
 from hybrid.evaluate import evaluate
 from hybrid.intervals import format_rate
 from hybrid.policy import HybridPolicy
-
-QUICKSTART = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3"]
 
 
 def checkpoint_for(run: Path, step: int) -> Path:

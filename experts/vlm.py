@@ -229,13 +229,10 @@ class HighLevelVLM(nn.Module):
         )
         return out.last_hidden_state
 
-    def _prefixes(
-        self, num_cameras: int, instructions: list[str], subgoals: list[str]
-    ) -> list[list[int]]:
-        """[images, instruction, "Subgoal:", subgoal, <eos>] per sample: the prefix the lower
-        tiers read."""
+    def _prefixes(self, prompts: list[list[int]], subgoals: list[str]) -> list[list[int]]:
+        """[images, instruction, "Subgoal:", subgoal, <eos>] per sample, from the prompts
+        (`_prompts`): the prefix the lower tiers read."""
         eos = self.tokenizer.eos_token_id
-        prompts = self._prompts(num_cameras, instructions)
         return [
             [*prompt, *self._ids(" " + subgoal), eos]
             for prompt, subgoal in zip(prompts, subgoals, strict=True)
@@ -252,7 +249,7 @@ class HighLevelVLM(nn.Module):
         eos = self.tokenizer.eos_token_id
         images = self._cameras(images)
         prompts = self._prompts(images.shape[1], instructions)
-        prefixes = self._prefixes(images.shape[1], instructions, subgoals)
+        prefixes = self._prefixes(prompts, subgoals)
         sequences, spans = [], []
         for i, (prompt, prefix) in enumerate(zip(prompts, prefixes, strict=True)):
             fast = [] if fast_tokens is None else [*self.action_ids[fast_tokens[i]].tolist(), eos]
@@ -306,7 +303,8 @@ class HighLevelVLM(nn.Module):
         below: the teacher-forced `forward`'s features, from the backbone's last hidden layer
         alone (no language-model head, no loss)."""
         images = self._cameras(images)
-        ids, mask = self._pad(self._prefixes(images.shape[1], instructions, subgoals))
+        prompts = self._prompts(images.shape[1], instructions)
+        ids, mask = self._pad(self._prefixes(prompts, subgoals))
         return self._hidden(images, ids, mask), mask
 
     # 4. persistence ---------------------------------------------------------------------------
