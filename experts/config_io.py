@@ -1,6 +1,7 @@
 """Reading and writing an expert's JSON config beside its weights, and whole directories; writes
 are atomic (a temporary file or folder renamed into place), so an interrupted save never leaves a
-torn config or a half-written directory."""
+torn config or a half-written directory. Reads name the file that cannot be read
+(`SavedFileError`), rather than a library's message that names none."""
 
 from __future__ import annotations
 
@@ -13,6 +14,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class SavedFileError(ValueError):
+    """A saved policy's or adapter's file that is missing, corrupt or foreign; names the file."""
+
+
+def check_files(path: str | Path, fix: str) -> None:
+    """Read every JSON file and every safetensors header at `path` (a file, or a folder and all
+    below it; headers only: a truncated or random weights file fails here) and raise
+    SavedFileError naming the first that cannot be read, with `fix`, what to do about it."""
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(path)
+    for file in sorted(root.rglob("*")) if root.is_dir() else [root]:
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+        except (ValueError, OSError, SafetensorError) as error:  # JSONDecodeError is a ValueError
+            raise SavedFileError(f"cannot read {file} ({error}); {fix}") from error
+
+
 def save_config(directory: str | Path, name: str, config: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -22,11 +45,14 @@ def save_config(directory: str | Path, name: str, config: dict) -> None:
 
 
 def load_config(directory: str | Path, name: str, what: str) -> dict:
-    """The config `name` in `directory`; FileNotFoundError naming the path and `what` it is for."""
+    """The config `name` in `directory`; SavedFileError naming the path and `what` it is for."""
     path = Path(directory) / name
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} config at {path}")
-    return json.loads(path.read_text())
+        raise SavedFileError(f"no {what} config at {path}")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as error:
+        raise SavedFileError(f"cannot read the {what} config {path} ({error})") from error
 
 
 @contextmanager

@@ -19,6 +19,7 @@ Images come in as (B, N, 3, S, S) floats in [0, 1].
 from __future__ import annotations
 
 import string
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,8 +218,22 @@ class HighLevelVLM(nn.Module):
         return ids.to(self.action_ids.device), mask.to(self.action_ids.device)
 
     def _prompts(self, num_cameras: int, instructions: list[str]) -> list[list[int]]:
+        """[images, instruction, "Subgoal:"] token ids per sample; an instruction too long for
+        the backbone's positions to also hold a subgoal is refused, not truncated: a cut
+        instruction can mean another task."""
         block = self._image_block(num_cameras)
-        return [self._ids(block + text + SUBGOAL_PROMPT) for text in instructions]
+        prompts = [self._ids(block + text + SUBGOAL_PROMPT) for text in instructions]
+        positions = self.backbone.config.text_config.max_position_embeddings
+        room = positions - self.config["max_subgoal_tokens"] - 1  # the subgoal and its <eos>
+        for text, prompt in zip(instructions, prompts, strict=True):
+            if len(prompt) > room:
+                overhead = len(self._ids(block + SUBGOAL_PROMPT))
+                raise ValueError(
+                    f"instruction: {len(prompt) - overhead} tokens ({len(text)} characters), but "
+                    f"this VLM has room for {room - overhead} ({positions} positions hold the "
+                    "camera images, the instruction and a subgoal); shorten it"
+                )
+        return prompts
 
     # 2. training ------------------------------------------------------------------------------
     def _hidden(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -310,7 +325,8 @@ class HighLevelVLM(nn.Module):
     # 4. persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        self.backbone.save_pretrained(directory / "backbone")
+        with _no_progress_bars():
+            self.backbone.save_pretrained(directory / "backbone")
         self.tokenizer.save_pretrained(directory / "backbone")
         save_config(directory, CONFIG_NAME, {**self.config, "backbone": "backbone"})
 
@@ -320,4 +336,21 @@ class HighLevelVLM(nn.Module):
         config = load_config(directory, CONFIG_NAME, "VLM")
         backbone = str(directory / config.pop("backbone"))
         tokenizer = AutoTokenizer.from_pretrained(backbone)
-        return cls(tokenizer, backbone=backbone, **config)
+        with _no_progress_bars():
+            return cls(tokenizer, backbone=backbone, **config)
+
+
+@contextmanager
+def _no_progress_bars():
+    """transformers' progress bars off for the block: reading or writing a policy's own backbone
+    on local disk takes a moment, and its bars would be the loudest lines of every command. (A
+    backbone named by hub id and downloaded in `__init__` keeps them.)"""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from experts.config_io import atomic_directory
+from experts.config_io import atomic_directory, check_files
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.policy import ADAPTERS_DIR, CONFIG_NAME, HybridPolicy
 
@@ -193,6 +193,7 @@ class EmbodimentAdapters:
                 f"no adapter for embodiment {name!r}: {record_path} is missing; this policy offers "
                 f"{offered} (`hybrid finetune` writes adapters)"
             )
+        check_files(directory, f"fine-tune {name!r} again (`hybrid finetune`)")
         record = json.loads(record_path.read_text())
         if record["base_fingerprint"] != self.base_fingerprint:
             raise ValueError(

@@ -11,7 +11,10 @@ hybrid eval --policy outputs/quickstart/policy --tasks reach-v3 --episodes 10 --
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -86,91 +89,168 @@ def _export_parser(subparsers) -> None:
 
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "finetune")
+PACKAGES = tuple(
+    Path(__file__).resolve().parents[1] / name for name in ("hybrid", "experts", "planners")
+)
 
 
-def lightning_cli(argv: list[str] | None) -> None:
-    """`hybrid fit | validate | test`: LightningCLI over HybridModule and HybridDataModule, with
-    omegaconf interpolation in the YAML (`${data.chunk_size}`). `hybrid finetune` is `fit` with
-    FinetuneModule (LoRA for a new robot on a base policy). argv None reads sys.argv."""
+def _lightning_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
+    from hybrid.checkpoints import resolve_resume
+
+    class HybridCLI(LightningCLI):
+        """LightningCLI whose `--ckpt_path last` is the newest checkpoint on disk, or a fresh
+        start when there is none, said in one line either way (`hybrid.checkpoints`)."""
+
+        def before_fit(self) -> None:
+            config = self.config_init[self.subcommand]
+            path, message = resolve_resume(config.get("ckpt_path"), self.trainer)
+            config["ckpt_path"] = path
+            if message and self.trainer.is_global_zero:
+                print(message, file=sys.stderr)
+
+    return HybridCLI
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_lightning() -> None:
+    """Two messages of Lightning's that a user can neither act on nor avoid, each filtered by its
+    own text and source, nothing else: the advertisement for its cloud logger (logged at INFO on
+    every fit), and a deprecation inside Lightning's own pytree helper (its fix is Lightning's)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+def lightning_cli(argv: list[str]) -> None:
+    """`hybrid fit | validate | test`: LightningCLI over HybridModule and HybridDataModule, with
+    omegaconf interpolation in the YAML (`${data.chunk_size}`). `hybrid finetune` is `fit` with
+    FinetuneModule (LoRA for a new robot on a base policy). argv: the arguments after `hybrid`."""
+    from hybrid.checkpoints import FinalCheckpoint
     from hybrid.data.datamodule import HybridDataModule
     from hybrid.module import HybridModule
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    module = HybridModule
-    if argv[0] == "finetune":
+    module, args = HybridModule, list(argv)
+    if args[0] == "finetune":
         from hybrid.finetune import FinetuneModule
 
-        argv[0], module = "fit", FinetuneModule
-    LightningCLI(
+        args[0], module = "fit", FinetuneModule
+    if args == sys.argv[1:]:
+        args = None  # Lightning reads the command line, as DDP's launcher does in each process
+    else:
+        # Lightning warns when `args` is given while sys.argv holds arguments too, against
+        # mixing the two by mistake; here `args` is the whole command (`finetune` rewritten as
+        # `fit`, or `--debug` taken out), so the warning says nothing to act on.
+        warnings.filterwarnings(
+            "ignore", message="LightningCLI's args parameter", module=r"lightning\.pytorch\.cli"
+        )
+    _quiet_lightning()
+    _lightning_cli_class()(
         module,
         HybridDataModule,
-        args=argv,
+        args=args,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        trainer_defaults={"callbacks": [FinalCheckpoint()]},
     )
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether `error` was raised by this project's code (its innermost frame is in one of the
+    packages), as opposed to a library's or Python's own."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return any(path.is_relative_to(package) for package in PACKAGES)
+
+
+def _one_line(verb: str, error: BaseException) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"hybrid {verb}: {message}"
+
+
+def _run(args: argparse.Namespace, console: Console) -> None:
+    if args.verb == "collect":
+        from hybrid.collect import collect
+
+        collect(
+            args.simulator,
+            tasks=args.tasks,
+            episodes_per_task=args.episodes_per_task,
+            out=args.out,
+            image_size=args.image_size,
+            camera=args.camera,
+            seed=args.seed,
+            workers=args.workers,
+            keep_failures=args.keep_failures,
+            console=console,
+        )
+    elif args.verb == "eval":
+        from hybrid.evaluate import evaluate
+
+        evaluate(
+            policy=args.policy,
+            embodiment=args.embodiment,
+            tasks=args.tasks,
+            episodes=args.episodes,
+            out=args.out,
+            seed=args.seed,
+            max_steps=args.max_steps,
+            workers=args.workers,
+            video=args.video,
+            planner={
+                "num_candidates": args.num_candidates,
+                "execute_steps": args.execute_steps,
+                "visual_subgoal": not args.no_visual_subgoal,
+                "language_subgoal": not args.no_language_subgoal,
+            },
+            console=console,
+        )
+    elif args.verb == "export":
+        from hybrid.export import export
+
+        export(args.policy, args.embodiment, args.out, merge=args.merge, console=console)
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] in [[verb] for verb in LIGHTNING_VERBS]:
-        lightning_cli(argv)
-        return 0
-    parser = argparse.ArgumentParser(
-        prog="hybrid",
-        description=__doc__.splitlines()[0],
-        epilog="fit, validate, test, finetune: Lightning's CLI, see `hybrid fit --help`",
-    )
-    subparsers = parser.add_subparsers(dest="verb", required=True)
-    _collect_parser(subparsers)
-    _eval_parser(subparsers)
-    _export_parser(subparsers)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    console = Console()
+    """Run one verb. An error the project raises (a bad value, a missing or corrupt file) ends it
+    with one line on stderr and exit status 2; `--debug` (or HYBRID_DEBUG=1) re-raises it with its
+    traceback. Errors from elsewhere keep their traceback: they are bugs to report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HYBRID_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    verb = argv[0] if argv else ""
     try:
-        if args.verb == "collect":
-            from hybrid.collect import collect
-
-            collect(
-                args.simulator,
-                tasks=args.tasks,
-                episodes_per_task=args.episodes_per_task,
-                out=args.out,
-                image_size=args.image_size,
-                camera=args.camera,
-                seed=args.seed,
-                workers=args.workers,
-                keep_failures=args.keep_failures,
-                console=console,
-            )
-        elif args.verb == "eval":
-            from hybrid.evaluate import evaluate
-
-            evaluate(
-                policy=args.policy,
-                embodiment=args.embodiment,
-                tasks=args.tasks,
-                episodes=args.episodes,
-                out=args.out,
-                seed=args.seed,
-                max_steps=args.max_steps,
-                workers=args.workers,
-                video=args.video,
-                planner={
-                    "num_candidates": args.num_candidates,
-                    "execute_steps": args.execute_steps,
-                    "visual_subgoal": not args.no_visual_subgoal,
-                    "language_subgoal": not args.no_language_subgoal,
-                },
-                console=console,
-            )
-        elif args.verb == "export":
-            from hybrid.export import export
-
-            export(args.policy, args.embodiment, args.out, merge=args.merge, console=console)
-    except ValueError as error:
-        console.print(f"[red]error:[/] {error}")
+        if verb in LIGHTNING_VERBS:
+            lightning_cli(argv)
+            return 0
+        parser = argparse.ArgumentParser(
+            prog="hybrid",
+            description=__doc__.splitlines()[0],
+            epilog="fit, validate, test, finetune: Lightning's CLI, see `hybrid fit --help`; "
+            "--debug (any verb): show the traceback of an error",
+        )
+        subparsers = parser.add_subparsers(dest="verb", required=True)
+        _collect_parser(subparsers)
+        _eval_parser(subparsers)
+        _export_parser(subparsers)
+        _run(parser.parse_args(argv), Console())
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
+        if debug or not _raised_here(error):
+            raise
+        print(_one_line(verb, error), file=sys.stderr)
         return 2
     return 0
 

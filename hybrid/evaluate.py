@@ -14,6 +14,8 @@ import json
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,16 +66,30 @@ def _cameras(spec, sim) -> dict[str, str]:
     return {key.rsplit(".", 1)[-1]: key for key in keys}
 
 
-def _init_worker(config: EvalConfig) -> None:
-    import torch
-
+def _load_planner(config: EvalConfig):
     from planners.hierarchical import HybridPlanner
 
-    torch.set_num_threads(1)
-    _worker["planner"] = HybridPlanner.from_pretrained(
+    return HybridPlanner.from_pretrained(
         config.policy, embodiment=config.embodiment, **config.planner
     )
+
+
+def _init_worker(config: EvalConfig, planner=None) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _worker["planner"] = planner or _load_planner(config)
     _worker["config"] = config
+
+
+def _preflight(config: EvalConfig):
+    """Load the planner and open the first task's simulator here, before any worker starts, so a
+    policy or simulator that cannot load fails at once with its own message. Returns the planner."""
+    planner = _load_planner(config)
+    sim = simulator_for(config.embodiment)
+    cameras = tuple(_cameras(planner.spec, sim))
+    sim.make_env(config.tasks[0], cameras, config.image_size, config.seed).close()
+    return planner
 
 
 def _frame_panel(camera: np.ndarray, plan, chosen: np.ndarray | None, size: int) -> np.ndarray:
@@ -136,10 +152,20 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     return EpisodeResult(task, episode, success, steps, timings, subgoals, refreshes, video)
 
 
-def _summarise(config: EvalConfig, results: list[EpisodeResult], seconds: float) -> dict:
+def _summarise(
+    config: EvalConfig,
+    results: list[EpisodeResult],
+    seconds: float,
+    not_run: list[tuple[str, int]],
+    error: str | None,
+) -> dict:
+    """The tables and `results.json`. Episodes a crashed worker never finished are listed in
+    `not_run`, with the `error`, and counted in no rate."""
     per_task = {}
     for task in config.tasks:
         rows = [r for r in results if r.task == task]
+        if not rows:
+            continue
         successes = sum(r.success for r in rows)
         per_task[task] = {
             "success_rate": successes / len(rows),
@@ -159,21 +185,28 @@ def _summarise(config: EvalConfig, results: list[EpisodeResult], seconds: float)
                 "p95_ms": float(np.percentile(values, 95)),
                 "runs_per_chunk": len(values) / len(plans),
             }
+    rates = [row["success_rate"] for row in per_task.values()]
     return {
         "config": asdict(config),
         "tasks": per_task,
-        "mean_success_rate": float(np.mean([row["success_rate"] for row in per_task.values()])),
+        "mean_success_rate": float(np.mean(rates)) if rates else None,
         # every task runs the same number of episodes, so the pooled interval is the mean's
         "successes": successes,
         "episodes_total": len(results),
-        "mean_ci95": wilson_interval(successes, len(results)),
+        "mean_ci95": wilson_interval(successes, len(results)) if results else None,
+        "not_run": [list(job) for job in not_run],
+        "error": error,
         "subgoal_refreshes_per_chunk": sum(r.refreshes for r in results) / max(len(plans), 1),
         "latency": latency,
-        "amortised_ms_per_chunk": float(np.mean([sum(t.values()) for t in plans])),
+        "amortised_ms_per_chunk": float(np.mean([sum(t.values()) for t in plans])) if plans else 0,
         "chunks": len(plans),
         "wall_seconds": seconds,
         "episodes": [asdict(r) | {"timings_ms": None} for r in results],
     }
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that could not run every episode; `results.json` holds what did run."""
 
 
 def evaluate(
@@ -223,41 +256,82 @@ def evaluate(
         # nothing reads the imagined pixels unless a video shows them
         planner={"decode_candidates": video, **(planner or {})},
     )
+    planner = _preflight(config)
     jobs = [(task, i) for task in config.tasks for i in range(episodes)]
-    start, results = time.perf_counter(), []
+    start, results, crash = time.perf_counter(), [], None
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("evaluating", total=len(jobs))
-        for result in _map(config, jobs, workers):
-            results.append(result)
-            status = "[green]success[/]" if result.success else "[red]failure[/]"
-            progress.update(bar, advance=1, description=f"{result.task} {status}")
+        try:
+            for result in _map(config, jobs, workers, planner):
+                results.append(result)
+                status = "[green]success[/]" if result.success else "[red]failure[/]"
+                progress.update(bar, advance=1, description=f"{result.task} {status}")
+        except _WorkerCrash as error:
+            crash = str(error)
     results.sort(key=lambda r: (config.tasks.index(r.task), r.episode))
-    summary = _summarise(config, results, time.perf_counter() - start)
+    done = {(r.task, r.episode) for r in results}
+    not_run = [job for job in jobs if job not in done]
+    summary = _summarise(config, results, time.perf_counter() - start, not_run, crash)
     tmp = out / ".results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "results.json")
-    print_summary(summary, console)
+    if results:
+        print_summary(summary, console)
+    if crash:
+        raise EvaluationError(
+            f"{crash}; {len(not_run)} of {len(jobs)} episodes not run (listed in "
+            f"{out / 'results.json'}, counted in no rate)"
+        )
     console.print(
         f"wrote {out / 'results.json'}" + (f" and videos in {video_dir}" if video else "")
     )
     return summary
 
 
-def _map(config: EvalConfig, jobs: list, workers: int):
+class _WorkerCrash(Exception):
+    """A worker raised or died; the message says which episode and why."""
+
+
+def _map(config: EvalConfig, jobs: list, workers: int, planner):
+    """Episode results as they finish. One worker runs here with the preflight's planner; more
+    run in spawned processes. The first worker that raises or dies ends the map (_WorkerCrash):
+    the pending episodes are cancelled, never retried, so nothing restarts forever."""
     if workers == 1 or len(jobs) == 1:
-        _init_worker(config)
+        _init_worker(config, planner)
         try:
-            yield from map(_run_episode, jobs)
+            for job in jobs:
+                try:
+                    yield _run_episode(job)
+                except Exception as error:
+                    raise _WorkerCrash(f"episode {job[1]} of {job[0]} failed: {error}") from error
         finally:
             if "env" in _worker:
                 _worker.pop("env").close()
             _worker.clear()
         return
-    with multiprocessing.get_context("spawn").Pool(
-        min(workers, len(jobs)), initializer=_init_worker, initargs=(config,)
-    ) as pool:
-        yield from pool.imap_unordered(_run_episode, jobs)
+    del planner  # each worker loads its own
+    pool = ProcessPoolExecutor(
+        min(workers, len(jobs)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(config,),
+    )
+    futures = {pool.submit(_run_episode, job): job for job in jobs}
+    try:
+        for future in as_completed(futures):
+            task, episode = futures[future]
+            try:
+                yield future.result()
+            except BrokenProcessPool as error:
+                raise _WorkerCrash(
+                    f"an evaluation worker died (killed, out of memory or a simulator crash) "
+                    f"while running episode {episode} of {task}"
+                ) from error
+            except Exception as error:
+                raise _WorkerCrash(f"episode {episode} of {task} failed: {error}") from error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def print_summary(summary: dict, console: Console) -> None:

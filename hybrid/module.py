@@ -71,6 +71,26 @@ class HybridModule(L.LightningModule):
         vlm_rows: int | None = None,
     ):
         super().__init__()
+        if not lr > 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if weight_decay < 0 or warmup_steps < 0:
+            raise ValueError(
+                f"model.weight_decay and model.warmup_steps must be >= 0, got {weight_decay} and "
+                f"{warmup_steps}"
+            )
+        for name, share in (
+            ("visual_dropout", visual_dropout),
+            ("language_dropout", language_dropout),
+            ("imagined_share", imagined_share),
+        ):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1], got {share}")
+        unknown = sorted(set(loss_weights or {}) - set(DEFAULT_WEIGHTS))
+        if unknown or any(w < 0 for w in (loss_weights or {}).values()):
+            raise ValueError(
+                f"model.loss_weights: expected weights >= 0 for {sorted(DEFAULT_WEIGHTS)}, got "
+                f"{loss_weights}"
+            )
         if vlm_rows is not None and vlm_rows < 1:
             raise ValueError(
                 f"vlm_rows must be a positive number of samples or None, got {vlm_rows}"

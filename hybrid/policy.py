@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.action import ActionExpert
-from experts.config_io import atomic_directory
+from experts.config_io import SavedFileError, atomic_directory, check_files
 from experts.embodiment_heads import EmbodimentLinear
 from experts.fast import FastTokenizer
 from experts.vlm import HighLevelVLM, train_tokenizer
@@ -35,6 +35,7 @@ from hybrid.embodiment import EmbodimentSpec
 
 CONFIG_NAME = "policy_config.json"
 ADAPTERS_DIR = "adapters"  # per-robot LoRA adapters, see hybrid.adapters
+EXPERT_DIRS = ("vlm", "world_model", "action_expert", "fast")  # one folder per expert, its name
 
 
 class HybridPolicy(nn.Module):
@@ -313,10 +314,8 @@ class HybridPolicy(nn.Module):
         directory = Path(directory)
         self.fingerprint = self.compute_fingerprint()
         with atomic_directory(directory) as tmp:
-            self.vlm.save_pretrained(tmp / "vlm")
-            self.world_model.save_pretrained(tmp / "world_model")
-            self.action_expert.save_pretrained(tmp / "action_expert")
-            self.fast.save_pretrained(tmp / "fast")
+            for name in EXPERT_DIRS:
+                getattr(self, name).save_pretrained(tmp / name)
             config = {
                 "embodiments": [s.to_dict() for s in self.embodiments.values()],
                 "norm_stats": self.norm_stats,
@@ -336,16 +335,28 @@ class HybridPolicy(nn.Module):
                 f"{directory} is not a policy directory: {path} is missing "
                 "(`hybrid fit` exports one; `HybridPolicy.save_pretrained` writes one)"
             )
+        fix = "re-export the policy (`hybrid fit` or `hybrid export`) or point at another one"
+        check_files(path, fix)
+        for expert in EXPERT_DIRS:  # not adapters/: a broken adapter leaves the base usable
+            check_files(directory / expert, fix)
         config = json.loads(path.read_text())
-        policy = cls(
-            vlm=HighLevelVLM.from_pretrained(directory / "vlm"),
-            world_model=WorldModel.from_pretrained(directory / "world_model"),
-            action_expert=ActionExpert.from_pretrained(directory / "action_expert"),
-            fast=FastTokenizer.from_pretrained(directory / "fast"),
-            embodiments=[EmbodimentSpec(**s) for s in config["embodiments"]],
-            norm_stats=config["norm_stats"],
-            norm_modes=config["norm_modes"],
-        )
+        try:
+            policy = cls(
+                vlm=HighLevelVLM.from_pretrained(directory / "vlm"),
+                world_model=WorldModel.from_pretrained(directory / "world_model"),
+                action_expert=ActionExpert.from_pretrained(directory / "action_expert"),
+                fast=FastTokenizer.from_pretrained(directory / "fast"),
+                embodiments=[EmbodimentSpec(**s) for s in config["embodiments"]],
+                norm_stats=config["norm_stats"],
+                norm_modes=config["norm_modes"],
+            )
+        except SavedFileError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            # a library's message (a missing file, mismatched shapes, a foreign config)
+            cause = " ".join(str(error).split())[:300]
+            message = f"cannot load the policy in {directory} ({cause}); {fix}"
+            raise SavedFileError(message) from error
         policy.fingerprint = config.get("fingerprint") or policy.compute_fingerprint()
         return policy
 

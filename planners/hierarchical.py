@@ -33,6 +33,18 @@ from hybrid.types import Observation, Plan
 from planners.schedule import RefreshSchedule, latent_distance
 from planners.scoring import Scorer, ValueScorer, best_of_k
 
+STATE_BOUND = 1e4  # normalised units; see HybridPlanner._state
+
+
+def _finite(tier: str, x: torch.Tensor) -> torch.Tensor:
+    """x, or a FloatingPointError naming the tier that produced non-finite values."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"the {tier} produced non-finite values (NaN or inf); its weights may be corrupt: "
+            "re-export the policy"
+        )
+    return x
+
 
 @contextmanager
 def _timed(ms: dict[str, float], name: str):
@@ -171,9 +183,19 @@ class HybridPlanner:
         return images.to(self.device)
 
     def _state(self, obs: Observation) -> torch.Tensor:
-        """Normalised, padded state (1, max_state_dim)."""
+        """Normalised, padded state (1, max_state_dim); a value more than STATE_BOUND normalised
+        units (standard deviations, by default) from the training data is refused, in any
+        dimension that varied there: no network extrapolates that far, and beyond it float32
+        arithmetic can overflow into NaN."""
         normalizer = self.policy.normalizers[self.embodiment]
-        state = normalizer.normalize("observation.state", np.asarray(obs.state, np.float32))
+        raw = np.asarray(obs.state, np.float32)
+        deviation = normalizer.deviation("observation.state", raw)
+        if not deviation <= STATE_BOUND:
+            raise ValueError(
+                f"state: {raw.tolist()} lies {deviation:.3g} normalised units from the training "
+                f"data (bound {STATE_BOUND:g}); is it in the robot's units ({self.embodiment})?"
+            )
+        state = normalizer.normalize("observation.state", raw)
         state = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
         return F.pad(state, (0, self.policy.action_expert.config.max_state_dim - state.shape[1]))
 
@@ -182,6 +204,7 @@ class HybridPlanner:
     def plan(self, obs: Observation, instruction: str) -> Plan:
         """Run the tiers the schedule calls for on this observation; returns the full Plan."""
         images = self._check(obs, instruction)
+        state = self._state(obs)
         timings_ms: dict[str, float] = {}
         timer, policy, wm = partial(_timed, timings_ms), self.policy, self.policy.world_model
 
@@ -201,6 +224,7 @@ class HybridPlanner:
             self.chunks_since_subgoal = 0
         with timer("features"):
             features, mask = policy.vlm.prefix_features(images, [instruction], [self.subgoal])
+            _finite("VLM", features)
 
         # 2. imagine K futures and keep the best; a new subgoal also takes it as its target.
         latents = np.zeros((0,), np.float32)
@@ -217,8 +241,9 @@ class HybridPlanner:
                     self.imagine_steps,
                     generator=self.generator,
                 )
+                _finite("world model", candidates)
             with timer("score"):
-                candidate_scores = self.scorer(candidates, features, mask)
+                candidate_scores = _finite("value head", self.scorer(candidates, features, mask))
                 chosen = int(best_of_k(candidate_scores)[0])
             self.visual_latent = candidates[:, chosen]
             if refresh:
@@ -241,7 +266,7 @@ class HybridPlanner:
         with timer("action"):
             ids = policy.embodiment_ids([self.embodiment])
             normalised = policy.action_expert.sample(
-                self._state(obs),
+                state,
                 ids,
                 features,
                 mask,
@@ -251,6 +276,7 @@ class HybridPlanner:
                 steps=self.action_steps,
                 generator=self.generator,
             )[0, :, : self.spec.action_dim]
+            _finite("action expert", normalised)
             actions = policy.normalizers[self.embodiment].unnormalize(
                 "action", normalised.float().cpu().numpy()
             )

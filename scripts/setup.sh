@@ -27,11 +27,13 @@ fi
 # 2. The virtual environment, torch first (so nothing pulls a different build), then the project.
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+# Versions are read from the package metadata: importing torch before numpy is installed warns.
+version_of() { "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
+if ! version_of torch >/dev/null; then
   echo "setup: installing torch==$TORCH_VERSION"
   $PIP install "torch==$TORCH_VERSION"
 fi
-installed_torch=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
+installed_torch=$(version_of torch | cut -d+ -f1)
 constraints=$(mktemp)
 echo "torch==$installed_torch" > "$constraints"
 echo "setup: installing hybrid and its dependencies (torch pinned to $installed_torch)"

@@ -26,8 +26,8 @@ def test_unknown_task_lists_valid_ones(tmp_path):
         env=ENV,
     )
     assert run.returncode == 2
-    assert "unknown Meta-World task 'pick-plate-v3'" in run.stdout
-    assert "pick-place-v3" in run.stdout and "mt10" in run.stdout
+    assert run.stderr.startswith("hybrid collect: unknown Meta-World task 'pick-plate-v3'")
+    assert "pick-place-v3" in run.stderr and "mt10" in run.stderr
     assert not (tmp_path / "d").exists()
 
 
@@ -85,4 +85,4 @@ def test_sigkill_midway_then_rerun_yields_exactly_the_requested_episodes(tmp_pat
     assert again.returncode == 0 and "already complete" in again.stdout
     args[args.index("4")] = "5"
     refused = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=60)
-    assert refused.returncode == 2 and "differs from this run" in refused.stdout
+    assert refused.returncode == 2 and "differs from this run" in refused.stderr

@@ -30,4 +30,4 @@ def test_eval_one_episode_writes_results_and_a_playable_video(
 
 def test_eval_rejects_a_directory_that_is_no_policy(tmp_path, hybrid_cli):
     run = hybrid_cli("eval", "--policy", tmp_path, "--tasks", "reach-v3", "--out", tmp_path / "out")
-    assert run.returncode == 2 and "not a policy directory" in run.stdout
+    assert run.returncode == 2 and "not a policy directory" in run.stderr

@@ -182,6 +182,18 @@ def test_missing_adapter_and_mismatched_base_are_refused(finetuned, tmp_path):
         HybridPlanner.from_pretrained(tmp_path / "other", embodiment="panda")
 
 
+def test_a_corrupt_adapter_is_named_and_the_base_still_loads(finetuned, tmp_path):
+    """Part of the fault suite (`test_faults.py`), here beside the fixture that trains one."""
+    base, _ = finetuned
+    copy = tmp_path / "policy"
+    shutil.copytree(base, copy)
+    weights = adapter_dir(copy, "panda") / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"cannot read {weights} .*fine-tune 'panda' again"):
+        HybridPlanner.from_pretrained(copy, embodiment="panda")
+    assert HybridPlanner.from_pretrained(copy).embodiment == "sawyer"
+
+
 def test_spec_that_disagrees_with_the_dataset_is_named(tiny_policy_dir, panda_dataset, tmp_path):
     spec = yaml.safe_load(Path(PANDA_SPEC).read_text()) | {"state_dim": 6}
     (tmp_path / "panda6.yaml").write_text(yaml.safe_dump(spec))
@@ -213,7 +225,7 @@ def test_export_merge_writes_a_standalone_policy_that_acts_like_the_adapter(
     standalone = _actions(HybridPlanner.from_pretrained(tmp_path, num_candidates=2), PANDA)
     np.testing.assert_allclose(standalone, adapted, atol=1e-4)
     run = hybrid_cli("export", "--policy", base, "--embodiment", "ur5", "--out", tmp_path / "x")
-    assert run.returncode == 2 and "'ur5'" in run.stdout and "panda" in run.stdout
+    assert run.returncode == 2 and "'ur5'" in run.stderr and "panda" in run.stderr
 
 
 @pytest.mark.slow

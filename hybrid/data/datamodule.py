@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset
+from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset, require_directory
 from hybrid.data.normalize import Mode, Normalizer
 from hybrid.data.windows import ACTION_KEY, STATE_KEY, TrainingWindows
 from hybrid.embodiment import EmbodimentSpec
@@ -60,7 +60,17 @@ class HybridDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("chunk_size", chunk_size, 1),
+            ("future_offset", future_offset, 1),
+            ("image_size", image_size, 16),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < least:
+                raise ValueError(f"data.{name} must be >= {least}, got {value}")
+        require_directory(root)
         self.save_hyperparameters()
         self.train_set: TrainingWindows | None = None
         self.val_set: TrainingWindows | None = None

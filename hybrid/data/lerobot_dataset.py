@@ -39,13 +39,22 @@ def _read_parquet(path: Path) -> pa.Table:
         ) from error
 
 
+def require_directory(root: str | Path) -> Path:
+    """`root` as a Path, or a DatasetError saying how to collect a dataset there."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset directory {root} does not exist (collect one: `hybrid collect metaworld "
+            f"--tasks ... --out {root}`)"
+        )
+    return root
+
+
 class LeRobotDataset:
     """A LeRobot v3.0 dataset on disk; see the module docstring."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"dataset directory {self.root} does not exist")
+        self.root = require_directory(root)
         info_path = self.root / "meta" / "info.json"
         if not info_path.is_file():
             raise DatasetError(
@@ -183,7 +192,10 @@ class LeRobotDataset:
                 self.fps,
             )
         except ValueError as error:
-            raise DatasetError(str(error)) from error
+            raise DatasetError(
+                f"episode {index}, camera {key}: {error}; recollect the dataset (`hybrid collect` "
+                "into a new directory)"
+            ) from error
         if len(frames) != meta["length"]:
             raise DatasetError(
                 f"video {path} gives {len(frames)} frames for episode {index}, which has "

@@ -56,6 +56,14 @@ class Normalizer:
         shift, scale = self._get(key, x)
         return (x - shift) / scale
 
+    def deviation(self, key: str, x: np.ndarray) -> float:
+        """The largest |normalised value| of x (..., D) over the dimensions that vary in the data
+        (a constant one has no scale to measure by); 0 for an `identity` feature."""
+        if key not in self.params:
+            return 0.0
+        varies = self.params[key][1] > EPS
+        return float(np.abs(self.normalize(key, x))[..., varies].max(initial=0.0))
+
     def unnormalize(self, key: str, x):
         if key not in self.params:
             return x
