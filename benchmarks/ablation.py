@@ -2,7 +2,7 @@
 zero-action baseline, with 95% Wilson intervals. Prints numbers; asserts nothing.
 
     python benchmarks/ablation.py --policy outputs/quickstart/policy --episodes 20 \
-        --readme README.md --out outputs/quickstart/ablation.json
+        --readme README.md --out outputs/quickstart/ablation.json --chart docs/ablation.png
 
 Modes: full (K candidates scored), K = 1 (no scoring), flat (no visual subgoal for the action
 expert), no language subgoal (the instruction stands in). Each switch changes one thing: the
@@ -13,6 +13,7 @@ refresh rule is the same in every mode (`planners/schedule.py`). Task configurat
 
 import argparse
 import tempfile
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -22,6 +23,7 @@ from rich.console import Console
 from hybrid.collect import episode_seed
 from hybrid.evaluate import evaluate
 from hybrid.intervals import format_rate
+from hybrid.plots import success_chart
 from hybrid.sim import metaworld
 
 QUICKSTART = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3"]
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--readme", help="rewrite this README's `ablation` table")
     parser.add_argument("--out", help="write every count to this JSON file")
+    parser.add_argument("--chart", help="draw the modes side by side in this PNG")
     args = parser.parse_args()
     console = Console()
     tasks = metaworld.resolve_tasks(args.tasks)
@@ -91,6 +94,12 @@ def main() -> None:
     )
     console.print(f"success, {args.episodes} episodes per task (seed {args.seed}), 95% Wilson")
     console.print(table)
+    if args.chart:
+        modes = {
+            mode: {t: (c, args.episodes) for t, c in zip(tasks, per_task, strict=True)}
+            for mode, per_task in counts.items()
+        }
+        console.print(success_chart(modes, Path(args.chart), f"ablation of {args.policy}"))
 
 
 if __name__ == "__main__":

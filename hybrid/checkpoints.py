@@ -60,4 +60,4 @@ class FinalCheckpoint(Callback):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
                 name = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
-                trainer.save_checkpoint(Path(callback.dirpath) / name)
+                trainer.save_checkpoint(Path(callback.dirpath) / name, weights_only=False)

@@ -137,6 +137,7 @@ def lightning_cli(argv: list[str]) -> None:
     from hybrid.checkpoints import FinalCheckpoint
     from hybrid.data.datamodule import HybridDataModule
     from hybrid.module import HybridModule
+    from hybrid.plots import LossCurves
 
     module, args = HybridModule, list(argv)
     if args[0] == "finetune":
@@ -157,10 +158,11 @@ def lightning_cli(argv: list[str]) -> None:
         module,
         HybridDataModule,
         args=args,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        # a bad key or value raises (one line below) instead of printing the whole usage
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        trainer_defaults={"callbacks": [FinalCheckpoint()]},
+        trainer_defaults={"callbacks": [FinalCheckpoint(), LossCurves()]},
     )
 
 
@@ -247,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         _eval_parser(subparsers)
         _export_parser(subparsers)
         _run(parser.parse_args(argv), Console())
+    except argparse.ArgumentError as error:  # Lightning's CLI: a config key or value it refuses
+        if debug:
+            raise
+        print(f"{_one_line(verb, error)} (see `hybrid {verb} --help`)", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
         if debug or not _raised_here(error):
             raise

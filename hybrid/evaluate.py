@@ -4,8 +4,9 @@
 Episodes run in worker processes (one torch thread each, so two workers share two cores without
 fighting), each with its own planner and simulator. Reported per task: success rate and mean
 steps; per tier: latency p50/p95 over every plan, and the amortised milliseconds per action chunk.
-`results.json` holds all of it; `--video` writes one MP4 per episode showing the camera, the
-imagined visual subgoal the planner chose, and the subgoal text with its score.
+`results.json` holds all of it, `success.png` draws it (per task, with 95% intervals); `--video`
+writes one MP4 per episode showing the camera, the imagined visual subgoal the planner chose, and
+the subgoal text with its score, 256 px a pane, and `contact_sheet.png`, a still of each task.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from rich.table import Table
 
 from hybrid.collect import episode_seed
 from hybrid.intervals import format_rate, wilson_interval
+from hybrid.plots import contact_sheet, panel, success_chart
 from hybrid.sim import simulator_for
 from hybrid.types import Observation
 
+VIDEO_FPS = 20
 TIERS = ("encode", "subgoal", "features", "imagine", "score", "decode", "action")
 
 
@@ -92,23 +95,6 @@ def _preflight(config: EvalConfig):
     return planner
 
 
-def _frame_panel(camera: np.ndarray, plan, chosen: np.ndarray | None, size: int) -> np.ndarray:
-    """camera | imagined chosen subgoal (the latest one) | text: (size, 3 * size, 3) uint8."""
-    from PIL import Image, ImageDraw
-
-    imagined = np.zeros_like(camera)
-    if chosen is not None:
-        imagined = np.asarray(Image.fromarray(chosen).resize((size, size)))
-    text = Image.new("RGB", (size, size), "black")
-    if plan is not None:
-        lines = [plan.subgoal[i : i + 16] for i in range(0, len(plan.subgoal), 16)][:4]
-        if len(plan.scores) > 1:
-            lines.append(f"score {plan.scores[plan.chosen]:.2f}")
-            lines.append(f"of {len(plan.scores)} cand.")
-        ImageDraw.Draw(text).multiline_text((2, 2), "\n".join(lines), fill="white")
-    return np.concatenate([camera, imagined, np.asarray(text)], axis=1)
-
-
 def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     task, episode = job
     planner, config = _worker["planner"], _worker["config"]
@@ -124,21 +110,24 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     obs = env.reset(episode_seed(config.seed, task, episode))
     planner.reset()
     timings, subgoals, frames, success, steps, refreshes = [], [], [], False, 0, 0
-    chosen = None  # the visual subgoal in force: the schedule does not imagine every chunk
+    # the visual subgoal in force, and its (score, K): the schedule does not imagine every chunk
+    chosen, chosen_score = None, None
     while steps < config.max_steps and not success:
         steps += 1
         images = {cameras[name]: frame for name, frame in env.render().items()}
         planned = not planner.queue
         action = planner.act(Observation(images, sim.policy_state(obs)), instruction)
         if planned:
-            timings.append(planner.last_plan.timings_ms)
-            subgoals.append(planner.last_plan.subgoal)
-            refreshes += planner.last_plan.subgoal_refreshed
-            if planner.last_plan.chosen_image is not None:
-                chosen = planner.last_plan.chosen_image
+            plan = planner.last_plan
+            timings.append(plan.timings_ms)
+            subgoals.append(plan.subgoal)
+            refreshes += plan.subgoal_refreshed
+            if plan.chosen_image is not None:
+                chosen = plan.chosen_image
+                chosen_score = (float(plan.scores[plan.chosen]), len(plan.scores))
         if config.video_dir:
-            first = next(iter(images.values()))
-            frames.append(_frame_panel(first, planner.last_plan, chosen, config.image_size))
+            camera = next(iter(images.values()))
+            frames.append(panel(camera, chosen, planner.last_plan.subgoal, chosen_score))
         obs, success = env.step(action)
     video = None
     if config.video_dir:
@@ -146,7 +135,7 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
 
         path = Path(config.video_dir) / f"{task}_{episode:03d}.mp4"
         tmp = path.with_name(f".{path.name}.tmp.mp4")
-        encode_video(np.stack(frames), tmp, fps=20)
+        encode_video(np.stack(frames), tmp, fps=VIDEO_FPS)
         os.replace(tmp, path)
         video = str(path)
     return EpisodeResult(task, episode, success, steps, timings, subgoals, refreshes, video)
@@ -265,8 +254,7 @@ def evaluate(
         try:
             for result in _map(config, jobs, workers, planner):
                 results.append(result)
-                status = "[green]success[/]" if result.success else "[red]failure[/]"
-                progress.update(bar, advance=1, description=f"{result.task} {status}")
+                progress.update(bar, advance=1, description=_running(config.tasks, results))
         except _WorkerCrash as error:
             crash = str(error)
     results.sort(key=lambda r: (config.tasks.index(r.task), r.episode))
@@ -276,17 +264,47 @@ def evaluate(
     tmp = out / ".results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "results.json")
+    pictures = []
     if results:
         print_summary(summary, console)
+        counts = {t: (row["successes"], row["episodes"]) for t, row in summary["tasks"].items()}
+        title = f"{policy} ({embodiment}), {episodes} episodes per task, seed {seed}"
+        pictures.append(success_chart({"success": counts}, out / "success.png", title))
+        if video:
+            pictures.append(contact_sheet(_stills(results), out / "contact_sheet.png"))
     if crash:
         raise EvaluationError(
             f"{crash}; {len(not_run)} of {len(jobs)} episodes not run (listed in "
             f"{out / 'results.json'}, counted in no rate)"
         )
     console.print(
-        f"wrote {out / 'results.json'}" + (f" and videos in {video_dir}" if video else "")
+        f"wrote {out / 'results.json'}, "
+        + ", ".join(map(str, pictures))
+        + (f" and videos in {video_dir}" if video else "")
     )
     return summary
+
+
+def _running(tasks: tuple[str, ...], results: list[EpisodeResult]) -> str:
+    """The progress line: successes so far of each task begun, `reach-v3 3/5 · push-v3 0/2`."""
+    parts = []
+    for task in tasks:
+        done = [r.success for r in results if r.task == task]
+        if done:
+            parts.append(f"{task} [green]{sum(done)}[/]/{len(done)}")
+    return " · ".join(parts)
+
+
+def _stills(results: list[EpisodeResult]) -> dict[str, np.ndarray]:
+    """The middle frame of each task's first episode video: {task: (256, 768, 3) uint8}."""
+    from hybrid.data.video import decode_video
+
+    stills = {}
+    for result in results:
+        if result.task not in stills and result.video:
+            frames = decode_video(Path(result.video), 0.0, result.steps / VIDEO_FPS, VIDEO_FPS)
+            stills[result.task] = frames[len(frames) // 2]
+    return stills
 
 
 class _WorkerCrash(Exception):

@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from hybrid.data.datamodule import HybridDataModule
 from hybrid.policy import HybridPolicy
@@ -133,6 +134,11 @@ class HybridModule(L.LightningModule):
             {spec.name: dm.norm_stats()},
             **(self.hparams.experts or {}),
         )
+        sizes = ", ".join(
+            f"{name.replace('_', ' ')} {get_human_readable_count(count)}"
+            for name, count in self.policy.parameter_counts().items()
+        )
+        rank_zero_info(f"policy: {sizes} parameters")
 
     # 2. the step ----------------------------------------------------------------------------------
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:

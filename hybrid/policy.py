@@ -300,6 +300,16 @@ class HybridPolicy(nn.Module):
         losses = {"lang": out.lang_loss, "fast": out.fast_loss, "action": action, **world}
         return {k: v for k, v in losses.items() if v is not None}
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of each learned expert, and of whatever else the policy holds, by name."""
+        experts = (self.vlm, self.world_model, self.action_expert)
+        counts = {
+            name: sum(p.numel() for p in expert.parameters())
+            for name, expert in zip(("vlm", "world_model", "action_expert"), experts, strict=True)
+        }
+        rest = sum(p.numel() for p in self.parameters()) - sum(counts.values())
+        return {**counts, **({"other": rest} if rest else {})}
+
     # 3. persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the policy to `directory` atomically: into a sibling temporary folder first, then

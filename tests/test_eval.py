@@ -3,7 +3,9 @@
 import json
 
 import av
+import numpy as np
 import pytest
+from PIL import Image
 
 
 @pytest.mark.slow
@@ -25,7 +27,20 @@ def test_eval_one_episode_writes_results_and_a_playable_video(
     with av.open(episode["video"]) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == episode["steps"]
-    assert frames[0].shape == (96, 288, 3), "camera | imagined subgoal | text"
+    assert frames[0].shape == (256, 768, 3), "camera | imagined subgoal | text, 256 px each"
+    for noise in ("Warning", "Tip", "Traceback"):
+        assert noise not in run.stdout + run.stderr, noise
+    _nontrivial_png(tmp_path / "success.png", min_side=300)
+    sheet = _nontrivial_png(tmp_path / "contact_sheet.png", min_side=256)
+    assert sheet.shape[1] == 2 * 768, "two tiles a row, each camera | subgoal | text"
+
+
+def _nontrivial_png(path, min_side: int) -> np.ndarray:
+    """The picture at path, checked to be at least min_side a side and not one flat colour."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert min(image.shape[:2]) >= min_side, image.shape
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 16, "more than a few colours"
+    return image
 
 
 def test_eval_rejects_a_directory_that_is_no_policy(tmp_path, hybrid_cli):

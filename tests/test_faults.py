@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_fit_cli import _config
 
@@ -151,6 +152,10 @@ def test_resume_starts_fresh_saves_its_end_and_resumes_from_the_newest(tmp_path,
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"no checkpoint in {ckpt}: training starts from step 0" in run.stderr
     assert "no last checkpoint available" not in run.stdout + run.stderr
+    for noise in ("Warning", "Tip", "Traceback"):  # a quiet console (Lightning's info lines stay)
+        assert noise not in run.stdout + run.stderr, noise
+    curves = np.asarray(Image.open(tmp_path / "out" / "curves.png").convert("RGB"))
+    assert min(curves.shape[:2]) > 200 and len(np.unique(curves.reshape(-1, 3), axis=0)) > 16
     # the end of a run is saved although 5 is no multiple of the period 2
     assert _step(ckpt / "last.ckpt") == 5
     # killed after the step-4 checkpoint but before last.ckpt: resume from step 4, not from 0
@@ -223,8 +228,9 @@ def test_a_corrupt_video_names_the_file_and_the_episode(mt10_dataset, tmp_path):
         (["--data.batch_size", "-4"], "data.batch_size must be >= 1, got -4"),
         (["--model.lr", "0"], "model.lr must be > 0, got 0"),
         (["--data.root", "nowhere"], "dataset directory nowhere does not exist"),
+        (["--model.nope", "1"], "unrecognized arguments: --model.nope 1"),
     ],
-    ids=["negative-batch-size", "zero-lr", "missing-dataset"],
+    ids=["negative-batch-size", "zero-lr", "missing-dataset", "unknown-config-key"],
 )
 def test_bad_training_arguments_are_one_line_before_anything_is_built(
     tmp_path, mt10_dataset, args, message
