@@ -61,7 +61,8 @@ def success_chart(modes: dict[str, dict[str, tuple[int, int]]], path: Path, titl
         x = np.arange(len(labels)) + (i - (len(modes) - 1) / 2) * width
         ax.bar(x, 100 * rates, width, yerr=100 * errors, capsize=3, label=mode)
         for xi, rate, (succeeded, episodes) in zip(x, rates, rows, strict=True):
-            ax.text(xi, 100 * rate + 1, f"{succeeded}/{episodes}", ha="center", fontsize="x-small")
+            label = f"{succeeded}/{episodes}"  # beside the whisker, not on it
+            ax.text(xi + width / 10, 100 * rate + 1, label, ha="left", fontsize="x-small")
     ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right")
     ax.set_ylim(0, 100)
     ax.set_ylabel("success (%), 95% Wilson interval")

@@ -10,28 +10,26 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 
 class StepProgressBar(RichProgressBar):
-    """RichProgressBar counting optimiser steps against `max_steps` (epochs when no step bound is
-    set), without the logger's version number among the metrics."""
+    """RichProgressBar counting optimiser steps against `max_steps`, on one bar that is never
+    reset between epochs (so its elapsed time, speed and time left are the run's), without the
+    logger's version number among the metrics. Without a step bound it is Lightning's own."""
 
     def _by_steps(self, trainer: L.Trainer) -> bool:
-        return trainer.max_steps > 0 and self.progress is not None
+        return trainer.max_steps > 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        if self._by_steps(trainer) and self.train_progress_bar_id is not None:
-            self.progress.update(
-                self.train_progress_bar_id,
-                total=trainer.max_steps,
-                completed=trainer.global_step,
-                description="training steps",
-            )
-            self.refresh()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._by_steps(trainer):
+        if not self._by_steps(trainer):
+            super().on_train_epoch_start(trainer, pl_module)
+        elif self.train_progress_bar_id is None and self.progress is not None:
+            self.train_progress_bar_id = self._add_task(trainer.max_steps, "training steps")
             self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
             self.refresh()
+
+    def _update(self, progress_bar_id, current: int, visible: bool = True, hard: bool = False):
+        # Lightning passes the batch index within the epoch; the bar counts the run's steps
+        if progress_bar_id == self.train_progress_bar_id and self._by_steps(self.trainer):
+            current = self.trainer.global_step
+        super()._update(progress_bar_id, current, visible, hard)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
