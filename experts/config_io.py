@@ -44,15 +44,21 @@ def save_config(directory: str | Path, name: str, config: dict) -> None:
     os.replace(tmp, directory / name)
 
 
-def load_config(directory: str | Path, name: str, what: str) -> dict:
-    """The config `name` in `directory`; SavedFileError naming the path and `what` it is for."""
+def load_config(
+    directory: str | Path,
+    name: str,
+    what: str,
+    fix: str = "re-export the policy (`hybrid fit` or `hybrid export`)",
+) -> dict:
+    """The config `name` in `directory`; SavedFileError naming the path, `what` it is for and
+    `fix`, what to do about it."""
     path = Path(directory) / name
     if not path.is_file():
-        raise SavedFileError(f"no {what} config at {path}")
+        raise SavedFileError(f"no {what} config at {path}; {fix}")
     try:
         return json.loads(path.read_text())
     except (ValueError, OSError) as error:
-        raise SavedFileError(f"cannot read the {what} config {path} ({error})") from error
+        raise SavedFileError(f"cannot read the {what} config {path} ({error}); {fix}") from error
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from experts.config_io import atomic_directory, check_files
+from experts.config_io import SavedFileError, atomic_directory, check_files, load_config
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.policy import ADAPTERS_DIR, CONFIG_NAME, HybridPolicy
 
@@ -78,7 +78,13 @@ def adapter_dir(policy_dir: str | Path, embodiment: str) -> Path:
 def available_embodiments(policy_dir: str | Path) -> list[str]:
     """The base's robots, then those with an adapter, without loading any weights."""
     policy_dir = Path(policy_dir)
-    base = [s["name"] for s in json.loads((policy_dir / CONFIG_NAME).read_text())["embodiments"]]
+    config = load_config(policy_dir, CONFIG_NAME, "policy")
+    if not isinstance(config, dict) or not isinstance(config.get("embodiments"), list):
+        raise SavedFileError(
+            f"{policy_dir / CONFIG_NAME} lists no embodiments: not a policy's config; re-export "
+            "the policy (`hybrid fit` or `hybrid export`)"
+        )
+    base = [s["name"] for s in config["embodiments"]]
     root = policy_dir / ADAPTERS_DIR
     extra = (
         sorted(p.name for p in root.iterdir() if (p / EMBODIMENT_FILE).is_file())

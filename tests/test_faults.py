@@ -74,8 +74,14 @@ def policy_copy(tiny_policy_dir, tmp_path):
             "diffusion_pytorch_model.safetensors",
         ),
         (lambda p: (p / "action_expert" / "config.json").unlink(), "action_expert"),
+        (lambda p: (p / "policy_config.json").write_text("{"), "policy_config.json"),
     ],
-    ids=["truncated-vlm-weights", "random-action-weights", "missing-action-expert-config"],
+    ids=[
+        "truncated-vlm-weights",
+        "random-action-weights",
+        "missing-action-expert-config",
+        "invalid-policy-config",
+    ],
 )
 def test_eval_of_a_policy_that_does_not_load_fails_at_once(policy_copy, tmp_path, break_it, named):
     break_it(policy_copy)
