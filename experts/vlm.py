@@ -60,7 +60,10 @@ def train_tokenizer(
     # Every printable ASCII character is in the alphabet, so text of robots and tasks added later
     # (`hybrid finetune`) tokenizes without <unk>.
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=list(string.printable[:95])
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=list(string.printable[:95]),
+        show_progress=False,  # milliseconds of work; its bars were the noisiest lines of a fit
     )
     tokenizer.train_from_iterator([*texts, SUBGOAL_PROMPT], trainer)
     fast = PreTrainedTokenizerFast(
