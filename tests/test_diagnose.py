@@ -37,3 +37,21 @@ def test_diagnosis_reports_every_tier(tiny_policy_dir, mt10_dataset, tmp_path):
     assert "open-loop diagnosis on 8 held-out frames" in printed
     again, _ = _diagnose(tiny_policy_dir, mt10_dataset[0], tmp_path / "b.json")
     assert again == figures, "the same policy, data and seed give the same figures"
+
+
+@pytest.mark.slow
+def test_phase_report_writes_its_readme_table(tiny_policy_dir, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- figure: phases -->\nold\n<!-- /figure: phases -->\nafter\n")
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, SCRIPT.with_name("phases.py"), "--policy", tiny_policy_dir]
+    args += ["--tasks", "push-v3", "--episodes", "2", "--max-steps", "12", "--readme", readme]
+    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("before") and text.rstrip().endswith("after")
+    row = next(line for line in text.splitlines() if line.startswith("| push-v3 | failure"))
+    cells = row.strip("|").split("|")
+    assert cells[2].strip() == "2" and cells[3].strip() == "6", "2 episodes of 3 chunks of 4 steps"
+    shares = [int(c.strip().rstrip("%")) for c in cells[4:]]
+    assert 99 <= sum(shares) <= 101, "every chunk is in one column"
