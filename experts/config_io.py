@@ -58,7 +58,7 @@ def load_config(
     try:
         return json.loads(path.read_text())
     except (ValueError, OSError) as error:
-        raise SavedFileError(f"cannot read the {what} config {path} ({error}); {fix}") from error
+        raise SavedFileError(f"cannot read {path} (the {what} config: {error}); {fix}") from error
 
 
 @contextmanager

@@ -44,9 +44,9 @@ def resolve_resume(ckpt_path: str | None, trainer: L.Trainer) -> tuple[str | Non
     if ckpt_path != "last":
         return ckpt_path, None
     dirs = checkpoint_dirs(trainer)
-    newest = newest_checkpoint(dirs)
     if not dirs:
         return None, "no ModelCheckpoint(dirpath=...) to resume from: training starts from step 0"
+    newest = newest_checkpoint(dirs)
     if newest is None:
         return None, f"no checkpoint in {', '.join(map(str, dirs))}: training starts from step 0"
     return str(newest), f"resuming from {newest} (the newest checkpoint)"

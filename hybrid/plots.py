@@ -35,10 +35,14 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path) -> Path:
+def _save(picture, path: Path) -> Path:
+    """Write a matplotlib figure or a PIL image to `path` atomically (a temporary file renamed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    if hasattr(picture, "savefig"):
+        picture.savefig(tmp, dpi=120, bbox_inches="tight")
+    else:
+        picture.save(tmp)
     os.replace(tmp, path)
     return path
 
@@ -178,8 +182,4 @@ def contact_sheet(tiles: dict[str, np.ndarray], path: Path, columns: int = 2) ->
         x, y = (i % columns) * width, (i // columns) * (height + label)
         draw.text((x + 6, y + 3), task, fill="black", font=font)
         sheet.paste(Image.fromarray(tile), (x, y + label))
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    sheet.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return _save(sheet, path)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.action import ActionExpert
-from experts.config_io import SavedFileError, atomic_directory, check_files
+from experts.config_io import SavedFileError, atomic_directory, check_files, load_config
 from experts.embodiment_heads import EmbodimentLinear
 from experts.fast import FastTokenizer
 from experts.vlm import HighLevelVLM, train_tokenizer
@@ -302,10 +302,11 @@ class HybridPolicy(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters of each learned expert, and of whatever else the policy holds, by name."""
-        experts = (self.vlm, self.world_model, self.action_expert)
+        experts = {name: getattr(self, name) for name in EXPERT_DIRS}
         counts = {
             name: sum(p.numel() for p in expert.parameters())
-            for name, expert in zip(("vlm", "world_model", "action_expert"), experts, strict=True)
+            for name, expert in experts.items()
+            if isinstance(expert, nn.Module)  # FAST is a tokenizer: nothing learned by gradient
         }
         rest = sum(p.numel() for p in self.parameters()) - sum(counts.values())
         return {**counts, **({"other": rest} if rest else {})}
@@ -346,10 +347,9 @@ class HybridPolicy(nn.Module):
                 "(`hybrid fit` exports one; `HybridPolicy.save_pretrained` writes one)"
             )
         fix = "re-export the policy (`hybrid fit` or `hybrid export`) or point at another one"
-        check_files(path, fix)
+        config = load_config(directory, CONFIG_NAME, "policy", fix)
         for expert in EXPERT_DIRS:  # not adapters/: a broken adapter leaves the base usable
             check_files(directory / expert, fix)
-        config = json.loads(path.read_text())
         try:
             policy = cls(
                 vlm=HighLevelVLM.from_pretrained(directory / "vlm"),
