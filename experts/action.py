@@ -102,15 +102,27 @@ class ActionExpert(ModelMixin, ConfigMixin):
         image_channels: tuple[int, ...] = (32, 64, 128, 128),
         image_shift: int = 4,
         flow_samples: int = 2,
+        keypoints: int = 0,
+        scene_dim: int = 0,
     ):
         """`image_size` is the side at which the expert sees the current frames (None: it sees
         them only through the VLM's features); `image_shift` the random-shift augmentation of
         those frames in training, in pixels of the frames as given. `flow_samples` is how many
         (noise, time) draws the loss averages per example: the context is encoded once and
-        shared, so more draws cost only the small suffix pass and steady the gradient."""
+        shared, so more draws cost only the small suffix pass and steady the gradient.
+        `keypoints` K > 0 adds K spatial-softmax points per camera to what the expert sees
+        (`experts.image_encoder`); `scene_dim` > 0 (with keypoints) adds a head that regresses
+        the scene, the dataset's `observation.environment_state` (object and goal positions,
+        padded to `scene_dim`), from those points: an auxiliary loss in training only. The scene
+        is never an input, so planning needs nothing but the cameras and the robot's state."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
+        if scene_dim and not (keypoints and image_size):
+            raise ValueError(
+                f"scene_dim {scene_dim} needs keypoints > 0 and an image_size: the scene is "
+                "regressed from the keypoints of the expert's own frames"
+            )
         if latent_size % latent_patch:
             raise ValueError(f"latent_size {latent_size} not divisible by patch {latent_patch}")
         num_patches = (latent_size // latent_patch) ** 2
@@ -124,8 +136,15 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.image_in = (
             None
             if image_size is None
-            else ImageEncoder(hidden, image_size, num_cameras, tuple(image_channels))
+            else ImageEncoder(hidden, image_size, num_cameras, tuple(image_channels), keypoints)
         )
+        # robots differ in what their scene vector holds, so its readout is per robot
+        self.scene_in = (
+            nn.Sequential(nn.Linear(num_cameras * keypoints * 2, hidden), nn.SiLU())
+            if scene_dim
+            else None
+        )
+        self.scene_out = EmbodimentLinear(num_embodiments, hidden, scene_dim) if scene_dim else None
         self.time_proj = Timesteps(hidden, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(hidden, hidden)
         self.blocks = nn.ModuleList(Block(hidden, num_heads) for _ in range(num_layers))
@@ -138,16 +157,19 @@ class ActionExpert(ModelMixin, ConfigMixin):
         nn.init.normal_(self.visual_pos, std=0.02)
 
     def _context(self, vlm_features, vlm_mask, images, visual_latent, visual_keep=None):
-        """Per block, the context keys and values, and the attention mask over [context; suffix]
-        (B, 1, 1, L [+ I] [+ P] + 1 + H); `visual_keep` (B,) bool hides the visual subgoal from
-        the samples where it is False. The stop-gradient of knowledge insulation lives here."""
+        """Per block, the context keys and values, the attention mask over [context; suffix]
+        (B, 1, 1, L [+ I] [+ P] + 1 + H), and the keypoints (B, N, K, 2) or None; `visual_keep`
+        (B,) bool hides the visual subgoal from the samples where it is False. The stop-gradient
+        of knowledge insulation lives here."""
         tokens = [self.vlm_in(vlm_features.detach())]
         masks = [vlm_mask]
+        points = None
         if self.image_in is not None:
             if images is None:
                 raise ValueError("this action expert sees the current frames: pass `images`")
-            tokens.append(self.image_in(images))
-            masks.append(vlm_mask.new_ones(tokens[-1].shape[:2]))
+            image_tokens, points = self.image_in(images)
+            tokens.append(image_tokens)
+            masks.append(vlm_mask.new_ones(image_tokens.shape[:2]))
         if visual_latent is not None:
             p = self.config.latent_patch
             patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
@@ -157,7 +179,14 @@ class ActionExpert(ModelMixin, ConfigMixin):
         context = torch.cat(tokens, 1)
         kv = [block.context_kv(context) for block in self.blocks]
         masks.append(vlm_mask.new_ones(vlm_mask.shape[0], 1 + self.config.chunk_size))
-        return kv, torch.cat(masks, 1)[:, None, None, :]
+        return kv, torch.cat(masks, 1)[:, None, None, :], points
+
+    def scene(self, points: torch.Tensor, embodiment_ids: torch.Tensor) -> torch.Tensor:
+        """The scene estimate (B, scene_dim), normalised, from keypoints (B, N, K, 2); a robot
+        with fewer cameras than the expert has rows reads zeros for the missing ones."""
+        flat = rearrange(points, "b n k xy -> b (n k xy)")
+        flat = F.pad(flat, (0, self.scene_in[0].in_features - flat.shape[1]))
+        return self.scene_out(self.scene_in(flat), embodiment_ids)
 
     def velocity(self, noisy_actions, t, state, embodiment_ids, context_kv, context_mask):
         """Predicted velocity (B, H, max_action_dim) for noisy actions at flow times t (B,)."""
@@ -188,17 +217,25 @@ class ActionExpert(ModelMixin, ConfigMixin):
         images: torch.Tensor | None,
         visual_latent: torch.Tensor | None,
         visual_keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Flow-matching loss on normalised actions (B, H, max_action_dim), masked over padded
-        steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim). `images`
-        (B, N, 3, S, S) in [0, 1] are the current frames, randomly shifted here.
-        `visual_keep` (B,) bool drops the visual subgoal for some samples (condition dropout), so
-        the expert also learns to act without it."""
+        scene: torch.Tensor | None = None,
+        scene_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """{"action": flow-matching loss on normalised actions (B, H, max_action_dim), masked over
+        padded steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim);
+        "scene": mean squared error of the scene estimate against `scene` (B, scene_dim),
+        normalised, over the dims `scene_mask` (B, scene_dim) marks real, when this expert has a
+        scene head and the batch a scene}. `images` (B, N, 3, S, S) in [0, 1] are the current
+        frames, randomly shifted here. `visual_keep` (B,) bool drops the visual subgoal for some
+        samples (condition dropout), so the expert also learns to act without it."""
         if images is not None:
             images = random_shift(images, self.config.image_shift)
-        context_kv, context_mask = self._context(
+        context_kv, context_mask, points = self._context(
             vlm_features, vlm_mask, images, visual_latent, visual_keep
         )
+        losses = {}
+        if self.scene_out is not None and scene is not None and scene_mask.any():
+            error = (self.scene(points, embodiment_ids) - scene).square() * scene_mask
+            losses["scene"] = error.sum() / scene_mask.sum()
         # n flow draws per example: everything per example repeats n times, (B, ...) -> (B n, ...)
         n = self.config.flow_samples
         context_kv = [tuple(repeat(x, "b ... -> (b n) ...", n=n) for x in kv) for kv in context_kv]
@@ -214,7 +251,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         v = self.velocity(
             interpolate(actions, noise, t), t, state, embodiment_ids, context_kv, context_mask
         )
-        return flow_loss(v, actions, noise, mask)
+        return {"action": flow_loss(v, actions, noise, mask), **losses}
 
     @torch.no_grad()
     def sample(
@@ -232,7 +269,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         """An action chunk (B, H, max_action_dim), normalised, by Euler integration of the flow;
         zeros on the dims `dim_mask` (B, max_action_dim) marks as padding. The context keys and
         values are computed once and reused by every step."""
-        context_kv, context_mask = self._context(vlm_features, vlm_mask, images, visual_latent)
+        context_kv, context_mask, _ = self._context(vlm_features, vlm_mask, images, visual_latent)
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         noise = torch.randn(shape, generator=generator, device=state.device, dtype=state.dtype)
         dims = torch.ones_like(noise[:, :1]) if dim_mask is None else dim_mask[:, None, :]

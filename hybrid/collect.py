@@ -74,7 +74,7 @@ def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, i
     arrays = {"success": np.asarray(episode.success), "length": np.asarray(len(episode.phases))}
     if keep:  # a failed attempt is staged without its frames, only to count it as attempted
         arrays |= {f"images.{camera}": frames for camera, frames in episode.images.items()}
-        arrays |= {"state": episode.state, "actions": episode.actions}
+        arrays |= {"state": episode.state, "actions": episode.actions, "scene": episode.scene}
         arrays |= {"phases": episode.phases, "seed": np.asarray(episode.seed)}
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -92,6 +92,7 @@ def _to_episode_data(
         task=language.instruction,
         frames={
             "observation.state": staged["state"],
+            "observation.environment_state": staged["scene"],
             "action": staged["actions"],
             "subgoal": subgoals,
             "progress": progress,
@@ -210,7 +211,11 @@ def _write_dataset(sim, config: CollectConfig, out: Path, staging: Path, console
                     frames += int(staged["length"])
             per_task[task] = {"kept": kept, "attempted": config.episodes_per_task, "frames": frames}
         writer.finish(
-            names={"observation.state": sim.STATE_NAMES, "action": sim.ACTION_NAMES},
+            names={
+                "observation.state": sim.STATE_NAMES,
+                "observation.environment_state": sim.SCENE_NAMES,
+                "action": sim.ACTION_NAMES,
+            },
             cameras={f"observation.images.{c}": sim.camera_info(c) for c in config.cameras},
         )
     return {

@@ -24,7 +24,15 @@ from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from hybrid.data.datamodule import HybridDataModule
 from hybrid.policy import HybridPolicy
 
-DEFAULT_WEIGHTS = {"lang": 1.0, "fast": 0.5, "world": 1.0, "value": 1.0, "action": 1.0, "vae": 1.0}
+DEFAULT_WEIGHTS = {
+    "lang": 1.0,
+    "fast": 0.5,
+    "world": 1.0,
+    "value": 1.0,
+    "action": 1.0,
+    "vae": 1.0,
+    "scene": 1.0,
+}
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ object that trains from a batch and saves to / loads from one directory, offline
     <dir>/fast/                FastTokenizer
 
 Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_dim) and actions
-(B, H, action_dim) already normalised, images (B, N, 3, S, S) in [0, 1], text as lists.
+(B, H, action_dim) already normalised, the scene (B, E) where the dataset records one, images
+(B, N, 3, S, S) in [0, 1], text as lists.
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ class HybridPolicy(nn.Module):
         vlm_rows: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every loss of the hierarchy on one batch: lang, fast, world, value, action (+ vae when
-        the world model's VAE trains). The action loss reaches only the action expert.
+        the world model's VAE trains, + scene when the action expert has a scene head and the
+        data a scene). The action and scene losses reach only the action expert.
 
         Condition dropout keeps the planner's ablation modes valid: for a `visual_dropout` share
         of samples the action expert acts without the visual subgoal, for a `language_dropout`
@@ -285,6 +287,14 @@ class HybridPolicy(nn.Module):
             at = drop.to(features.device)
             features = features.index_copy(0, at, alt)
             feature_mask = feature_mask.index_copy(0, at, alt_mask)
+        scene_dim = cfg.scene_dim
+        scene = batch.get("scene") if scene_dim else None  # no scene head: nothing learns it
+        if scene is not None and scene.shape[1] > scene_dim:
+            raise ValueError(
+                f"the data's scene (observation.environment_state) has {scene.shape[1]} dims, but "
+                f"the action expert's scene head has {scene_dim}: raise "
+                "`model.experts.action_expert.scene_dim`, or set it to 0 to learn no scene"
+            )
         action = self.action_expert.loss(
             self._pad(actions, cfg.max_action_dim),
             batch["action_mask"],
@@ -296,8 +306,10 @@ class HybridPolicy(nn.Module):
             images,
             visual,
             visual_keep,
+            None if scene is None else self._pad(scene, scene_dim),
+            None if scene is None else self._pad(batch["scene_mask"], scene_dim).bool(),
         )
-        losses = {"lang": out.lang_loss, "fast": out.fast_loss, "action": action, **world}
+        losses = {"lang": out.lang_loss, "fast": out.fast_loss, **action, **world}
         return {k: v for k, v in losses.items() if v is not None}
 
     def parameter_counts(self) -> dict[str, int]:

@@ -60,7 +60,15 @@ def panda_dataset(tmp_path_factory):
 SMALL_EXPERTS = dict(
     vlm=dict(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1),
     world_model=dict(vae_channels=(16, 16, 32, 32), hidden=32, num_layers=1, value_hidden=32),
-    action_expert=dict(hidden=32, num_layers=1, max_state_dim=8, max_action_dim=8, image_size=64),
+    action_expert=dict(
+        hidden=32,
+        num_layers=1,
+        max_state_dim=8,
+        max_action_dim=8,
+        image_size=64,
+        keypoints=4,
+        scene_dim=12,
+    ),
     fast=dict(vocab_size=128),
 )
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from experts.action import ActionExpert
-from experts.image_encoder import random_shift
+from experts.image_encoder import random_shift, spatial_softmax
 
 B, L, D, H = 3, 7, 32, 6
 
@@ -105,7 +105,7 @@ def test_loss_is_masked_and_stops_at_the_vlm_features(expert):
     action_mask[0, 4:] = False
     dim_mask = torch.tensor([[True, True, False]] * B)
     torch.manual_seed(3)
-    loss = expert.loss(actions, action_mask, dim_mask, **inputs)
+    loss = expert.loss(actions, action_mask, dim_mask, **inputs)["action"]
     loss.backward()
     assert inputs["vlm_features"].grad is None, "knowledge insulation: no gradient to the VLM"
     assert expert.action_in.weight.grad.abs().sum() > 0
@@ -114,7 +114,9 @@ def test_loss_is_masked_and_stops_at_the_vlm_features(expert):
     changed[0, 4:] = 50.0
     changed[:, :, 2] = -50.0
     torch.manual_seed(3)
-    torch.testing.assert_close(expert.loss(changed, action_mask, dim_mask, **inputs), loss)
+    torch.testing.assert_close(
+        expert.loss(changed, action_mask, dim_mask, **inputs)["action"], loss
+    )
 
 
 def test_save_load_identical(expert, tmp_path):
@@ -131,3 +133,60 @@ def test_padded_action_dims_sample_as_zeros(expert):
     actions = expert.sample(**_inputs(), dim_mask=dim_mask, steps=3)
     assert torch.all(actions[~dim_mask[:, None, :].expand_as(actions)] == 0)
     assert torch.all(actions[1] != 0)
+
+
+def test_spatial_softmax_finds_each_peak():
+    """A sharp peak at row r, column c of a 5 x 9 map lands at its (x, y) in [-1, 1]."""
+    maps = torch.zeros(2, 3, 5, 9)
+    peaks = [(0, 0), (4, 8), (2, 6)]
+    for k, (r, c) in enumerate(peaks):
+        maps[:, k, r, c] = 50.0
+    points = spatial_softmax(maps)
+    expected = torch.tensor([[-1 + c / 4, -1 + r / 2] for r, c in peaks])
+    torch.testing.assert_close(points, expected.expand(2, 3, 2), atol=1e-4, rtol=0)
+
+
+def test_scene_head_learns_only_from_the_frames_and_only_where_the_data_has_a_scene():
+    """The scene loss is masked over padded dims, trains the keypoints through the frames and
+    never reaches the VLM; without a scene in the batch only the action loss is returned."""
+    torch.manual_seed(0)
+    expert = _expert(keypoints=4, scene_dim=5)
+    inputs = _inputs()
+    inputs["vlm_features"].requires_grad_(True)
+    actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
+    dim_mask = torch.ones(B, 3, dtype=torch.bool)
+    scene = torch.randn(B, 5)
+    scene_mask = torch.tensor([[True, True, True, False, False]] * B)
+    torch.manual_seed(3)
+    targets = dict(scene=scene, scene_mask=scene_mask)
+    losses = expert.loss(actions, action_mask, dim_mask, **inputs, **targets)
+    assert set(losses) == {"action", "scene"} and losses["scene"] > 0
+    losses["scene"].backward()
+    assert inputs["vlm_features"].grad is None, "knowledge insulation holds for the scene loss"
+    assert expert.image_in.heatmaps.weight.grad.abs().sum() > 0, "the keypoints learn"
+    assert expert.action_in.weight.grad is None, "the scene head is not the action path"
+    changed = scene.clone()
+    changed[:, 3:] = 100.0
+    torch.manual_seed(3)
+    again = expert.loss(actions, action_mask, dim_mask, **inputs, **(targets | {"scene": changed}))
+    torch.testing.assert_close(again["scene"], losses["scene"])
+    assert set(expert.loss(actions, action_mask, dim_mask, **inputs)) == {"action"}
+    with pytest.raises(ValueError, match="scene_dim 5 needs keypoints"):
+        _expert(scene_dim=5)
+
+
+def test_keypoint_tokens_reach_the_actions_and_survive_save_load(tmp_path):
+    torch.manual_seed(0)
+    expert = _expert(keypoints=4, scene_dim=5).eval()
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        expert.modulation[1].weight.normal_(std=0.1)
+    inputs = _inputs()
+    a = expert.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+    expert.save_pretrained(tmp_path / "kp")
+    loaded = ActionExpert.from_pretrained(tmp_path / "kp").eval()
+    b = loaded.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        loaded.image_in.keypoint_proj.weight.mul_(3.0)
+    c = loaded.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(a, c), "the actions read the keypoint tokens"

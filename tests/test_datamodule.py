@@ -40,6 +40,7 @@ def test_window_contents(datamodule):
     assert 0.0 <= sample["images"].min() and sample["images"].max() <= 1.0
     assert sample["future_images"].shape == (2, 3, 32, 32)
     assert sample["state"].shape == (4,) and sample["actions"].shape == (H, 4)
+    assert sample["scene"].shape == (9,) and sample["scene_mask"].tolist() == [1.0] * 9
     assert sample["embodiment"] == "sawyer" and sample["instruction"] and sample["subgoal"]
     # The last frame of an episode: one real action, the rest padding; the future is clamped.
     ep = windows.episodes[0]
@@ -62,6 +63,14 @@ def test_normalisation_uses_dataset_stats(datamodule):
     )
     np.testing.assert_allclose(states.mean(0), 0.0, atol=1e-4)
     np.testing.assert_allclose(states.std(0), 1.0, atol=1e-3)
+    scenes = np.concatenate([ep["scene"] for ep in datamodule.train_set.episodes])
+    raw_scene = datamodule.dataset.episode(datamodule.train_set.episodes[0]["episode_index"])[
+        "observation.environment_state"
+    ]
+    back = datamodule.normalizer.unnormalize(
+        "observation.environment_state", scenes[: len(raw_scene)]
+    )
+    np.testing.assert_allclose(back, raw_scene, atol=1e-5)
     raw = datamodule.dataset.episode(0)["observation.state"]
     back = datamodule.normalizer.unnormalize(
         "observation.state", datamodule.normalizer.normalize("observation.state", raw)

@@ -122,7 +122,8 @@ def test_finetune_resumes_and_changes_only_lora_and_the_new_rows(finetuned, tiny
             grown.append(name)
         else:
             assert torch.equal(value, before), f"{name} changed"
-    assert len(grown) == 6  # weight and bias of the state encoder, action in and action out
+    # weight and bias of the state encoder, action in, action out and the scene readout
+    assert len(grown) == 8
     trained = [k for k, v in lora.items() if "lora_B" in k and v.abs().sum() > 0]
     assert trained and {k.split(".")[0] for k in trained} == {"vlm", "world_model", "action_expert"}
 

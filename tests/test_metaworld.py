@@ -79,6 +79,18 @@ def test_expert_rollout_is_reproducible_and_rendered():
     assert images.shape[1:] == (48, 48, 3) and images.dtype == np.uint8
     assert np.abs(a.actions).max() <= 1.0
     assert list(np.unique(a.phases)) == [0, 1, 2, 3]
+    # the scene: the puck where the episode starts it, carried off by the end; the goal fixed
+    assert a.scene.shape == (len(a.phases), 9)
+    env = MetaWorldEnv("pick-place-v3", camera="corner", image_size=48)
+    try:
+        obs = env.reset(seed=3)
+    finally:
+        env.close()
+    np.testing.assert_allclose(a.scene[0, :3], obs[4:7], atol=1e-6)
+    np.testing.assert_allclose(a.scene[:, 6:], np.repeat(obs[None, 36:39], len(a.scene), 0))
+    # rows are observations before each action, so the last one is one step short of success
+    start, end = (np.linalg.norm(a.scene[i, :3] - a.scene[i, 6:]) for i in (0, -1))
+    assert end < 0.1 < start, f"the puck is carried to the goal: {start:.3f} m -> {end:.3f} m"
 
 
 def _pixels_of(env: MetaWorldEnv, camera: str, size: int) -> tuple[int, int]:

@@ -72,6 +72,7 @@ def test_collected_panda_dataset_reads_back(panda_dataset):
     assert dataset.robot_type == "panda"
     episode = dataset.episode(0)
     assert episode["observation.state"].shape[1] == 7 and episode["action"].shape[1] == 4
+    assert episode["observation.environment_state"].shape[1] == 6  # object and goal xyz
     frames = dataset.camera_frames(0, "observation.images.front")
     assert frames.shape[1:] == (64, 64, 3) and frames.std() > 10
     instructions = {language.instruction: language for language in panda.task_language().values()}

@@ -15,7 +15,7 @@ from hybrid.sim.metaworld import EMBODIMENT
 SMALL = dict(
     vlm=dict(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1),
     world_model=dict(vae_channels=(16, 16, 32, 32), hidden=32, num_layers=1, value_hidden=32),
-    action_expert=dict(hidden=32, num_layers=2, image_size=64),
+    action_expert=dict(hidden=32, num_layers=2, image_size=64, keypoints=4, scene_dim=12),
     fast=dict(vocab_size=128),
 )
 OTHER = EmbodimentSpec("arm2", state_dim=3, action_dim=2, action_low=[-1, -1], action_high=[1, 1])
@@ -53,10 +53,10 @@ def test_knowledge_insulation(setup):
     policy, batch = setup
     policy.train()
     losses = policy.losses(batch)
-    assert set(losses) == {"lang", "fast", "world", "value", "vae", "action"}
+    assert set(losses) == {"lang", "fast", "world", "value", "vae", "action", "scene"}
     assert all(torch.isfinite(v) for v in losses.values())
     policy.zero_grad(set_to_none=True)
-    losses["action"].backward(retain_graph=True)
+    (losses["action"] + losses["scene"]).backward(retain_graph=True)
     for name, p in policy.vlm.named_parameters():
         assert p.grad is None or torch.count_nonzero(p.grad) == 0, f"action loss reached vlm {name}"
     assert any(
@@ -70,6 +70,17 @@ def test_knowledge_insulation(setup):
         ]
         assert reached, f"{key} must train the VLM"
         policy.zero_grad(set_to_none=True)
+
+
+def test_data_without_a_scene_trains_without_the_scene_loss(setup):
+    """Older datasets record no `observation.environment_state`: their windows carry an empty
+    scene and nothing learns it; a scene wider than the expert's head is refused by name."""
+    policy, batch = setup
+    empty = dict(batch, scene=batch["scene"][:, :0], scene_mask=batch["scene_mask"][:, :0])
+    assert "scene" not in policy.losses(empty) and "action" in policy.losses(empty)
+    wide = dict(batch, scene=torch.zeros(4, 13), scene_mask=torch.ones(4, 13))
+    with pytest.raises(ValueError, match="13 dims.*scene head has 12.*scene_dim"):
+        policy.losses(wide)
 
 
 def test_vlm_losses_on_a_subset_of_rows_leave_the_lower_tiers_unchanged(setup):

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset, require_directory
 from hybrid.data.normalize import Mode, Normalizer
-from hybrid.data.windows import ACTION_KEY, STATE_KEY, TrainingWindows
+from hybrid.data.windows import ACTION_KEY, SCENE_KEY, STATE_KEY, TrainingWindows
 from hybrid.embodiment import EmbodimentSpec
 
 
@@ -83,9 +83,10 @@ class HybridDataModule(L.LightningDataModule):
         cameras = hp.cameras or dataset.camera_keys
         if not cameras:
             raise DatasetError(f"{hp.root} has no camera (video or image) features")
-        self.normalizer = Normalizer(
-            dataset.stats, {STATE_KEY: hp.state_norm, ACTION_KEY: hp.action_norm}
-        )
+        modes = {STATE_KEY: hp.state_norm, ACTION_KEY: hp.action_norm}
+        if SCENE_KEY in dataset.stats:  # a training target (see windows.py); older data has none
+            modes[SCENE_KEY] = "mean_std"
+        self.normalizer = Normalizer(dataset.stats, modes)
         tasks = [e["tasks"][0] for e in dataset.episodes]
         train, val = split_episodes(tasks, hp.val_fraction, hp.seed)
         embodiment = hp.embodiment or dataset.robot_type or "robot"

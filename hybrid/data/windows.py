@@ -4,6 +4,9 @@ A sample at frame t of an episode of length T:
     images          (N, 3, S, S) float32 in [0, 1]   the N cameras at t
     future_images   (N, 3, S, S) float32 in [0, 1]   the cameras at min(t + k, T - 1)
     state           (state_dim,) float32, normalised
+    scene           (E,) float32, normalised: the dataset's `observation.environment_state`
+                    (object and goal positions; a training target only, never a policy input),
+                    E = 0 where the dataset has none; scene_mask (E,) float32 ones
     actions         (H, action_dim) float32, normalised; steps past the episode end are zeros
     action_mask     (H,) bool, False on those padded steps
     progress        () float32: task progress at t; future_progress the same at min(t + k, T - 1)
@@ -23,6 +26,7 @@ from hybrid.data.normalize import Normalizer
 
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
+SCENE_KEY = "observation.environment_state"  # LeRobot's name for the environment's own state
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
@@ -59,6 +63,12 @@ class TrainingWindows(torch.utils.data.Dataset):
         for index in episodes:
             columns = dataset.episode(index)
             length = len(columns[ACTION_KEY])
+            scene = columns.get(SCENE_KEY)
+            scene = (
+                np.zeros((length, 0), np.float32)
+                if scene is None
+                else normalizer.normalize(SCENE_KEY, np.asarray(scene, np.float32))
+            )
             progress = columns.get(PROGRESS_KEY)
             if progress is None:  # no annotation: time through the episode stands in
                 progress = np.arange(length, dtype=np.float32) / max(length - 1, 1)
@@ -68,6 +78,7 @@ class TrainingWindows(torch.utils.data.Dataset):
                     "actions": normalizer.normalize(ACTION_KEY, columns[ACTION_KEY]).astype(
                         np.float32
                     ),
+                    "scene": scene.astype(np.float32),
                     "progress": np.asarray(progress, np.float32).reshape(length),
                     "subgoal": columns[SUBGOAL_KEY],
                     "instruction": columns["task"],
@@ -119,6 +130,8 @@ class TrainingWindows(torch.utils.data.Dataset):
             "images": images(t),
             "future_images": images(future),
             "state": torch.from_numpy(ep["state"][t]),
+            "scene": torch.from_numpy(ep["scene"][t]),
+            "scene_mask": torch.ones(ep["scene"].shape[1]),
             "actions": torch.from_numpy(actions),
             "action_mask": torch.from_numpy(mask),
             "progress": torch.tensor(ep["progress"][t]),

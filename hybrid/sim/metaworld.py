@@ -105,6 +105,16 @@ def resolve_tasks(names: list[str]) -> list[str]:
     return expand_tasks(names, task_language(), PRESETS, "Meta-World")
 
 
+# The scene: what the scripted expert reads and the policy must see in the frames.
+SCENE_NAMES = [f"{point}_{axis}" for point in ("object", "object2", "goal") for axis in "xyz"]
+
+
+def scene_state(obs: np.ndarray) -> np.ndarray:
+    """Object, second object (zeros where the task has one) and goal positions from a 39-dim
+    observation, (9,) float32: the dataset's `observation.environment_state`."""
+    return np.concatenate([obs[4:7], obs[11:14], obs[36:39]]).astype(np.float32)
+
+
 def policy_state(obs: np.ndarray) -> np.ndarray:
     """The robot's own 4 numbers (end-effector xyz, gripper opening) from a 39-dim observation."""
     return obs[:4].astype(np.float32)
@@ -297,4 +307,4 @@ def rollout_expert(env: MetaWorldEnv, seed: int, max_steps: int = MAX_EPISODE_ST
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
-        return record_rollout(env, seed, act, policy_state, max_steps)
+        return record_rollout(env, seed, act, policy_state, scene_state, max_steps)

@@ -82,6 +82,15 @@ def resolve_tasks(names: list[str]) -> list[str]:
     return expand_tasks(names, task_language(), PRESETS, "panda")
 
 
+# The scene: the object (the end-effector in `reach`, which has none) and the goal.
+SCENE_NAMES = [f"{point}_{axis}" for point in ("object", "goal") for axis in "xyz"]
+
+
+def scene_state(obs: dict) -> np.ndarray:
+    """Object and goal positions, (6,) float32: the dataset's `observation.environment_state`."""
+    return np.concatenate([obs["achieved_goal"], obs["desired_goal"]]).astype(np.float32)
+
+
 def policy_state(obs: dict) -> np.ndarray:
     """The robot's own 7 numbers (see the module docstring) from a panda-gym observation."""
     return obs["observation"][:7].astype(np.float32)
@@ -233,4 +242,6 @@ class ScriptedExpert:
 
 def rollout_expert(env: PandaEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS) -> Episode:
     """Run the scripted expert from the configuration chosen by `seed` until success or time out."""
-    return record_rollout(env, seed, ScriptedExpert(env.task).act, policy_state, max_steps)
+    return record_rollout(
+        env, seed, ScriptedExpert(env.task).act, policy_state, scene_state, max_steps
+    )
