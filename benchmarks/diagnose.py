@@ -14,7 +14,10 @@ batch of held-out frames:
   true future than a random one;
 - action expert: MSE of the sampled chunk to the demonstrated one (normalised units, padded steps
   masked), conditioned on (a) the true future latent, (b) the imagined chosen future, (c) no
-  visual subgoal; beside (d) always predicting the mean action (zeros after normalisation).
+  visual subgoal; beside (d) always predicting the mean action (zeros after normalisation);
+- its eyes, where it has a scene head and the data records the scene: the mean distance, in cm,
+  between each point of the scene (object, goal, ...) and where the expert's keypoints place it.
+Held-out batches are drawn shuffled (seeded), so every task contributes.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from hybrid.data.datamodule import HybridDataModule
+from hybrid.data.normalize import EPS
+from hybrid.data.windows import SCENE_KEY
 from hybrid.module import spearman
 from hybrid.policy import HybridPolicy
 from planners.schedule import latent_distance
@@ -57,7 +62,11 @@ def diagnose(
     def add(name: str, value) -> None:
         sums.setdefault(name, []).append(float(value))
 
-    for _, batch in zip(range(batches), data.val_dataloader(), strict=False):
+    loader = torch.utils.data.DataLoader(
+        data.val_set, batch_size=data.hparams.batch_size, shuffle=True, generator=generator
+    )
+    scene_names = data.dataset.features.get(SCENE_KEY, {}).get("names") or []
+    for _, batch in zip(range(batches), loader, strict=False):
         names, images = list(batch["embodiment"]), batch["images"]
         instructions, subgoals = list(batch["instruction"]), list(batch["subgoal"])
         proposed = policy.vlm.propose_subgoal(images, instructions)
@@ -95,6 +104,19 @@ def diagnose(
             error = ((actions - target).square() * step_mask).sum() / step_mask.sum()
             add(f"action_mse_{label}", error)
         add("action_mse_mean_action", (target.square() * step_mask).sum() / step_mask.sum())
+        if expert.scene_out is not None and batch["scene"].shape[1] and scene_names:
+            _, points = expert.image_in(images)
+            width = batch["scene"].shape[1]
+            estimate = expert.scene(points, ids)[:, :width].numpy()
+            normalizer = data.normalizer
+            estimate = normalizer.unnormalize(SCENE_KEY, estimate)
+            truth = normalizer.unnormalize(SCENE_KEY, batch["scene"].numpy())
+            varies = normalizer.params[SCENE_KEY][1] > EPS  # a point fixed in the data is skipped
+            for point, dims in _points(scene_names).items():
+                if not varies[dims].any():
+                    continue
+                distance = np.linalg.norm(estimate[:, dims] - truth[:, dims], axis=1)
+                add(f"scene_cm_{point}", 100 * distance.mean())
 
     figures = {name: float(np.mean(v)) for name, v in sums.items()}
     progress = torch.cat(values["progress"])
@@ -104,6 +126,14 @@ def diagnose(
     )
     figures["samples"] = int(len(progress))
     return figures
+
+
+def _points(names: list[str]) -> dict[str, list[int]]:
+    """Scene dims grouped by point: ['object_x', 'object_y', 'goal_x'] -> {object: [0, 1], ...}."""
+    points: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        points.setdefault(name.rsplit("_", 1)[0], []).append(i)
+    return points
 
 
 ROWS = [  # (tier, figure, key, format)
@@ -135,11 +165,21 @@ ROWS = [  # (tier, figure, key, format)
 ]
 
 
+def rows(figures: dict) -> list[tuple[str, str, str, str]]:
+    """ROWS, and a row per scene point where the policy estimates the scene."""
+    scene = [
+        ("action expert", f"scene estimate, {key[9:]} position error (cm)", key, "{:.1f}")
+        for key in figures
+        if key.startswith("scene_cm_")
+    ]
+    return ROWS + scene
+
+
 def print_figures(figures: dict, console: Console) -> None:
     table = Table(title=f"open-loop diagnosis on {figures['samples']} held-out frames")
     for column in ("tier", "figure", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
-    for tier, label, key, fmt in ROWS:
+    for tier, label, key, fmt in rows(figures):
         table.add_row(tier, label, fmt.format(figures[key]))
     console.print(table)
 
@@ -171,8 +211,9 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))
     if args.readme:
-        rows = [[tier, label, fmt.format(figures[key])] for tier, label, key, fmt in ROWS]
-        table = markdown_table(["tier", f"figure ({figures['samples']} held-out frames)", ""], rows)
+        lines = [[tier, label, fmt.format(figures[key])] for tier, label, key, fmt in rows(figures)]
+        header = ["tier", f"figure ({figures['samples']} held-out frames)", ""]
+        table = markdown_table(header, lines)
         write_figure(args.readme, "diagnosis", table)
 
 

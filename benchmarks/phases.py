@@ -9,6 +9,9 @@ of it (the language tier moved on before the world did: e.g. "push the puck to t
 the gripper never got behind the puck), behind it, or text of no phase; and, for failed episodes,
 the furthest true phase they reached. The true phase only moves forward (it labels demonstrations
 the same way), so "ahead" is a lower bound.
+
+With `--oracle` the VLM's subgoal is replaced, every chunk, by the true phase's: the success the
+tiers below reach with a perfect language tier, i.e. how much of the loss the language tier owns.
 """
 
 import argparse
@@ -22,11 +25,12 @@ from hybrid.collect import episode_seed
 from hybrid.sim import metaworld
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
+from planners.schedule import RefreshSchedule
 
 
-def rollout(planner, env, language, cameras, seed: int, max_steps: int):
+def rollout(planner, env, language, cameras, seed: int, max_steps: int, oracle=None):
     """One episode: (success, [(generated phase or -1, true phase) per planned chunk], furthest
-    true phase)."""
+    true phase). `oracle`, a one-item list, is given the true phase's subgoal before each step."""
     obs = env.reset(seed)
     planner.reset()
     tracker = metaworld.PhaseTracker(language)
@@ -34,6 +38,8 @@ def rollout(planner, env, language, cameras, seed: int, max_steps: int):
     while steps < max_steps and not success:
         steps += 1
         true_phase = tracker.update(obs)
+        if oracle is not None:
+            oracle[0] = language.subgoals[true_phase]
         images = {cameras[name]: frame for name, frame in env.render().items()}
         planned = not planner.queue
         action = planner.act(Observation(images, metaworld.policy_state(obs)), language.instruction)
@@ -58,10 +64,26 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--readme", help="rewrite this README's `phases` table")
+    parser.add_argument(
+        "--readme", help="rewrite this README's `phases` table (`phases_oracle` with --oracle)"
+    )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="replace the VLM's subgoal by the true phase's, refreshed every chunk: what a "
+        "perfect language tier would give the tiers below",
+    )
     args = parser.parse_args()
     console = Console()
-    planner = HybridPlanner.from_pretrained(args.policy, decode_candidates=False)
+    oracle = None
+    if args.oracle:
+        planner = HybridPlanner.from_pretrained(
+            args.policy, decode_candidates=False, schedule=RefreshSchedule(1)
+        )
+        oracle = [""]
+        planner.policy.vlm.propose_subgoal = lambda images, instructions: list(oracle)
+    else:
+        planner = HybridPlanner.from_pretrained(args.policy, decode_candidates=False)
     cameras = {key.rsplit(".", 1)[-1]: key for key in planner.spec.cameras}
     table = Table(title=f"generated subgoal vs true phase, {args.episodes} episodes per task")
     columns = ("task", "outcome", "episodes", "chunks", "= true", "ahead", "behind", "no phase")
@@ -77,7 +99,7 @@ def main() -> None:
         for i in range(args.episodes):
             seed = episode_seed(args.seed, task, i)
             success, chunks, reached = rollout(
-                planner, env, language, cameras, seed, args.max_steps
+                planner, env, language, cameras, seed, args.max_steps, oracle
             )
             outcomes[success].append(chunks)
             if not success:
@@ -108,7 +130,7 @@ def main() -> None:
         ]
         markdown = markdown_table([c.replace("= true", "= true phase") for c in columns], rows)
         markdown += "\n\nFurthest true phase of the failed episodes:\n\n" + "\n".join(furthest_rows)
-        write_figure(args.readme, "phases", markdown)
+        write_figure(args.readme, "phases_oracle" if args.oracle else "phases", markdown)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ def test_diagnosis_reports_every_tier(tiny_policy_dir, mt10_dataset, tmp_path):
     # conditioning matters: the three sampled conditions share their noise, yet differ
     assert len({round(e, 6) for e in errors[:3]}) == 3
     assert "open-loop diagnosis on 8 held-out frames" in printed
+    # its eyes: where the keypoints put each point of the recorded scene, in cm
+    assert {"scene_cm_object", "scene_cm_goal"} <= set(figures)
+    assert all(0 < figures[f"scene_cm_{p}"] < 1000 for p in ("object", "goal"))
+    assert "scene estimate, goal position error (cm)" in printed
     again, _ = _diagnose(tiny_policy_dir, mt10_dataset[0], tmp_path / "b.json")
     assert again == figures, "the same policy, data and seed give the same figures"
 
@@ -42,16 +46,27 @@ def test_diagnosis_reports_every_tier(tiny_policy_dir, mt10_dataset, tmp_path):
 @pytest.mark.slow
 def test_phase_report_writes_its_readme_table(tiny_policy_dir, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("before\n<!-- figure: phases -->\nold\n<!-- /figure: phases -->\nafter\n")
+    oracle = "<!-- figure: phases_oracle -->\nold\n<!-- /figure: phases_oracle -->\n"
+    phases = "<!-- figure: phases -->\nold\n<!-- /figure: phases -->\n"
+    readme.write_text(f"before\n{phases}{oracle}after\n")
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, SCRIPT.with_name("phases.py"), "--policy", tiny_policy_dir]
     args += ["--tasks", "push-v3", "--episodes", "2", "--max-steps", "12", "--readme", readme]
     done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     text = readme.read_text()
-    assert "old" not in text and text.startswith("before") and text.rstrip().endswith("after")
+    assert text.count("old") == 1 and text.startswith("before") and text.rstrip().endswith("after")
     row = next(line for line in text.splitlines() if line.startswith("| push-v3 | failure"))
     cells = row.strip("|").split("|")
     assert cells[2].strip() == "2" and cells[3].strip() == "6", "2 episodes of 3 chunks of 4 steps"
     shares = [int(c.strip().rstrip("%")) for c in cells[4:]]
     assert 99 <= sum(shares) <= 101, "every chunk is in one column"
+    # --oracle: the subgoal is the true phase's in every chunk
+    args += ["--oracle"]
+    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = readme.read_text()
+    assert "old" not in text
+    oracle_rows = text.split("figure: phases_oracle")[1].splitlines()
+    row = next(line for line in oracle_rows if line.startswith("| push-v3"))
+    assert row.strip("|").split("|")[4].strip() == "100%", row
