@@ -44,6 +44,13 @@ def _collect_parser(subparsers) -> None:
         sim.add_argument(
             "--keep-failures", action="store_true", help="also store episodes the expert failed"
         )
+        if name == "metaworld":
+            sim.add_argument(
+                "--start-spread",
+                type=float,
+                default=0.0,
+                help="start the hand up to this far (m) from the task's start pose, per episode",
+            )
 
 
 def _eval_parser(subparsers) -> None:
@@ -198,6 +205,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
             workers=args.workers,
             keep_failures=args.keep_failures,
             console=console,
+            start_spread=getattr(args, "start_spread", 0.0),
         )
     elif args.verb == "eval":
         from hybrid.evaluate import evaluate

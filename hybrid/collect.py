@@ -40,6 +40,7 @@ class CollectConfig:
     cameras: tuple[str, ...]
     seed: int
     keep_failures: bool
+    start_spread: float = 0.0
 
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
@@ -66,7 +67,8 @@ def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, i
         if _worker_env is not None:
             _worker_env.close()
         _worker_env = sim.make_env(task, config.cameras, config.image_size, config.seed)
-    episode = sim.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt))
+    spread = {"start_spread": config.start_spread} if config.start_spread else {}
+    episode = sim.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt), **spread)
     path = _staged_path(Path(staging), task, attempt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
@@ -112,6 +114,7 @@ def collect(
     workers: int = 2,
     keep_failures: bool = False,
     console: Console | None = None,
+    start_spread: float = 0.0,
 ) -> dict:
     """Collect (or resume collecting) demonstrations of `simulator_name` (`metaworld`, `panda`);
     returns the summary that was printed. `camera` is one camera or several; None is the
@@ -125,6 +128,12 @@ def collect(
         raise ValueError(f"--image-size must be an even number >= 16, got {image_size}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if start_spread and simulator_name != "metaworld":
+        raise ValueError(
+            f"--start-spread is for Meta-World ({simulator_name} draws each start pose already)"
+        )
+    if not 0.0 <= start_spread <= 0.2:
+        raise ValueError(f"--start-spread must be in [0, 0.2] m, got {start_spread}")
     if len(set(cameras)) != len(cameras):
         raise ValueError(f"--camera names a camera twice: {list(cameras)}")
     config = CollectConfig(
@@ -135,6 +144,7 @@ def collect(
         cameras,
         seed,
         keep_failures,
+        start_spread,
     )
     out = Path(out)
     record = {"config": json.loads(json.dumps(asdict(config)))}  # as it reads back from disk

@@ -31,6 +31,18 @@ def test_unknown_task_lists_valid_ones(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_start_spread_out_of_range_is_one_line(tmp_path):
+    run = subprocess.run(
+        _collect("--tasks", "reach-v3", "--out", tmp_path / "d", "--start-spread", "0.5"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("hybrid collect: --start-spread must be in [0, 0.2] m, got 0.5")
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_yields_exactly_the_requested_episodes(tmp_path):
     out = tmp_path / "d"

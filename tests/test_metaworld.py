@@ -63,12 +63,45 @@ def test_unknown_camera_is_rejected():
         MetaWorldEnv("reach-v3", camera=("front", "corner2"))
 
 
+def test_each_seed_draws_its_own_placement():
+    """Placements come from the whole random-reset space, not MT1's list of 50, where 20 seeds
+    would share about 4 placements."""
+    env = MetaWorldEnv("push-v3", camera="corner", image_size=32)
+    try:
+        placements = [env.reset(seed)[[4, 5, 36, 37]] for seed in range(30)]
+        again = env.reset(7)[[4, 5, 36, 37]]
+    finally:
+        env.close()
+    assert len({tuple(p.round(4)) for p in placements}) == 30
+    np.testing.assert_array_equal(again, placements[7])
+
+
+def test_start_spread_moves_only_the_hand_and_the_expert_still_succeeds():
+    env = MetaWorldEnv("push-v3", camera="corner", image_size=32)
+    try:
+        still = [env.reset(seed) for seed in range(6)]
+        spread = [env.reset(seed, start_spread=0.1) for seed in range(6)]
+        again = env.reset(4, start_spread=0.1)
+        episode = rollout_expert(env, seed=2, start_spread=0.1)
+    finally:
+        env.close()
+    for a, b in zip(still, spread, strict=True):
+        np.testing.assert_allclose(a[4:7], b[4:7], atol=1e-3)  # the same placement
+        np.testing.assert_allclose(a[36:39], b[36:39], atol=1e-4)
+    offsets = np.stack([b[:3] - a[:3] for a, b in zip(still, spread, strict=True)])
+    assert np.abs(offsets[:, :2]).max() < 0.11 and np.abs(offsets[:, 2]).max() < 0.06
+    assert np.linalg.norm(offsets, axis=1).min() > 0.005, "every start moved"
+    assert len({tuple(o.round(3)) for o in offsets}) == 6, "each seed its own start"
+    np.testing.assert_array_equal(again, spread[4])
+    assert episode.success and np.abs(episode.state[0, :3] - still[2][:3]).max() > 0.005
+
+
 @pytest.mark.slow
 def test_expert_rollout_is_reproducible_and_rendered():
     env = MetaWorldEnv("pick-place-v3", camera="corner", image_size=48)
     try:
-        a, b = rollout_expert(env, seed=3), rollout_expert(env, seed=3)
-        c = rollout_expert(env, seed=4)
+        a, b = rollout_expert(env, seed=4), rollout_expert(env, seed=4)
+        c = rollout_expert(env, seed=5)
     finally:
         env.close()
     images = a.images["corner"]
@@ -83,7 +116,7 @@ def test_expert_rollout_is_reproducible_and_rendered():
     assert a.scene.shape == (len(a.phases), 9)
     env = MetaWorldEnv("pick-place-v3", camera="corner", image_size=48)
     try:
-        obs = env.reset(seed=3)
+        obs = env.reset(seed=4)
     finally:
         env.close()
     np.testing.assert_allclose(a.scene[0, :3], obs[4:7], atol=1e-6)

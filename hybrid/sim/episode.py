@@ -32,11 +32,12 @@ def record_rollout(
     state_of: Callable[[object], np.ndarray],
     scene_of: Callable[[object], np.ndarray],
     max_steps: int,
+    **reset_options,
 ) -> Episode:
-    """Roll out `act(obs) -> (action, phase)` in `env` from the configuration chosen by `seed`,
-    rendering every step, until success or `max_steps`; `state_of(obs)` is the robot's state,
-    `scene_of(obs)` the scene's."""
-    obs = env.reset(seed)
+    """Roll out `act(obs) -> (action, phase)` in `env` from the configuration chosen by `seed`
+    (and `reset_options`, the simulator's own), rendering every step, until success or
+    `max_steps`; `state_of(obs)` is the robot's state, `scene_of(obs)` the scene's."""
+    obs = env.reset(seed, **reset_options)
     images: dict[str, list[np.ndarray]] = {}
     state, actions, phases, scene = [], [], [], []
     success = False

@@ -237,14 +237,25 @@ class MetaWorldEnv:
         viewer = self._viewer = self.env.unwrapped.mujoco_renderer._get_viewer("rgb_array")
         viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-        # We pick the task configuration per episode ourselves, so episodes are reproducible.
-        self.configurations = self.env.get_wrapper_attr("tasks")
+        # Each episode draws its own object and goal placement from the seed given to `reset`,
+        # from the task's whole random-reset space (with Meta-World's own rejection of
+        # placements too close together). MT1's fixed list of 50 placements would repeat:
+        # 20 episodes drawn from it hold about 16 distinct placements.
         self.env.get_wrapper_attr("toggle_sample_tasks_on_reset")(False)
+        unwrapped = self.env.unwrapped
+        unwrapped.set_task(self.env.get_wrapper_attr("tasks")[0])  # the task's fixed settings
+        unwrapped._freeze_rand_vec, unwrapped.seeded_rand_vec = False, True
+        self._hand_start = np.array(unwrapped.hand_init_pos, dtype=np.float64)
 
-    def reset(self, seed: int) -> np.ndarray:
-        """Reset to the configuration chosen by `seed`; returns the 39-dim observation."""
-        index = np.random.default_rng(seed).integers(len(self.configurations))
-        self.env.unwrapped.set_task(self.configurations[index])
+    def reset(self, seed: int, start_spread: float = 0.0) -> np.ndarray:
+        """Reset to the placement `seed` draws; returns the 39-dim observation. With
+        `start_spread` > 0 the hand starts up to that far (m) from the task's start pose in x
+        and y, half as far in z, also drawn from `seed`; 0 is Meta-World's one start pose."""
+        unwrapped = self.env.unwrapped
+        unwrapped.np_random = np.random.default_rng(seed)
+        # a stream of its own: the placement's draws stay those of `seed` whatever the spread
+        offset = np.random.default_rng([seed, 1]).uniform(-1, 1, 3) * [1, 1, 0.5] * start_spread
+        unwrapped.hand_init_pos = self._hand_start + offset
         obs, _ = self.env.reset(seed=seed)
         return obs
 
@@ -290,8 +301,11 @@ def expert_for(task: str):
     return ENV_POLICY_MAP[task]()
 
 
-def rollout_expert(env: MetaWorldEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS) -> Episode:
-    """Run the scripted expert from the configuration chosen by `seed` until success or time out.
+def rollout_expert(
+    env: MetaWorldEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS, start_spread: float = 0.0
+) -> Episode:
+    """Run the scripted expert from the configuration chosen by `seed` until success or time out;
+    `start_spread` as in `MetaWorldEnv.reset`.
 
     Raw expert actions often exceed [-1, 1]; the env clips them, so the clipped action (the one
     executed) is what is stored.
@@ -307,4 +321,6 @@ def rollout_expert(env: MetaWorldEnv, seed: int, max_steps: int = MAX_EPISODE_ST
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
-        return record_rollout(env, seed, act, policy_state, scene_state, max_steps)
+        return record_rollout(
+            env, seed, act, policy_state, scene_state, max_steps, start_spread=start_spread
+        )
