@@ -3,9 +3,10 @@ chosen visual subgoal and the VLM's features into an action chunk.
 
 Tokens, in the order they are attended:
     context  [VLM prefix features (B, L, D_vlm), current-frame tokens (B, I, hidden) from its own
-              CNN (`experts.image_encoder`; 6 x 6 per camera at 96 px), visual-subgoal latent
-              patches (B, P, ...)]
-                                                                        (B, L + I + P, hidden)
+              CNN (`experts.image_encoder`; 6 x 6 per camera at 96 px, + 1 keypoint token per
+              camera), with `scene_input` its own scene estimate (B, 1, hidden), visual-subgoal
+              latent patches (B, P, ...)]
+                                                                    (B, L + I [+ 1] + P, hidden)
     suffix   [state token, H noisy action tokens]                       (B, 1 + H, hidden)
 The suffix attends to the context and to itself (bidirectionally); the context attends to nothing
 here, so its keys and values are computed once per sample and reused at every flow step.
@@ -26,7 +27,14 @@ from einops import rearrange, repeat
 from torch import nn
 
 from experts.embodiment_heads import EmbodimentLinear, StateEncoder
-from experts.flow_matching import TIMESTEP_SCALE, euler_sample, flow_loss, interpolate, sample_time
+from experts.flow_matching import (
+    TIME_DISTRIBUTIONS,
+    TIMESTEP_SCALE,
+    euler_sample,
+    flow_loss,
+    interpolate,
+    sample_time,
+)
 from experts.image_encoder import ImageEncoder, random_shift
 
 
@@ -102,19 +110,39 @@ class ActionExpert(ModelMixin, ConfigMixin):
         image_channels: tuple[int, ...] = (32, 64, 128, 128),
         image_shift: int = 4,
         flow_samples: int = 2,
+        time_distribution: str = "logit_normal",
+        state_dropout: float = 0.0,
         keypoints: int = 0,
         scene_dim: int = 0,
+        scene_input: bool = False,
+        scene_teacher: float = 0.5,
+        keypoint_conditioning: bool = False,
     ):
         """`image_size` is the side at which the expert sees the current frames (None: it sees
         them only through the VLM's features); `image_shift` the random-shift augmentation of
         those frames in training, in pixels of the frames as given. `flow_samples` is how many
         (noise, time) draws the loss averages per example: the context is encoded once and
         shared, so more draws cost only the small suffix pass and steady the gradient.
+        `time_distribution` is how training draws flow times (`experts.flow_matching`).
+        `state_dropout` is the share of training samples whose state token is replaced by a
+        learned "no state" token; at 1 the expert never reads the robot's state, and acts from
+        what it sees. Where every episode starts from one pose, the state alone tells how far
+        along its straight path the arm is, and so its direction: an expert that may read it
+        learns to continue the motion (a copycat) instead of finding the target in the frames.
+        `keypoint_conditioning` feeds the keypoints (as numbers) into every block's adaptive
+        layer norm beside the flow time, as Diffusion Policy conditions on its observation
+        features (FiLM): a path from what the expert sees to each block that no attention
+        weight has to learn first.
         `keypoints` K > 0 adds K spatial-softmax points per camera to what the expert sees
         (`experts.image_encoder`); `scene_dim` > 0 (with keypoints) adds a head that regresses
         the scene, the dataset's `observation.environment_state` (object and goal positions,
         padded to `scene_dim`), from those points: an auxiliary loss in training only. The scene
-        is never an input, so planning needs nothing but the cameras and the robot's state."""
+        is never an input, so planning needs nothing but the cameras and the robot's state.
+        `scene_input` makes the expert also read its own scene estimate, as one more context
+        token behind a stop-gradient (the head learns from the scene loss alone): object and goal
+        positions as numbers the transformer can act on. In training a `scene_teacher` share of
+        samples reads the true scene there instead, so the token is worth attending to from the
+        first steps, while the head still learns."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
@@ -123,6 +151,18 @@ class ActionExpert(ModelMixin, ConfigMixin):
                 f"scene_dim {scene_dim} needs keypoints > 0 and an image_size: the scene is "
                 "regressed from the keypoints of the expert's own frames"
             )
+        if time_distribution not in TIME_DISTRIBUTIONS:
+            raise ValueError(
+                f"time_distribution {time_distribution!r}: expected one of {TIME_DISTRIBUTIONS}"
+            )
+        if not 0.0 <= state_dropout <= 1.0:
+            raise ValueError(f"state_dropout must be in [0, 1], got {state_dropout}")
+        if keypoint_conditioning and not (keypoints and image_size):
+            raise ValueError("keypoint_conditioning needs keypoints > 0 and an image_size")
+        if scene_input and not scene_dim:
+            raise ValueError("scene_input needs a scene head: set scene_dim (and keypoints) > 0")
+        if not 0.0 <= scene_teacher <= 1.0:
+            raise ValueError(f"scene_teacher must be in [0, 1], got {scene_teacher}")
         if latent_size % latent_patch:
             raise ValueError(f"latent_size {latent_size} not divisible by patch {latent_patch}")
         num_patches = (latent_size // latent_patch) ** 2
@@ -130,6 +170,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.action_in = EmbodimentLinear(num_embodiments, max_action_dim, hidden)
         self.action_out = EmbodimentLinear(num_embodiments, hidden, max_action_dim)
         self.suffix_pos = nn.Parameter(torch.zeros(1, 1 + chunk_size, hidden))
+        self.no_state = nn.Parameter(torch.zeros(1, 1, hidden)) if state_dropout else None
         self.vlm_in = nn.Linear(vlm_dim, hidden)
         self.visual_in = nn.Linear(latent_channels * latent_patch**2, hidden)
         self.visual_pos = nn.Parameter(torch.zeros(1, num_patches, hidden))
@@ -145,6 +186,16 @@ class ActionExpert(ModelMixin, ConfigMixin):
             else None
         )
         self.scene_out = EmbodimentLinear(num_embodiments, hidden, scene_dim) if scene_dim else None
+        self.scene_token = (
+            EmbodimentLinear(num_embodiments, scene_dim, hidden) if scene_input else None
+        )
+        self.keypoint_cond = (
+            nn.Sequential(
+                nn.Linear(num_cameras * keypoints * 2, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+            )
+            if keypoint_conditioning
+            else None
+        )
         self.time_proj = Timesteps(hidden, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(hidden, hidden)
         self.blocks = nn.ModuleList(Block(hidden, num_heads) for _ in range(num_layers))
@@ -156,20 +207,44 @@ class ActionExpert(ModelMixin, ConfigMixin):
         nn.init.normal_(self.suffix_pos, std=0.02)
         nn.init.normal_(self.visual_pos, std=0.02)
 
-    def _context(self, vlm_features, vlm_mask, images, visual_latent, visual_keep=None):
+    def _context(
+        self,
+        vlm_features,
+        vlm_mask,
+        images,
+        visual_latent,
+        embodiment_ids,
+        visual_keep=None,
+        true_scene=None,
+    ):
         """Per block, the context keys and values, the attention mask over [context; suffix]
-        (B, 1, 1, L [+ I] [+ P] + 1 + H), and the keypoints (B, N, K, 2) or None; `visual_keep`
-        (B,) bool hides the visual subgoal from the samples where it is False. The stop-gradient
-        of knowledge insulation lives here."""
+        (B, 1, 1, L [+ I + S] [+ P] + 1 + H), and the scene estimate (B, scene_dim) or None;
+        `visual_keep` (B,) bool hides the visual subgoal from the samples where it is False;
+        `true_scene` (B, scene_dim) with NaN rows where a sample has none replaces the estimate
+        in the scene token of the rows that have one. The stop-gradients of knowledge
+        insulation and of the scene token live here."""
         tokens = [self.vlm_in(vlm_features.detach())]
         masks = [vlm_mask]
-        points = None
+        estimate = cond = None
         if self.image_in is not None:
             if images is None:
                 raise ValueError("this action expert sees the current frames: pass `images`")
             image_tokens, points = self.image_in(images)
             tokens.append(image_tokens)
             masks.append(vlm_mask.new_ones(image_tokens.shape[:2]))
+            if self.scene_out is not None:
+                estimate = self.scene(points, embodiment_ids)
+            if self.keypoint_cond is not None:
+                flat = rearrange(points, "b n k xy -> b (n k xy)")
+                cond = self.keypoint_cond(
+                    F.pad(flat, (0, self.keypoint_cond[0].in_features - flat.shape[1]))
+                )
+        if self.scene_token is not None:
+            read = estimate.detach()
+            if true_scene is not None:
+                read = torch.where(true_scene.isnan(), read, true_scene)
+            tokens.append(self.scene_token(read, embodiment_ids)[:, None])
+            masks.append(vlm_mask.new_ones(read.shape[0], 1))
         if visual_latent is not None:
             p = self.config.latent_patch
             patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
@@ -179,7 +254,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         context = torch.cat(tokens, 1)
         kv = [block.context_kv(context) for block in self.blocks]
         masks.append(vlm_mask.new_ones(vlm_mask.shape[0], 1 + self.config.chunk_size))
-        return kv, torch.cat(masks, 1)[:, None, None, :], points
+        return kv, torch.cat(masks, 1)[:, None, None, :], estimate, cond
 
     def scene(self, points: torch.Tensor, embodiment_ids: torch.Tensor) -> torch.Tensor:
         """The scene estimate (B, scene_dim), normalised, from keypoints (B, N, K, 2); a robot
@@ -188,15 +263,30 @@ class ActionExpert(ModelMixin, ConfigMixin):
         flat = F.pad(flat, (0, self.scene_in[0].in_features - flat.shape[1]))
         return self.scene_out(self.scene_in(flat), embodiment_ids)
 
-    def velocity(self, noisy_actions, t, state, embodiment_ids, context_kv, context_mask):
-        """Predicted velocity (B, H, max_action_dim) for noisy actions at flow times t (B,)."""
+    def velocity(
+        self,
+        noisy_actions,
+        t,
+        state,
+        embodiment_ids,
+        context_kv,
+        context_mask,
+        state_keep=None,
+        cond=None,
+    ):
+        """Predicted velocity (B, H, max_action_dim) for noisy actions at flow times t (B,);
+        `state_keep` (B,) bool puts the "no state" token where it is False; `cond` (B, hidden)
+        joins the flow time in every block's modulation."""
         # 1. suffix tokens: state, then the noisy actions
-        x = torch.cat(
-            [self.state_in(state, embodiment_ids), self.action_in(noisy_actions, embodiment_ids)], 1
-        )
+        state_token = self.state_in(state, embodiment_ids)
+        if state_keep is not None:
+            state_token = torch.where(state_keep[:, None, None], state_token, self.no_state)
+        x = torch.cat([state_token, self.action_in(noisy_actions, embodiment_ids)], 1)
         x = x + self.suffix_pos
         # 2. time -> every block's modulation
         t_emb = self.time_embed(self.time_proj(t * TIMESTEP_SCALE).to(x.dtype))
+        if cond is not None:
+            t_emb = t_emb + cond
         modulation = rearrange(self.modulation(t_emb), "b (n d) -> b n d", d=x.shape[-1])
         # 3. blocks
         for i, block in enumerate(self.blocks):
@@ -229,27 +319,49 @@ class ActionExpert(ModelMixin, ConfigMixin):
         samples (condition dropout), so the expert also learns to act without it."""
         if images is not None:
             images = random_shift(images, self.config.image_shift)
-        context_kv, context_mask, points = self._context(
-            vlm_features, vlm_mask, images, visual_latent, visual_keep
+        has_scene = self.scene_out is not None and scene is not None and bool(scene_mask.any())
+        true_scene = None
+        if self.scene_token is not None and has_scene:
+            teach = torch.rand(len(scene), device=scene.device) < self.config.scene_teacher
+            teach = teach & scene_mask.any(1)  # rows without a scene read their estimate
+            true_scene = torch.where(teach[:, None], scene * scene_mask, torch.nan)
+        context_kv, context_mask, estimate, cond = self._context(
+            vlm_features, vlm_mask, images, visual_latent, embodiment_ids, visual_keep, true_scene
         )
         losses = {}
-        if self.scene_out is not None and scene is not None and scene_mask.any():
-            error = (self.scene(points, embodiment_ids) - scene).square() * scene_mask
+        if has_scene:
+            error = (estimate - scene).square() * scene_mask
             losses["scene"] = error.sum() / scene_mask.sum()
         # n flow draws per example: everything per example repeats n times, (B, ...) -> (B n, ...)
+        state_keep = None
+        if self.no_state is not None:
+            state_keep = torch.rand(len(state), device=state.device) >= self.config.state_dropout
         n = self.config.flow_samples
         context_kv = [tuple(repeat(x, "b ... -> (b n) ...", n=n) for x in kv) for kv in context_kv]
         context_mask, state, embodiment_ids, actions, action_mask, dim_mask = (
             repeat(x, "b ... -> (b n) ...", n=n)
             for x in (context_mask, state, embodiment_ids, actions, action_mask, dim_mask)
         )
+        if state_keep is not None:
+            state_keep = repeat(state_keep, "b -> (b n)", n=n)
+        if cond is not None:
+            cond = repeat(cond, "b d -> (b n) d", n=n)
         mask = action_mask[:, :, None] & dim_mask[:, None, :]
         # Whatever padding holds, the model sees zeros on padded dims and steps.
         actions = actions * mask
         noise = torch.randn_like(actions) * dim_mask[:, None, :]
-        t = sample_time(actions.shape[0], actions.device)
+        t = sample_time(
+            actions.shape[0], actions.device, distribution=self.config.time_distribution
+        )
         v = self.velocity(
-            interpolate(actions, noise, t), t, state, embodiment_ids, context_kv, context_mask
+            interpolate(actions, noise, t),
+            t,
+            state,
+            embodiment_ids,
+            context_kv,
+            context_mask,
+            state_keep,
+            cond,
         )
         return {"action": flow_loss(v, actions, noise, mask), **losses}
 
@@ -269,14 +381,24 @@ class ActionExpert(ModelMixin, ConfigMixin):
         """An action chunk (B, H, max_action_dim), normalised, by Euler integration of the flow;
         zeros on the dims `dim_mask` (B, max_action_dim) marks as padding. The context keys and
         values are computed once and reused by every step."""
-        context_kv, context_mask, _ = self._context(vlm_features, vlm_mask, images, visual_latent)
+        context_kv, context_mask, _, cond = self._context(
+            vlm_features, vlm_mask, images, visual_latent, embodiment_ids
+        )
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         noise = torch.randn(shape, generator=generator, device=state.device, dtype=state.dtype)
         dims = torch.ones_like(noise[:, :1]) if dim_mask is None else dim_mask[:, None, :]
+        # the state is read whenever training read it at all
+        state_keep = None
+        if self.no_state is not None:
+            reads = self.config.state_dropout < 1.0
+            state_keep = torch.full((len(state),), reads, device=state.device)
         # Padded dims stay exactly zero along the whole path, as in training.
         return euler_sample(
             lambda x, t: (
-                self.velocity(x, t, state, embodiment_ids, context_kv, context_mask) * dims
+                self.velocity(
+                    x, t, state, embodiment_ids, context_kv, context_mask, state_keep, cond
+                )
+                * dims
             ),
             noise * dims,
             steps,

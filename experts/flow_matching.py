@@ -18,11 +18,30 @@ import torch
 TIMESTEP_SCALE = 1000.0  # diffusers models embed timesteps given on a 0..1000 scale
 
 
-def sample_time(batch: int, device: torch.device, generator: torch.Generator | None = None):
-    """Training times t in (0, 1), (batch,), from a logit-normal that favours the middle, where
-    the velocity is hardest to predict (Esser et al. 2024, the SD3 paper)."""
-    normal = torch.randn(batch, device=device, generator=generator)
-    return torch.sigmoid(normal).clamp(1e-4, 1 - 1e-4)
+TIME_DISTRIBUTIONS = ("logit_normal", "beta")
+
+
+def sample_time(
+    batch: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    distribution: str = "logit_normal",
+):
+    """Training times t in (0, 1), (batch,).
+
+    "logit_normal" favours the middle, where an image's velocity is hardest to predict (Esser et
+    al. 2024, the SD3 paper). "beta" favours the noisy end, 1 - t ~ 0.999 * (1 - Beta(1.5, 1))
+    (Black et al. 2024, the pi0 paper): there the sample's mode is chosen, and only the
+    conditioning can choose it; an action model trained mostly mid-way learns the actions'
+    spread across observations and picks a mode by its noise instead."""
+    if distribution == "logit_normal":
+        normal = torch.randn(batch, device=device, generator=generator)
+        return torch.sigmoid(normal).clamp(1e-4, 1 - 1e-4)
+    if distribution == "beta":
+        # Beta(1.5, 1) by inversion: its CDF is x^1.5
+        uniform = torch.rand(batch, device=device, generator=generator)
+        return 1 - 0.999 * (1 - uniform ** (1 / 1.5))
+    raise ValueError(f"time distribution {distribution!r}: expected one of {TIME_DISTRIBUTIONS}")
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

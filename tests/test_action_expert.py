@@ -190,3 +190,69 @@ def test_keypoint_tokens_reach_the_actions_and_survive_save_load(tmp_path):
         loaded.image_in.keypoint_proj.weight.mul_(3.0)
     c = loaded.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(a, c), "the actions read the keypoint tokens"
+
+
+def test_scene_token_reads_the_truth_or_the_estimate_and_stops_the_action_gradient():
+    """With `scene_input` the expert reads a scene token: the true scene for a `scene_teacher`
+    share of training samples (those that have one), else its own estimate, behind a
+    stop-gradient either way; at sampling, always its estimate."""
+    actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
+    dim_mask = torch.ones(B, 3, dtype=torch.bool)
+    scene, scene_mask = torch.randn(B, 5), torch.ones(B, 5, dtype=torch.bool)
+    for teacher, reads_truth in ((1.0, True), (0.0, False)):
+        torch.manual_seed(0)
+        expert = _expert(keypoints=4, scene_dim=5, scene_input=True, scene_teacher=teacher)
+        with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+            expert.modulation[1].weight.normal_(std=0.1)
+        inputs = _inputs()
+        torch.manual_seed(3)
+        losses = expert.loss(
+            actions, action_mask, dim_mask, **inputs, scene=scene, scene_mask=scene_mask
+        )
+        torch.manual_seed(3)
+        moved = expert.loss(
+            actions, action_mask, dim_mask, **inputs, scene=scene + 5.0, scene_mask=scene_mask
+        )
+        assert torch.allclose(moved["action"], losses["action"]) != reads_truth
+        losses["action"].backward()
+        assert expert.scene_out.weight.grad is None, "the action loss never trains the head"
+        assert expert.scene_token.weight.grad.abs().sum() > 0
+    expert.eval()
+    a = expert.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expert.scene_out.bias.add_(1.0)
+    b = expert.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(a, b), "planning reads the estimate"
+    with pytest.raises(ValueError, match="scene_input needs a scene head"):
+        _expert(scene_input=True)
+
+
+def test_state_dropout_hides_the_state_in_training_and_at_one_never_reads_it():
+    actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
+    dim_mask = torch.ones(B, 3, dtype=torch.bool)
+    moved = lambda inputs: inputs | {"state": inputs["state"] + 3.0}  # noqa: E731
+    for dropout, reads in ((1.0, False), (0.0, True)):
+        torch.manual_seed(0)
+        expert = _expert(state_dropout=dropout)
+        with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+            expert.modulation[1].weight.normal_(std=0.1)
+        inputs = _inputs()
+        torch.manual_seed(3)
+        loss = expert.loss(actions, action_mask, dim_mask, **inputs)["action"]
+        torch.manual_seed(3)
+        again = expert.loss(actions, action_mask, dim_mask, **moved(inputs))["action"]
+        assert torch.allclose(loss, again) != reads
+        a, b = (
+            expert.eval().sample(**x, steps=3, generator=torch.Generator().manual_seed(5))
+            for x in (inputs, moved(inputs))
+        )
+        assert torch.allclose(a, b) != reads
+    assert _expert().no_state is None, "no dropout, no extra parameter"
+    torch.manual_seed(0)
+    expert = _expert(state_dropout=0.5)
+    with torch.no_grad():
+        expert.modulation[1].weight.normal_(std=0.1)
+    expert.loss(actions, action_mask, dim_mask, **_inputs())["action"].backward()
+    assert expert.no_state.grad.abs().sum() > 0, "the 'no state' token learns"
+    with pytest.raises(ValueError, match="state_dropout must be in"):
+        _expert(state_dropout=1.5)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -41,3 +42,17 @@ def test_flow_loss_ignores_masked_elements():
 def test_training_times_lie_inside_the_unit_interval():
     t = sample_time(10_000, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert t.min() > 0 and t.max() < 1 and abs(t.mean().item() - 0.5) < 0.02
+
+
+def test_beta_times_favour_the_noisy_end_as_pi0_does():
+    """1 - t ~ 0.999 (1 - Beta(1.5, 1)): P(t > 0.9) = 1 - (1 - 0.1 / 0.999) ** 1.5 = 0.146, ten
+    times the logit-normal's 0.014."""
+    g = torch.Generator().manual_seed(0)
+    beta = sample_time(100_000, torch.device("cpu"), g, "beta")
+    middle = sample_time(100_000, torch.device("cpu"), g)
+    assert beta.min() > 0 and beta.max() <= 1
+    assert abs((beta > 0.9).float().mean().item() - 0.146) < 0.005
+    assert abs(beta.mean().item() - (1 - 0.999 * 0.4)) < 0.005  # E[Beta(1.5, 1)] = 0.6
+    assert (middle > 0.9).float().mean() < 0.02
+    with pytest.raises(ValueError, match="'uniform'.*logit_normal"):
+        sample_time(4, torch.device("cpu"), g, "uniform")
