@@ -70,3 +70,26 @@ def test_phase_report_writes_its_readme_table(tiny_policy_dir, tmp_path):
     oracle_rows = text.split("figure: phases_oracle")[1].splitlines()
     row = next(line for line in oracle_rows if line.startswith("| push-v3"))
     assert row.strip("|").split("|")[4].strip() == "100%", row
+
+
+@pytest.mark.slow
+def test_sensitivity_writes_one_row_per_task_with_what_moves_the_first_chunk(
+    tiny_policy_dir, mt10_dataset, tmp_path
+):
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- figure: sensitivity -->\nold\n<!-- /figure: sensitivity -->\nb\n")
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, SCRIPT.with_name("sensitivity.py"), "--data", mt10_dataset[0]]
+    args += ["--policy", tiny_policy_dir, "--readme", readme]
+    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        line for line in readme.read_text().splitlines() if line.startswith(f"| {tiny_policy_dir}")
+    ]
+    assert len(rows) >= 2, "a row per task with at least two episodes"
+    figures = [list(map(float, row.strip("| ").split(" | ")[2:])) for row in rows]
+    for (spread, error, frames, noise), row in zip(figures, rows, strict=True):
+        assert spread >= 0 and frames >= 0 and error > 0, row
+        assert noise > 0, "another noise, another chunk"
+    assert max(spread for spread, *_ in figures) > 0, "demonstrations differ somewhere"
+    assert "old" not in readme.read_text()
