@@ -235,10 +235,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
             if self.scene_out is not None:
                 estimate = self.scene(points, embodiment_ids)
             if self.keypoint_cond is not None:
-                flat = rearrange(points, "b n k xy -> b (n k xy)")
-                cond = self.keypoint_cond(
-                    F.pad(flat, (0, self.keypoint_cond[0].in_features - flat.shape[1]))
-                )
+                cond = self.keypoint_cond(self._flat_points(points))
         if self.scene_token is not None:
             read = estimate.detach()
             if true_scene is not None:
@@ -256,12 +253,16 @@ class ActionExpert(ModelMixin, ConfigMixin):
         masks.append(vlm_mask.new_ones(vlm_mask.shape[0], 1 + self.config.chunk_size))
         return kv, torch.cat(masks, 1)[:, None, None, :], estimate, cond
 
-    def scene(self, points: torch.Tensor, embodiment_ids: torch.Tensor) -> torch.Tensor:
-        """The scene estimate (B, scene_dim), normalised, from keypoints (B, N, K, 2); a robot
-        with fewer cameras than the expert has rows reads zeros for the missing ones."""
+    def _flat_points(self, points: torch.Tensor) -> torch.Tensor:
+        """Keypoints (B, N, K, 2) -> (B, num_cameras * K * 2); a robot with fewer cameras than
+        the expert has rows reads zeros for the missing ones."""
         flat = rearrange(points, "b n k xy -> b (n k xy)")
-        flat = F.pad(flat, (0, self.scene_in[0].in_features - flat.shape[1]))
-        return self.scene_out(self.scene_in(flat), embodiment_ids)
+        width = self.config.num_cameras * self.config.keypoints * 2
+        return F.pad(flat, (0, width - flat.shape[1]))
+
+    def scene(self, points: torch.Tensor, embodiment_ids: torch.Tensor) -> torch.Tensor:
+        """The scene estimate (B, scene_dim), normalised, from keypoints (B, N, K, 2)."""
+        return self.scene_out(self.scene_in(self._flat_points(points)), embodiment_ids)
 
     def velocity(
         self,
@@ -332,10 +333,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if has_scene:
             error = (estimate - scene).square() * scene_mask
             losses["scene"] = error.sum() / scene_mask.sum()
-        # n flow draws per example: everything per example repeats n times, (B, ...) -> (B n, ...)
         state_keep = None
         if self.no_state is not None:
             state_keep = torch.rand(len(state), device=state.device) >= self.config.state_dropout
+        # n flow draws per example: everything per example repeats n times, (B, ...) -> (B n, ...)
         n = self.config.flow_samples
         context_kv = [tuple(repeat(x, "b ... -> (b n) ...", n=n) for x in kv) for kv in context_kv]
         context_mask, state, embodiment_ids, actions, action_mask, dim_mask = (
