@@ -44,6 +44,13 @@ def _collect_parser(subparsers) -> None:
         sim.add_argument(
             "--keep-failures", action="store_true", help="also store episodes the expert failed"
         )
+        sim.add_argument(
+            "--action-noise",
+            type=float,
+            default=0.0,
+            help="std (action units) of the noise added to what the expert executes, never to "
+            "what is stored: demonstrations that show how to come back to the path",
+        )
         if name == "metaworld":
             sim.add_argument(
                 "--start-spread",
@@ -206,6 +213,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
             keep_failures=args.keep_failures,
             console=console,
             start_spread=getattr(args, "start_spread", 0.0),
+            action_noise=args.action_noise,
         )
     elif args.verb == "eval":
         from hybrid.evaluate import evaluate

@@ -41,6 +41,7 @@ class CollectConfig:
     seed: int
     keep_failures: bool
     start_spread: float = 0.0
+    action_noise: float = 0.0
 
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
@@ -67,8 +68,10 @@ def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, i
         if _worker_env is not None:
             _worker_env.close()
         _worker_env = sim.make_env(task, config.cameras, config.image_size, config.seed)
-    spread = {"start_spread": config.start_spread} if config.start_spread else {}
-    episode = sim.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt), **spread)
+    options = {"action_noise": config.action_noise}
+    if config.start_spread:  # Meta-World's alone: panda draws each start pose already
+        options["start_spread"] = config.start_spread
+    episode = sim.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt), **options)
     path = _staged_path(Path(staging), task, attempt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
@@ -115,10 +118,12 @@ def collect(
     keep_failures: bool = False,
     console: Console | None = None,
     start_spread: float = 0.0,
+    action_noise: float = 0.0,
 ) -> dict:
     """Collect (or resume collecting) demonstrations of `simulator_name` (`metaworld`, `panda`);
     returns the summary that was printed. `camera` is one camera or several; None is the
-    simulator's default cameras."""
+    simulator's default cameras. `action_noise` (`hybrid.sim.episode.record_rollout`) perturbs
+    what the expert executes, never what is stored."""
     console = console or Console()
     sim = simulator(simulator_name)
     cameras = camera_names(camera or sim.DEFAULT_CAMERAS, sim.CAMERAS, simulator_name)
@@ -134,6 +139,8 @@ def collect(
         )
     if not 0.0 <= start_spread <= 0.2:
         raise ValueError(f"--start-spread must be in [0, 0.2] m, got {start_spread}")
+    if not 0.0 <= action_noise <= 0.5:
+        raise ValueError(f"--action-noise must be in [0, 0.5] action units, got {action_noise}")
     if len(set(cameras)) != len(cameras):
         raise ValueError(f"--camera names a camera twice: {list(cameras)}")
     config = CollectConfig(
@@ -145,13 +152,15 @@ def collect(
         seed,
         keep_failures,
         start_spread,
+        action_noise,
     )
     out = Path(out)
     record = {"config": json.loads(json.dumps(asdict(config)))}  # as it reads back from disk
     done_file = out / COLLECTION_FILE
+    defaults = {"start_spread": 0.0, "action_noise": 0.0}  # fields older collections lack
     if done_file.exists():
         previous = json.loads(done_file.read_text())
-        if previous["config"] != record["config"]:
+        if {**defaults, **previous["config"]} != record["config"]:
             raise ValueError(
                 f"{out} already holds a dataset collected with {previous['config']}, which differs "
                 f"from this run's {record['config']}; choose another --out or delete {out}"
@@ -162,7 +171,10 @@ def collect(
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
     staged_config = staging / "config.json"
-    if staged_config.exists() and json.loads(staged_config.read_text()) != record["config"]:
+    if (
+        staged_config.exists()
+        and {**defaults, **json.loads(staged_config.read_text())} != record["config"]
+    ):
         raise ValueError(
             f"{staging} holds a partial collection with {json.loads(staged_config.read_text())}, "
             f"not {record['config']}; rerun with those arguments or delete {staging}"

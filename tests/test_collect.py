@@ -31,15 +31,22 @@ def test_unknown_task_lists_valid_ones(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_start_spread_out_of_range_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--start-spread", "0.5", "--start-spread must be in [0, 0.2] m, got 0.5"),
+        ("--action-noise", "0.75", "--action-noise must be in [0, 0.5] action units, got 0.75"),
+    ],
+)
+def test_collection_option_out_of_range_is_one_line(tmp_path, option, value, message):
     run = subprocess.run(
-        _collect("--tasks", "reach-v3", "--out", tmp_path / "d", "--start-spread", "0.5"),
+        _collect("--tasks", "reach-v3", "--out", tmp_path / "d", option, value),
         capture_output=True,
         text=True,
         env=ENV,
     )
     assert run.returncode == 2
-    assert run.stderr.strip() == ("hybrid collect: --start-spread must be in [0, 0.2] m, got 0.5")
+    assert run.stderr.strip() == f"hybrid collect: {message}"
     assert not (tmp_path / "d").exists()
 
 

@@ -1,13 +1,17 @@
 import numpy as np
 import pytest
 
+from hybrid.sim.episode import record_rollout
 from hybrid.sim.metaworld import (
     PRESETS,
     MetaWorldEnv,
     PhaseTracker,
     TaskLanguage,
+    expert_for,
+    policy_state,
     resolve_tasks,
     rollout_expert,
+    scene_state,
     task_language,
 )
 
@@ -94,6 +98,42 @@ def test_start_spread_moves_only_the_hand_and_the_expert_still_succeeds():
     assert len({tuple(o.round(3)) for o in offsets}) == 6, "each seed its own start"
     np.testing.assert_array_equal(again, spread[4])
     assert episode.success and np.abs(episode.state[0, :3] - still[2][:3]).max() > 0.005
+
+
+def test_action_noise_perturbs_what_runs_and_stores_the_experts_labels():
+    env = MetaWorldEnv("push-v3", camera="corner", image_size=32)
+    executed, labels = [], []
+    step = env.step
+    expert = expert_for("push-v3")
+
+    def observed_step(action):  # the env as it is, and what it was asked to execute
+        executed.append(np.array(action))
+        return step(action)
+
+    env.step = observed_step
+
+    def act(obs):
+        labels.append(np.clip(expert.get_action(obs), -1, 1).astype(np.float32))
+        return labels[-1], 0
+
+    try:
+        runs = []
+        for _ in range(2):
+            executed.clear()
+            labels.clear()
+            episode = record_rollout(env, 3, act, policy_state, scene_state, 300, action_noise=0.1)
+            runs.append((episode, np.stack(executed), np.stack(labels)))
+        clean = rollout_expert(env, seed=3)
+    finally:
+        env.close()
+    (episode, ran, stored), (again, ran_again, _) = runs
+    assert episode.success, "the expert's labels bring the hand back to its path"
+    np.testing.assert_array_equal(episode.actions, stored)  # labels stored, not what ran
+    np.testing.assert_array_equal(ran, ran_again)  # the noise is drawn from the seed
+    noise = ran - stored
+    assert np.abs(ran).max() <= 1.0 and not noise[:, 3].any(), "the gripper is never perturbed"
+    assert 0.05 < noise[:, :3].std() < 0.15
+    assert not np.allclose(episode.state[: len(clean.state)][10:20], clean.state[10:20], atol=1e-3)
 
 
 @pytest.mark.slow

@@ -302,13 +302,17 @@ def expert_for(task: str):
 
 
 def rollout_expert(
-    env: MetaWorldEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS, start_spread: float = 0.0
+    env: MetaWorldEnv,
+    seed: int,
+    max_steps: int = MAX_EPISODE_STEPS,
+    start_spread: float = 0.0,
+    action_noise: float = 0.0,
 ) -> Episode:
     """Run the scripted expert from the configuration chosen by `seed` until success or time out;
-    `start_spread` as in `MetaWorldEnv.reset`.
+    `start_spread` as in `MetaWorldEnv.reset`, `action_noise` as in `record_rollout`.
 
-    Raw expert actions often exceed [-1, 1]; the env clips them, so the clipped action (the one
-    executed) is what is stored.
+    Raw expert actions often exceed [-1, 1]; the env would clip them, so they are clipped here
+    and the clipped action is what is stored.
     """
     import warnings
 
@@ -322,5 +326,12 @@ def rollout_expert(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
         return record_rollout(
-            env, seed, act, policy_state, scene_state, max_steps, start_spread=start_spread
+            env,
+            seed,
+            act,
+            policy_state,
+            scene_state,
+            max_steps,
+            action_noise,
+            start_spread=start_spread,
         )

@@ -240,8 +240,11 @@ class ScriptedExpert:
         return _towards(ee, goal, CLOSE), 3
 
 
-def rollout_expert(env: PandaEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS) -> Episode:
-    """Run the scripted expert from the configuration chosen by `seed` until success or time out."""
+def rollout_expert(
+    env: PandaEnv, seed: int, max_steps: int = MAX_EPISODE_STEPS, action_noise: float = 0.0
+) -> Episode:
+    """Run the scripted expert from the configuration chosen by `seed` until success or time out;
+    `action_noise` as in `record_rollout`."""
     return record_rollout(
-        env, seed, ScriptedExpert(env.task).act, policy_state, scene_state, max_steps
+        env, seed, ScriptedExpert(env.task).act, policy_state, scene_state, max_steps, action_noise
     )
