@@ -1,5 +1,6 @@
 """`hybrid collect metaworld` as a user runs it: a subprocess, killed and resumed."""
 
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,24 @@ def test_collection_option_out_of_range_is_one_line(tmp_path, option, value, mes
     assert run.returncode == 2
     assert run.stderr.strip() == f"hybrid collect: {message}"
     assert not (tmp_path / "d").exists()
+
+
+def test_a_collection_from_before_the_newer_options_still_counts_as_complete(tmp_path):
+    out = tmp_path / "d"
+    args = _collect(
+        "--tasks", "reach-v3", "--episodes-per-task", 1, "--image-size", 32, "--workers", 1,
+        "--out", out,
+    )  # fmt: skip
+    subprocess.run(args, check=True, capture_output=True, timeout=120)
+    done = out / "meta/collection.json"
+    record = json.loads(done.read_text())
+    for field in ("start_spread", "action_noise"):  # what a collection of an older version lacks
+        del record["config"][field]
+    done.write_text(json.dumps(record))
+    rerun = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=120)
+    assert rerun.returncode == 0 and "already complete" in rerun.stdout, rerun.stderr
+    noisy = subprocess.run([*args, "--action-noise", "0.1"], capture_output=True, text=True)
+    assert noisy.returncode == 2 and "'action_noise': 0.1" in noisy.stderr
 
 
 @pytest.mark.slow
