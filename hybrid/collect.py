@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,13 @@ class CollectConfig:
     keep_failures: bool
     start_spread: float = 0.0
     action_noise: float = 0.0
+
+
+def _same_config(stored: dict, config: dict) -> bool:
+    """Whether a stored collection config asks for `config`; a field added to `CollectConfig`
+    after it was written reads as its default (older collections lack it)."""
+    defaults = {f.name: f.default for f in fields(CollectConfig) if f.default is not MISSING}
+    return {**defaults, **stored} == config
 
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
@@ -157,10 +164,9 @@ def collect(
     out = Path(out)
     record = {"config": json.loads(json.dumps(asdict(config)))}  # as it reads back from disk
     done_file = out / COLLECTION_FILE
-    defaults = {"start_spread": 0.0, "action_noise": 0.0}  # fields older collections lack
     if done_file.exists():
         previous = json.loads(done_file.read_text())
-        if {**defaults, **previous["config"]} != record["config"]:
+        if not _same_config(previous["config"], record["config"]):
             raise ValueError(
                 f"{out} already holds a dataset collected with {previous['config']}, which differs "
                 f"from this run's {record['config']}; choose another --out or delete {out}"
@@ -171,9 +177,8 @@ def collect(
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
     staged_config = staging / "config.json"
-    if (
-        staged_config.exists()
-        and {**defaults, **json.loads(staged_config.read_text())} != record["config"]
+    if staged_config.exists() and not _same_config(
+        json.loads(staged_config.read_text()), record["config"]
     ):
         raise ValueError(
             f"{staging} holds a partial collection with {json.loads(staged_config.read_text())}, "
