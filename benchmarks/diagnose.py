@@ -69,7 +69,7 @@ def diagnose(
     for _, batch in zip(range(batches), loader, strict=False):
         names, images = list(batch["embodiment"]), batch["images"]
         instructions, subgoals = list(batch["instruction"]), list(batch["subgoal"])
-        proposed = policy.vlm.propose_subgoal(images, instructions)
+        proposed, _, _ = policy.propose_subgoals(images, instructions)
         add("subgoal_exact", np.mean([a == b for a, b in zip(proposed, subgoals, strict=True)]))
         features, mask = policy.vlm.prefix_features(images, instructions, subgoals)
         current, future = wm.encode(images), wm.encode(batch["future_images"])

@@ -101,24 +101,27 @@ def main() -> None:
     policy.eval()
     one = {k: v[:1] for k, v in batch.items()}
     images, instruction, subgoal = one["images"], list(one["instruction"]), list(one["subgoal"])
-    features, mask = policy.vlm.prefix_features(images, instruction, subgoal)
-    ids = policy.embodiment_ids([EMBODIMENT.name])
-    state = torch.nn.functional.pad(
-        one["state"], (0, policy.action_expert.config.max_state_dim - 4)
+    features, mask = policy.prefix_features(images, instruction, subgoal)
+    state = policy.normalize_state(
+        policy.normalizers[EMBODIMENT.name].unnormalize("observation.state", one["state"].numpy()),
+        EMBODIMENT.name,
     )
-    latents8 = wm.imagine(images, features, mask, 8)
+    current = policy.encode_frames(images)
+    latents8, _ = policy.imagine(current, features, mask, 8, 4)
     rows = {
         f"train step, batch {args.batch_size} (all losses, fwd+bwd+AdamW)": step_ms,
-        "subgoal generation": timed(lambda: policy.vlm.propose_subgoal(images, instruction), 10),
-        "prefix features": timed(
-            lambda: policy.vlm.prefix_features(images, instruction, subgoal), 10
+        "subgoal generation (with its features)": timed(
+            lambda: policy.propose_subgoals(images, instruction), 10
         ),
-        "imagine K=1": timed(lambda: wm.imagine(images, features, mask, 1), 10),
-        "imagine K=8": timed(lambda: wm.imagine(images, features, mask, 8), 10),
-        "score K=8": timed(lambda: wm.score(latents8, features, mask), 10),
+        "prefix features": timed(lambda: policy.prefix_features(images, instruction, subgoal), 10),
+        "imagine and score K=1": timed(lambda: policy.imagine(current, features, mask, 1, 4), 10),
+        "imagine and score K=8": timed(lambda: policy.imagine(current, features, mask, 8, 4), 10),
         "decode K=8 to images": timed(lambda: wm.decode(latents8), 10),
-        "action sample (10 steps)": timed(
-            lambda: policy.action_expert.sample(state, ids, features, mask, latents8[:, 0]), 10
+        "action chunk (10 steps)": timed(
+            lambda: policy.sample_actions(
+                state, EMBODIMENT.name, features, mask, images, latents8[:, 0]
+            ),
+            10,
         ),
     }
     table = Table(title=f"latency on this machine ({torch.get_num_threads()} threads)")

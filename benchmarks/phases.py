@@ -81,7 +81,12 @@ def main() -> None:
             args.policy, decode_candidates=False, schedule=RefreshSchedule(1)
         )
         oracle = [""]
-        planner.policy.vlm.propose_subgoal = lambda images, instructions: list(oracle)
+        policy = planner.policy
+
+        def propose_oracle(images, instructions):
+            return list(oracle), *policy.prefix_features(images, instructions, list(oracle))
+
+        policy.propose_subgoals = propose_oracle
     else:
         planner = HybridPlanner.from_pretrained(args.policy, decode_candidates=False)
     cameras = {key.rsplit(".", 1)[-1]: key for key in planner.spec.cameras}

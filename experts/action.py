@@ -378,10 +378,16 @@ class ActionExpert(ModelMixin, ConfigMixin):
         dim_mask: torch.Tensor | None = None,
         steps: int = 10,
         generator: torch.Generator | None = None,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """An action chunk (B, H, max_action_dim), normalised, by Euler integration of the flow;
         zeros on the dims `dim_mask` (B, max_action_dim) marks as padding. The context keys and
-        values are computed once and reused by every step."""
+        values are computed once and reused by every step.
+
+        `prefix` (B, d, max_action_dim), normalised, fixes the chunk's first d actions (actions
+        already committed, for asynchronous execution): they follow their own straight path from
+        the noise to themselves (velocity noise - prefix), so at every step the model reads them
+        at the noise level of the rest, and the rest is denoised to continue them (inpainting)."""
         context_kv, context_mask, _, cond = self._context(
             vlm_features, vlm_mask, images, visual_latent, embodiment_ids
         )
@@ -393,14 +399,16 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if self.no_state is not None:
             reads = self.config.state_dropout < 1.0
             state_keep = torch.full((len(state),), reads, device=state.device)
-        # Padded dims stay exactly zero along the whole path, as in training.
-        return euler_sample(
-            lambda x, t: (
-                self.velocity(
-                    x, t, state, embodiment_ids, context_kv, context_mask, state_keep, cond
-                )
-                * dims
-            ),
-            noise * dims,
-            steps,
-        )
+        d = 0 if prefix is None else prefix.shape[1]
+        if not 0 <= d <= self.config.chunk_size:
+            raise ValueError(f"prefix: at most {self.config.chunk_size} actions, got {d}")
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v = self.velocity(
+                x, t, state, embodiment_ids, context_kv, context_mask, state_keep, cond
+            )
+            if d:
+                v = torch.cat([noise[:, :d] - prefix, v[:, d:]], 1)
+            return v * dims  # padded dims stay exactly zero along the whole path, as in training
+
+        return euler_sample(velocity, noise * dims, steps)

@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import nn
 from transformers import (
     AutoTokenizer,
+    DynamicCache,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     PreTrainedTokenizerFast,
@@ -295,23 +296,59 @@ class HighLevelVLM(nn.Module):
         )
 
     # 3. inference -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def propose_subgoal(self, images: torch.Tensor, instructions: list[str]) -> list[str]:
-        """Greedy generation of one subgoal per sample, at most `max_subgoal_tokens` tokens."""
+    @torch.inference_mode()
+    def propose_subgoal(
+        self, images: torch.Tensor, instructions: list[str]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Greedy generation of one subgoal per sample (at most `max_subgoal_tokens` tokens), and
+        the prefix features of [images, instruction, subgoal, <eos>] from the same pass: each
+        generated token is fed back through the key-value cache, so its last hidden state is
+        computed once, and no second pass over the prefix is needed.
+        Returns (subgoals, features (B, L, D), mask (B, L)); rows are left-padded, and padded
+        positions hold zeros."""
         images = self._cameras(images)
         ids, mask = self._pad(self._prompts(images.shape[1], instructions), left=True)
-        out = self.backbone.generate(
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        # the positions a right-padded training prefix has: 0 at each row's first real token
+        position = (mask.long().cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        hidden = self.backbone.model(
             input_ids=ids,
             attention_mask=mask.long(),
+            position_ids=position,
             pixel_values=self._pixels(images),
-            max_new_tokens=self.config["max_subgoal_tokens"],
-            do_sample=False,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            suppress_tokens=self._suppress,
-        )
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return [t.strip() for t in texts]
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        states, masks, generated = [hidden], [mask], []
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        position = position[:, -1:]
+        for step in range(self.config["max_subgoal_tokens"] + 1):
+            if step == self.config["max_subgoal_tokens"]:
+                token = torch.full_like(done, eos, dtype=torch.long)  # a full budget: close it
+            else:
+                logits = self.backbone.lm_head(hidden[:, -1]).float()
+                logits[:, self._suppress] = -torch.inf
+                token = logits.argmax(-1)
+            token = torch.where(done, pad, token)
+            generated.append(token)
+            masks.append(~done[:, None])
+            position = position + 1
+            hidden = self.backbone.model(
+                input_ids=token[:, None],
+                attention_mask=torch.cat(masks, 1).long(),
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+            states.append(hidden)
+            done = done | (token == eos)
+            if done.all():
+                break
+        features, mask = torch.cat(states, 1), torch.cat(masks, 1)
+        tokens = torch.stack(generated, 1)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [t.strip() for t in texts], features * mask[..., None], mask
 
     @torch.no_grad()
     def prefix_features(

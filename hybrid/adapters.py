@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from experts.config_io import SavedFileError, atomic_directory, check_files, load_config
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.policy import ADAPTERS_DIR, CONFIG_NAME, HybridPolicy
+from hybrid.robots import heads
 
 HEADS_FILE = "embodiment_heads.safetensors"
 EMBODIMENT_FILE = "embodiment.json"
@@ -147,18 +148,18 @@ class EmbodimentAdapters:
         self.policy.requires_grad_(False)
         lora = [p for n, p in self.policy.named_parameters() if f".{name}." in n and "lora_" in n]
         (row,) = self.policy.embodiment_ids([name]).tolist()
-        heads = []
-        for head in self.policy._heads().values():
+        rows = []
+        for head in heads(self.policy.action_expert).values():
             for param in (head.weight, head.bias):
                 param.requires_grad_(True)
                 mask = torch.zeros(param.shape[0], *[1] * (param.dim() - 1))
                 mask[row] = 1
                 # called before Lightning moves the model to its device: follow the gradient's
                 param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
-                heads.append(param)
+                rows.append(param)
         for param in lora:
             param.requires_grad_(True)
-        return lora, heads
+        return lora, rows
 
     # 2. registry on disk ----------------------------------------------------------------------
     def save(self, name: str, directory: str | Path) -> None:

@@ -3,7 +3,8 @@
 
 Episodes run in worker processes (one torch thread each, so two workers share two cores without
 fighting), each with its own planner and simulator. Reported per task: success rate and mean
-steps; per tier: latency p50/p95 over every plan, and the amortised milliseconds per action chunk.
+steps; per tier: latency p50/p95 over every plan, and the amortised milliseconds per action chunk;
+the control step (each call to `act`, what the robot's loop waits for) p50/p99.
 `results.json` holds all of it, `success.png` draws it (per task, with 95% intervals); `--video`
 writes one MP4 per episode showing the camera, the imagined visual subgoal the planner chose, and
 the subgoal text with its score, 256 px a pane, and `contact_sheet.png`, a still of each task.
@@ -32,7 +33,9 @@ from hybrid.sim import simulator_for
 from hybrid.types import Observation
 
 VIDEO_FPS = 20
-TIERS = ("encode", "subgoal", "features", "imagine", "score", "decode", "action")
+# "subgoal" is the VLM pass that generates a new subgoal (and gives its features), "features" the
+# one that reads the subgoal in force; a chunk runs one of them. "imagine" includes the scores.
+TIERS = ("encode", "subgoal", "features", "imagine", "decode", "action")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class EpisodeResult:
     success: bool
     steps: int
     timings_ms: list[dict[str, float]]
+    step_ms: list[float]
     subgoals: list[str]
     refreshes: int
     video: str | None
@@ -109,16 +113,18 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     instruction = sim.task_language()[task].instruction
     obs = env.reset(episode_seed(config.seed, task, episode))
     planner.reset()
-    timings, subgoals, frames, success, steps, refreshes = [], [], [], False, 0, 0
+    timings, step_ms, subgoals, frames, success, steps, refreshes = [], [], [], [], False, 0, 0
     # the visual subgoal in force, and its (score, K): the schedule does not imagine every chunk
     chosen, chosen_score = None, None
     while steps < config.max_steps and not success:
         steps += 1
         images = {cameras[name]: frame for name, frame in env.render().items()}
-        planned = not planner.queue
+        plans = planner.plans
+        start = time.perf_counter()
         action = planner.act(Observation(images, sim.policy_state(obs)), instruction)
-        if planned:
-            plan = planner.last_plan
+        step_ms.append((time.perf_counter() - start) * 1e3)
+        if planner.plans > plans:  # a new chunk entered the queue
+            plan = planner.executing
             timings.append(plan.timings_ms)
             subgoals.append(plan.subgoal)
             refreshes += plan.subgoal_refreshed
@@ -127,7 +133,7 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
                 chosen_score = (float(plan.scores[plan.chosen]), len(plan.scores))
         if config.video_dir:
             camera = next(iter(images.values()))
-            frames.append(panel(camera, chosen, planner.last_plan.subgoal, chosen_score))
+            frames.append(panel(camera, chosen, planner.executing.subgoal, chosen_score))
         obs, success = env.step(action)
     video = None
     if config.video_dir:
@@ -138,7 +144,10 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
         encode_video(np.stack(frames), tmp, fps=VIDEO_FPS)
         os.replace(tmp, path)
         video = str(path)
-    return EpisodeResult(task, episode, success, steps, timings, subgoals, refreshes, video)
+    planner.reset()  # waits for a plan still running in the background
+    return EpisodeResult(
+        task, episode, success, steps, timings, step_ms, subgoals, refreshes, video
+    )
 
 
 def _summarise(
@@ -188,10 +197,19 @@ def _summarise(
         "subgoal_refreshes_per_chunk": sum(r.refreshes for r in results) / max(len(plans), 1),
         "latency": latency,
         "amortised_ms_per_chunk": float(np.mean([sum(t.values()) for t in plans])) if plans else 0,
+        # the time of each call to `act`, as the robot's control loop waits for it
+        "control_step_ms": _percentiles([ms for r in results for ms in r.step_ms]),
         "chunks": len(plans),
         "wall_seconds": seconds,
-        "episodes": [asdict(r) | {"timings_ms": None} for r in results],
+        "episodes": [asdict(r) | {"timings_ms": None, "step_ms": None} for r in results],
     }
+
+
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    p50, p99 = np.percentile(values, [50, 99])
+    return {"p50_ms": float(p50), "p99_ms": float(p99)}
 
 
 class EvaluationError(RuntimeError):
@@ -383,4 +401,15 @@ def print_summary(summary: dict, console: Console) -> None:
     latency.add_row(
         "language subgoal refreshes", "", "", f"{summary['subgoal_refreshes_per_chunk']:.2f}"
     )
+    if summary["control_step_ms"]:
+        step = summary["control_step_ms"]
+        latency.add_row(
+            "control step (act)", f"{step['p50_ms']:.1f}", f"p99 {step['p99_ms']:.1f}", ""
+        )
     console.print(latency)
+    if summary["control_step_ms"]:
+        step = summary["control_step_ms"]
+        console.print(
+            f"control step (each call to act): p50 {step['p50_ms']:.1f} ms, "
+            f"p99 {step['p99_ms']:.1f} ms"
+        )

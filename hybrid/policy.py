@@ -7,6 +7,16 @@ object that trains from a batch and saves to / loads from one directory, offline
     <dir>/action_expert/       ActionExpert (diffusers config.json + safetensors)
     <dir>/fast/                FastTokenizer
 
+Training (`losses`) and inference sit side by side, with one set of conventions for padding,
+dim masks and normalisation:
+    losses(batch)                                  -> every loss of the hierarchy
+    normalize_state(state, robot)                  (B, state_dim) robot units -> (B, max_state_dim)
+    propose_subgoals(images, instructions)         -> subgoals, features (B, L, D), mask (B, L)
+    prefix_features(images, instructions, subgoals) -> features, mask
+    encode_frames(images)                          -> current latents (B, C, h, w)
+    imagine(current, features, mask, K, steps)     -> candidates (B, K, C, h, w), scores (B, K)
+    sample_actions(state, robot, features, mask, images, visual[, committed])
+                                                   -> (B, H, action_dim) robot units, clipped
 Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_dim) and actions
 (B, H, action_dim) already normalised, the scene (B, E) where the dataset records one, images
 (B, N, 3, S, S) in [0, 1], text as lists.
@@ -14,7 +24,6 @@ Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,21 +35,25 @@ from torch import nn
 
 from experts.action import ActionExpert
 from experts.config_io import SavedFileError, atomic_directory, check_files, load_config
-from experts.embodiment_heads import EmbodimentLinear
 from experts.fast import FastTokenizer
 from experts.vlm import HighLevelVLM, train_tokenizer
 from experts.world_model import WorldModel
 from hybrid.data.normalize import Normalizer
 from hybrid.data.windows import ACTION_KEY, STATE_KEY
 from hybrid.embodiment import EmbodimentSpec
+from hybrid.robots import Robots, fingerprint, head_rows, heads, set_head_rows
 
 CONFIG_NAME = "policy_config.json"
 ADAPTERS_DIR = "adapters"  # per-robot LoRA adapters, see hybrid.adapters
+# A state further than this from the training data, in normalised units, is refused (see
+# `HybridPolicy.normalize_state`).
+STATE_BOUND = 1e4
 EXPERT_DIRS = ("vlm", "world_model", "action_expert", "fast")  # one folder per expert, its name
 
 
 class HybridPolicy(nn.Module):
-    """See the module docstring. `norm_stats[embodiment][feature]` holds mean/std/min/max lists."""
+    """See the module docstring. The robots it serves are `robots` (`hybrid.robots.Robots`);
+    `embodiments`, `norm_stats` and `normalizers` read from there."""
 
     def __init__(
         self,
@@ -59,100 +72,65 @@ class HybridPolicy(nn.Module):
             action_expert,
             fast,
         )
-        self.embodiments: dict[str, EmbodimentSpec] = {}
-        self.norm_stats: dict = {}
-        self.norm_modes = norm_modes or {STATE_KEY: "mean_std", ACTION_KEY: "mean_std"}
-        self.normalizers: dict[str, Normalizer] = {}
-        cfg = action_expert.config
-        if cfg.num_embodiments < len(embodiments):
+        self.robots = Robots(norm_modes)
+        if action_expert.config.num_embodiments < len(embodiments):
             raise ValueError(
-                f"the action expert has rows for {cfg.num_embodiments} embodiments, "
-                f"but {len(embodiments)} are given"
+                f"the action expert has rows for {action_expert.config.num_embodiments} "
+                f"embodiments, but {len(embodiments)} are given"
             )
         for spec in embodiments:
             self._register(spec, norm_stats[spec.name])
         self.fingerprint: str | None = None  # of the weights as saved; set by save/load
 
+    @property
+    def embodiments(self) -> dict[str, EmbodimentSpec]:
+        return self.robots.specs
+
+    @property
+    def norm_stats(self) -> dict:
+        return self.robots.norm_stats
+
+    @property
+    def norm_modes(self) -> dict[str, str]:
+        return self.robots.norm_modes
+
+    @property
+    def normalizers(self) -> dict[str, Normalizer]:
+        return self.robots.normalizers
+
     def _register(self, spec: EmbodimentSpec, stats: dict) -> None:
         cfg = self.action_expert.config
-        if spec.state_dim > cfg.max_state_dim or spec.action_dim > cfg.max_action_dim:
-            raise ValueError(
-                f"embodiment {spec.name!r} has state/action dims {spec.state_dim}/"
-                f"{spec.action_dim}; the action expert takes at most "
-                f"{cfg.max_state_dim}/{cfg.max_action_dim} (a base policy made with larger "
-                "`action_expert.max_state_dim` / `max_action_dim` leaves room)"
-            )
-        if spec.action_dim > self.fast.action_dim:
-            raise ValueError(
-                f"embodiment {spec.name!r} has {spec.action_dim} action dims; the FAST tokenizer "
-                f"of this policy was fit on {self.fast.action_dim}"
-            )
-        self.embodiments[spec.name] = spec
-        self.norm_stats[spec.name] = stats
-        self.normalizers[spec.name] = Normalizer(
-            {k: {s: np.asarray(v) for s, v in d.items()} for k, d in stats.items()},
-            self.norm_modes,
-        )
+        self.robots.add(spec, stats, cfg.max_state_dim, cfg.max_action_dim, self.fast.action_dim)
 
     # 0. robots --------------------------------------------------------------------------------
-    def _heads(self) -> dict[str, EmbodimentLinear]:
-        return {
-            name: module
-            for name, module in self.action_expert.named_modules()
-            if isinstance(module, EmbodimentLinear)
-        }
-
     def add_embodiment(self, spec: EmbodimentSpec, norm_stats: dict) -> None:
         """A new robot: one more row in every per-embodiment layer (initialised as the mean of
         the existing rows) and its normalisation statistics. The shared weights are untouched."""
         if spec.name in self.embodiments:
             raise ValueError(f"embodiment {spec.name!r} already exists in {list(self.embodiments)}")
         self._register(spec, norm_stats)
-        for head in self._heads().values():
+        for head in heads(self.action_expert).values():
             head.add_row()
         self.action_expert.register_to_config(num_embodiments=len(self.embodiments))
 
     def embodiment_rows(self, name: str) -> dict[str, torch.Tensor]:
         """The robot's own row of each per-embodiment parameter, by parameter name."""
-        (row,) = self.embodiment_ids([name]).tolist()
-        return {
-            f"{path}.{kind}": getattr(head, kind).data[row].clone()
-            for path, head in self._heads().items()
-            for kind in ("weight", "bias")
-        }
+        return head_rows(self.action_expert, self.robots.rows([name])[0])
 
     def set_embodiment_rows(self, name: str, rows: dict[str, torch.Tensor]) -> None:
-        (row,) = self.embodiment_ids([name]).tolist()
-        for path, head in self._heads().items():
-            for kind in ("weight", "bias"):
-                param = getattr(head, kind)
-                value = rows[f"{path}.{kind}"]
-                if value.shape != param.shape[1:]:
-                    raise ValueError(
-                        f"embodiment {name!r}: head {path}.{kind} has shape {tuple(value.shape)}, "
-                        f"this policy's rows are {tuple(param.shape[1:])}"
-                    )
-                param.data[row] = value.to(param.dtype)
+        set_head_rows(self.action_expert, self.robots.rows([name])[0], rows, name)
 
     def keep_embodiments(self, names: list[str]) -> None:
         """Drop every robot not named (and its rows)."""
-        rows = self.embodiment_ids(names).tolist()
-        for head in self._heads().values():
+        rows = self.robots.rows(names)
+        for head in heads(self.action_expert).values():
             head.keep_rows(rows)
-        self.embodiments = {n: self.embodiments[n] for n in names}
-        self.norm_stats = {n: self.norm_stats[n] for n in names}
-        self.normalizers = {n: self.normalizers[n] for n in names}
+        self.robots.keep(names)
         self.action_expert.register_to_config(num_embodiments=len(names))
 
     def compute_fingerprint(self) -> str:
-        """sha256 of every weight (names, dtypes, shapes, bytes) and the robots' specs."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes())
-        digest.update(json.dumps([s.to_dict() for s in self.embodiments.values()]).encode())
-        return digest.hexdigest()
+        """sha256 of every weight and the robots' specs (`hybrid.robots.fingerprint`)."""
+        return fingerprint(self, list(self.embodiments.values()))
 
     @classmethod
     def create(
@@ -202,6 +180,10 @@ class HybridPolicy(nn.Module):
         return cls(vlm_model, wm, expert, fast_tokenizer, embodiments, norm_stats)
 
     @property
+    def device(self) -> torch.device:
+        return self.action_expert.device
+
+    @property
     def frame_size(self) -> int:
         """The side of the camera frames this policy trains and plans on: what its action expert
         sees (the VLM and the world model resize to their own sides)."""
@@ -210,20 +192,14 @@ class HybridPolicy(nn.Module):
     # 1. batches -------------------------------------------------------------------------------
     def embodiment_ids(self, names: list[str]) -> torch.Tensor:
         """Row of each robot in the per-embodiment weights, (B,)."""
-        order = list(self.embodiments)
-        unknown = sorted(set(names) - set(order))
-        if unknown:
-            raise ValueError(f"unknown embodiment(s) {unknown}; this policy knows {order}")
-        return torch.tensor([order.index(n) for n in names], device=self.action_expert.device)
+        return torch.tensor(self.robots.rows(names), device=self.device)
 
     def _pad(self, x: torch.Tensor, size: int) -> torch.Tensor:
         return F.pad(x, (0, size - x.shape[-1]))
 
     def dim_mask(self, names: list[str]) -> torch.Tensor:
         """(B, max_action_dim) bool: True on each robot's real action dims."""
-        dims = torch.tensor([self.embodiments[n].action_dim for n in names])
-        mask = torch.arange(self.action_expert.config.max_action_dim)[None] < dims[:, None]
-        return mask.to(self.action_expert.device)
+        return self.robots.dim_mask(names, self.action_expert.config.max_action_dim).to(self.device)
 
     # 2. training ------------------------------------------------------------------------------
     def losses(
@@ -312,6 +288,106 @@ class HybridPolicy(nn.Module):
         losses = {"lang": out.lang_loss, "fast": out.fast_loss, **action, **world}
         return {k: v for k, v in losses.items() if v is not None}
 
+    # 3. inference: tensors in and out, with the conventions of `losses` -----------------------
+    def normalize_state(self, state: np.ndarray, embodiment: str) -> torch.Tensor:
+        """States (B, state_dim) in the robot's units -> (B, max_state_dim), normalised and padded
+        as `losses` reads them. A value more than STATE_BOUND normalised units (standard
+        deviations, by default) from the training data, in any dimension that varied there, is
+        refused: no network extrapolates that far, and beyond it float32 can overflow."""
+        normalizer = self.normalizers[embodiment]
+        raw = np.asarray(state, np.float32)
+        for row in raw:
+            deviation = normalizer.deviation(STATE_KEY, row)
+            if not deviation <= STATE_BOUND:
+                raise ValueError(
+                    f"state: {row.tolist()} lies {deviation:.3g} normalised units from the "
+                    f"training data (bound {STATE_BOUND:g}); is it in the robot's units "
+                    f"({embodiment})?"
+                )
+        normalised = torch.as_tensor(normalizer.normalize(STATE_KEY, raw), device=self.device)
+        return self._pad(normalised.float(), self.action_expert.config.max_state_dim)
+
+    def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
+        """Camera frames (B, N, 3, S, S) in [0, 1] -> the world model's latents (B, C, h, w)."""
+        return self.world_model.encode(images)
+
+    def propose_subgoals(
+        self, images: torch.Tensor, instructions: list[str]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Generated subgoals and the prefix features (B, L, D) with their mask (B, L) that the
+        lower tiers read, from one VLM pass (`HighLevelVLM.propose_subgoal`)."""
+        subgoals, features, mask = self.vlm.propose_subgoal(images, instructions)
+        return subgoals, _finite("VLM", features), mask
+
+    def prefix_features(
+        self, images: torch.Tensor, instructions: list[str], subgoals: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix features (B, L, D) and mask (B, L) of a subgoal already chosen."""
+        features, mask = self.vlm.prefix_features(images, instructions, subgoals)
+        return _finite("VLM", features), mask
+
+    def imagine(
+        self,
+        current: torch.Tensor,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        num_candidates: int,
+        steps: int,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K candidate future latents (B, K, C, h, w) from the current latents (B, C, h, w), and
+        the value head's score of each (B, K)."""
+        candidates = self.world_model.imagine(
+            current, features, mask, num_candidates, steps, generator
+        )
+        _finite("world model", candidates)
+        return candidates, _finite("value head", self.world_model.score(candidates, features, mask))
+
+    def sample_actions(
+        self,
+        state: torch.Tensor,
+        embodiment: str,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        images: torch.Tensor | None,
+        visual_latent: torch.Tensor | None,
+        steps: int = 10,
+        generator: torch.Generator | None = None,
+        committed: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """An action chunk (B, H, action_dim) in the robot's units, clipped to its limits.
+        `state` (B, max_state_dim) is `normalize_state`'s; `committed` (B, d, action_dim), in the
+        robot's units, are actions already sent for the chunk's first d steps: the flow is
+        inpainted with them, so that the rest of the chunk continues what the robot does, and
+        they are returned unchanged."""
+        spec = self.embodiments[embodiment]
+        normalizer = self.normalizers[embodiment]
+        names = [embodiment] * len(state)
+        prefix = None
+        if committed is not None:
+            prefix = normalizer.normalize(ACTION_KEY, np.asarray(committed, np.float32))
+            prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
+            prefix = self._pad(prefix, self.action_expert.config.max_action_dim)
+        normalised = self.action_expert.sample(
+            state,
+            self.embodiment_ids(names),
+            features,
+            mask,
+            images,
+            visual_latent,
+            self.dim_mask(names),
+            steps=steps,
+            generator=generator,
+            prefix=prefix,
+        )[..., : spec.action_dim]
+        _finite("action expert", normalised)
+        actions = normalizer.unnormalize(ACTION_KEY, normalised.float().cpu().numpy())
+        if spec.action_low:
+            actions = np.clip(actions, spec.action_low, spec.action_high)
+        if committed is not None:
+            actions[:, : committed.shape[1]] = committed
+        return actions.astype(np.float32)
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters of each learned expert, and of whatever else the policy holds, by name."""
         experts = {name: getattr(self, name) for name in EXPERT_DIRS}
@@ -381,6 +457,16 @@ class HybridPolicy(nn.Module):
             raise SavedFileError(message) from error
         policy.fingerprint = config.get("fingerprint") or policy.compute_fingerprint()
         return policy
+
+
+def _finite(tier: str, x: torch.Tensor) -> torch.Tensor:
+    """x, or a FloatingPointError naming the tier that produced non-finite values."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"the {tier} produced non-finite values (NaN or inf); its weights may be corrupt: "
+            "re-export the policy"
+        )
+    return x
 
 
 def _widen(

@@ -4,26 +4,33 @@
       -> VLM: language subgoal (generated; reused while the schedule allows) + prefix features
       -> world model: K candidate visual subgoals, one batched call -> value scores -> best one
       -> action expert: action chunk, unnormalised to the robot's units and clipped to its limits
-`act` keeps a queue: it executes `execute_steps` of each chunk of H, then plans again.
+`act` keeps a queue: it executes `execute_steps` of each chunk of H, then plans again. With
+`async_delay` d > 0 it plans the next chunk in a background thread while the robot executes the
+last d actions of the queue: the plan starts from the observation of the step at which d actions
+are left, those d actions are committed (the new chunk is inpainted to continue them and returns
+them unchanged), and the chunk's next `execute_steps` actions follow them. Off (d = 0), every plan
+runs when the queue is empty, from that step's observation, and rollouts are deterministic under
+the seed.
 
 Ablation switches on the same trained policy: `num_candidates=1` (nothing to score),
 `visual_subgoal=False` (the action expert runs flat, VLA-style, without a visual subgoal; the
 world model still imagines each language subgoal's target, so that the refresh rule is the same),
-`language_subgoal=False` (the instruction stands in for the subgoal). Training drops the visual
-subgoal and the language subgoal for a share of samples so that these modes stay valid.
+`language_subgoal=False` (the instruction stands in for the subgoal); both off is the flat VLA
+path, where nothing is encoded or imagined. Training drops the visual subgoal and the language
+subgoal for a share of samples so that these modes stay valid.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from hybrid.adapters import EmbodimentAdapters
@@ -31,19 +38,7 @@ from hybrid.data.windows import resize_frames
 from hybrid.policy import HybridPolicy
 from hybrid.types import Observation, Plan
 from planners.schedule import RefreshSchedule, latent_distance
-from planners.scoring import Scorer, ValueScorer, best_of_k
-
-STATE_BOUND = 1e4  # normalised units; see HybridPlanner._state
-
-
-def _finite(tier: str, x: torch.Tensor) -> torch.Tensor:
-    """x, or a FloatingPointError naming the tier that produced non-finite values."""
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(
-            f"the {tier} produced non-finite values (NaN or inf); its weights may be corrupt: "
-            "re-export the policy"
-        )
-    return x
+from planners.scoring import best_of_k
 
 
 @contextmanager
@@ -67,7 +62,8 @@ class HybridPlanner:
         execute_steps: actions of each chunk executed before planning again (<= H).
         language_subgoal, visual_subgoal: the ablation switches.
         schedule: when the language and visual subgoals are refreshed.
-        scorer: scores candidates; default the value head.
+        async_delay: d > 0 plans each chunk in the background, d steps ahead (module docstring);
+            0 plans synchronously.
         seed: seeds the flow noise, so a planner's rollouts are reproducible.
     """
 
@@ -82,8 +78,8 @@ class HybridPlanner:
         language_subgoal: bool = True,
         visual_subgoal: bool = True,
         schedule: RefreshSchedule | None = None,
-        scorer: Scorer | None = None,
         decode_candidates: bool = True,
+        async_delay: int = 0,
         seed: int = 0,
         adapters: EmbodimentAdapters | None = None,
     ):
@@ -99,14 +95,22 @@ class HybridPlanner:
         horizon = policy.action_expert.config.chunk_size
         if not 1 <= execute_steps <= horizon:
             raise ValueError(f"execute_steps must be in [1, {horizon}], got {execute_steps}")
+        if not 0 <= async_delay <= min(execute_steps, horizon - execute_steps):
+            raise ValueError(
+                f"async_delay must be in [0, {min(execute_steps, horizon - execute_steps)}] "
+                f"(at most execute_steps {execute_steps}, and room for execute_steps more in a "
+                f"chunk of {horizon}), got {async_delay}"
+            )
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         self.num_candidates, self.imagine_steps = num_candidates, imagine_steps
         self.action_steps, self.execute_steps = action_steps, execute_steps
         self.language_subgoal, self.visual_subgoal = language_subgoal, visual_subgoal
         self.schedule = schedule or RefreshSchedule()
-        self.scorer = scorer or ValueScorer(policy.world_model)
         self.decode_candidates = decode_candidates
+        self.async_delay = async_delay
+        self._background = ThreadPoolExecutor(max_workers=1) if async_delay else None
+        self.pending: Future | None = None
         self.image_size = policy.frame_size
         self.seed = seed
         self.reset()
@@ -140,7 +144,11 @@ class HybridPlanner:
         return self.policy.action_expert.device
 
     def reset(self) -> None:
-        """Forget the episode: cached subgoals, the action queue, the noise generator."""
+        """Forget the episode: cached subgoals, the action queue, the noise generator. A plan still
+        running in the background is waited for and dropped."""
+        if getattr(self, "pending", None) is not None:
+            self.pending.result()
+            self.pending = None
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.queue: deque[np.ndarray] = deque()
         self.subgoal: str | None = None
@@ -148,7 +156,9 @@ class HybridPlanner:
         self.visual_latent: torch.Tensor | None = None  # (1, C, h, w), the chosen candidate
         # the language subgoal's visual target (1, C, h, w) and its distance when it was set
         self.target: tuple[torch.Tensor, float] | None = None
-        self.last_plan: Plan | None = None
+        self.last_plan: Plan | None = None  # the newest plan made
+        self.executing: Plan | None = None  # the plan whose actions the queue holds
+        self.plans = 0  # plans whose actions entered the queue this episode
 
     # 1. input checks ------------------------------------------------------------------------------
     def _check(self, obs: Observation, instruction: str) -> torch.Tensor:
@@ -182,106 +192,67 @@ class HybridPlanner:
         images = rearrange(torch.stack(frames), "n h w c -> 1 n c h w").float() / 255.0
         return images.to(self.device)
 
-    def _state(self, obs: Observation) -> torch.Tensor:
-        """Normalised, padded state (1, max_state_dim); a value more than STATE_BOUND normalised
-        units (standard deviations, by default) from the training data is refused, in any
-        dimension that varied there: no network extrapolates that far, and beyond it float32
-        arithmetic can overflow into NaN."""
-        normalizer = self.policy.normalizers[self.embodiment]
-        raw = np.asarray(obs.state, np.float32)
-        deviation = normalizer.deviation("observation.state", raw)
-        if not deviation <= STATE_BOUND:
-            raise ValueError(
-                f"state: {raw.tolist()} lies {deviation:.3g} normalised units from the training "
-                f"data (bound {STATE_BOUND:g}); is it in the robot's units ({self.embodiment})?"
-            )
-        state = normalizer.normalize("observation.state", raw)
-        state = torch.as_tensor(state, dtype=torch.float32, device=self.device)[None]
-        return F.pad(state, (0, self.policy.action_expert.config.max_state_dim - state.shape[1]))
-
     # 2. planning ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def plan(self, obs: Observation, instruction: str) -> Plan:
-        """Run the tiers the schedule calls for on this observation; returns the full Plan."""
+    @torch.inference_mode()
+    def plan(self, obs: Observation, instruction: str, committed: np.ndarray | None = None) -> Plan:
+        """Run the tiers the schedule calls for on this observation; returns the full Plan.
+        `committed` (d, action_dim): actions already sent for this chunk's first d steps, which
+        the chunk continues (`HybridPolicy.sample_actions`) and returns unchanged."""
         images = self._check(obs, instruction)
-        state = self._state(obs)
+        state = self.policy.normalize_state(np.asarray(obs.state)[None], self.embodiment)
         timings_ms: dict[str, float] = {}
-        timer, policy, wm = partial(_timed, timings_ms), self.policy, self.policy.world_model
+        timer, policy = partial(_timed, timings_ms), self.policy
 
-        # 1. is the language subgoal done? Its visual target reached, or its time out.
-        with timer("encode"):
-            current = wm.encode(images)  # (1, C, h, w)
-        reached = self.target is not None and self.schedule.reached(
-            float(latent_distance(current, self.target[0])), self.target[1]
-        )
-        refresh = self.schedule.subgoal_due(self.chunks_since_subgoal, reached)
+        # 1. the language subgoal: a new one when its visual target is reached, or its time is out
+        # Flat (no language and no visual subgoal) is a VLA: nothing is imagined or encoded.
+        flat = not (self.language_subgoal or self.visual_subgoal)
+        current = None
+        if not flat:
+            with timer("encode"):
+                current = policy.encode_frames(images)  # (1, C, h, w)
+        refresh = self.schedule.subgoal_due(self.chunks_since_subgoal, self._reached(current))
+        # 2. one VLM pass: the generation of a new subgoal gives its features as well
+        if refresh and self.language_subgoal:
+            with timer("subgoal"):
+                (self.subgoal,), features, mask = policy.propose_subgoals(images, [instruction])
+        else:
+            self.subgoal = instruction if refresh else self.subgoal
+            with timer("features"):
+                features, mask = policy.prefix_features(images, [instruction], [self.subgoal])
         if refresh:
-            if self.language_subgoal:
-                with timer("subgoal"):
-                    self.subgoal = policy.vlm.propose_subgoal(images, [instruction])[0]
-            else:
-                self.subgoal = instruction
             self.chunks_since_subgoal = 0
-        with timer("features"):
-            features, mask = policy.vlm.prefix_features(images, [instruction], [self.subgoal])
-            _finite("VLM", features)
-
-        # 2. imagine K futures and keep the best; a new subgoal also takes it as its target.
-        latents = np.zeros((0,), np.float32)
-        candidate_images = np.zeros((0,), np.uint8)
-        scores = np.zeros((0,), np.float32)
+        # 3. imagine K futures and keep the best; a new subgoal also takes it as its target
+        latents = candidate_images = scores = np.zeros((0,), np.float32)
         chosen = 0
-        if self.schedule.visual_due(refresh) and (self.visual_subgoal or refresh):
+        if not flat and self.schedule.visual_due(refresh) and (self.visual_subgoal or refresh):
             with timer("imagine"):
-                candidates = wm.imagine(
-                    current,
-                    features,
-                    mask,
-                    self.num_candidates,
-                    self.imagine_steps,
-                    generator=self.generator,
+                candidates, candidate_scores = policy.imagine(
+                    current, features, mask, self.num_candidates, self.imagine_steps, self.generator
                 )
-                _finite("world model", candidates)
-            with timer("score"):
-                candidate_scores = _finite("value head", self.scorer(candidates, features, mask))
                 chosen = int(best_of_k(candidate_scores)[0])
             self.visual_latent = candidates[:, chosen]
             if refresh:
-                start = float(latent_distance(current, self.visual_latent))
-                self.target = (self.visual_latent, start)
+                self.target = (
+                    self.visual_latent,
+                    float(latent_distance(current, self.visual_latent)),
+                )
             latents, scores = candidates[0].cpu().numpy(), candidate_scores[0].cpu().numpy()
             if self.decode_candidates:
                 with timer("decode"):
-                    decoded = wm.decode(candidates[0])  # (K, 3, S, S) in [0, 1]
-                    candidate_images = (
-                        rearrange(decoded, "k c h w -> k h w c")
-                        .mul(255)
-                        .round()
-                        .byte()
-                        .cpu()
-                        .numpy()
-                    )
-
-        # 3. the action chunk, in the robot's units
+                    candidate_images = self._decode(candidates[0])
+        # 4. the action chunk, in the robot's units, clipped to its limits
         with timer("action"):
-            ids = policy.embodiment_ids([self.embodiment])
-            normalised = policy.action_expert.sample(
+            actions = policy.sample_actions(
                 state,
-                ids,
+                self.embodiment,
                 features,
                 mask,
                 images,
                 self.visual_latent if self.visual_subgoal else None,
-                policy.dim_mask([self.embodiment]),
-                steps=self.action_steps,
-                generator=self.generator,
-            )[0, :, : self.spec.action_dim]
-            _finite("action expert", normalised)
-            actions = policy.normalizers[self.embodiment].unnormalize(
-                "action", normalised.float().cpu().numpy()
-            )
-            if self.spec.action_low:
-                actions = np.clip(actions, self.spec.action_low, self.spec.action_high)
+                self.action_steps,
+                self.generator,
+                None if committed is None else np.asarray(committed, np.float32)[None],
+            )[0]
         self.chunks_since_subgoal += 1
         self.last_plan = Plan(
             subgoal=self.subgoal,
@@ -289,15 +260,42 @@ class HybridPlanner:
             candidate_images=candidate_images,
             scores=scores,
             chosen=chosen,
-            actions=actions.astype(np.float32),
+            actions=actions,
             timings_ms=timings_ms,
             subgoal_refreshed=refresh,
         )
         return self.last_plan
 
+    def _reached(self, current: torch.Tensor) -> bool:
+        """Whether the frame has closed enough of its distance to the subgoal's visual target."""
+        if self.target is None or current is None:
+            return False
+        target, start = self.target
+        return self.schedule.reached(float(latent_distance(current, target)), start)
+
+    def _decode(self, candidates: torch.Tensor) -> np.ndarray:
+        """Candidate latents (K, C, h, w) -> images (K, S, S, 3) uint8, for videos."""
+        decoded = self.policy.world_model.decode(candidates)  # (K, 3, S, S) in [0, 1]
+        return rearrange(decoded, "k c h w -> k h w c").mul(255).round().byte().cpu().numpy()
+
     def act(self, obs: Observation, instruction: str) -> np.ndarray:
-        """The next action (action_dim,): from the queue, planning a new chunk when it is empty."""
+        """The next action (action_dim,): from the queue, planning a new chunk when it is empty
+        (or, with `async_delay`, starting the next plan in the background when it runs low)."""
+        d = self.async_delay
         if not self.queue:
-            plan = self.plan(obs, instruction)
-            self.queue.extend(plan.actions[: self.execute_steps])
+            if self.pending is None:  # synchronous, or the first chunk of an episode
+                self._execute(self.plan(obs, instruction), 0)
+            else:  # the background plan: its first d actions were committed and have run
+                plan, self.pending = self.pending.result(), None
+                self._execute(plan, d)
+        if d and len(self.queue) == d and self.pending is None:
+            images = {key: np.array(frame) for key, frame in obs.images.items()}
+            frozen = Observation(images, np.array(obs.state))  # the caller may reuse its arrays
+            committed = np.stack(self.queue)
+            self.pending = self._background.submit(self.plan, frozen, instruction, committed)
         return self.queue.popleft()
+
+    def _execute(self, plan: Plan, start: int) -> None:
+        self.queue.extend(plan.actions[start : start + self.execute_steps])
+        self.executing = plan
+        self.plans += 1

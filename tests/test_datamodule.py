@@ -97,3 +97,18 @@ def test_missing_camera_is_named(mt10_dataset):
     dm = HybridDataModule(str(mt10_dataset[0]), cameras=["observation.images.wrist"])
     with pytest.raises(DatasetError, match="observation.images.wrist"):
         dm.setup("fit")
+
+
+def test_the_robot_spec_carries_action_limits(datamodule, mt10_dataset):
+    """A simulated robot's limits are its own; a robot the project does not simulate gets the
+    range its demonstrated actions span."""
+    spec = datamodule.embodiment_spec()
+    assert spec.name == "sawyer" and spec.action_low == [-1.0] * 4 and spec.action_high == [1.0] * 4
+    other = HybridDataModule(str(mt10_dataset[0]), embodiment="arm", image_size=32)
+    other.setup("fit")
+    spec = other.embodiment_spec()
+    episodes = range(other.dataset.num_episodes)
+    actions = np.concatenate([other.dataset.episode(i)["action"] for i in episodes])
+    assert spec.name == "arm"
+    np.testing.assert_allclose(spec.action_low, actions.min(0), atol=1e-6)
+    np.testing.assert_allclose(spec.action_high, actions.max(0), atol=1e-6)

@@ -170,6 +170,43 @@ def test_switching_robots_matches_a_fresh_load_of_each(finetuned):
     assert planner.policy.embodiments["panda"].state_dim == 7 and "panda" not in plain.embodiments
 
 
+@pytest.mark.parametrize("robot", [SAWYER, PANDA], ids=["sawyer", "panda"])
+def test_no_action_ever_leaves_the_robots_limits(finetuned, robot):
+    """Extreme inputs on both robots (frames all black, all white or noise; states far out, up to
+    the planner's bound; the policy's action scale blown up 50x so that its raw chunks overshoot),
+    synchronously and with async planning: every action sent stays within the spec's limits."""
+    base, _ = finetuned
+    name, dim, cameras, instruction = robot
+    for switches in ({}, {"async_delay": 2}):
+        planner = HybridPlanner.from_pretrained(base, embodiment=name, num_candidates=2, **switches)
+        spec = planner.spec
+        assert spec.action_low and spec.action_high, "the robot's limits are stored"
+        normalizer = planner.policy.normalizers[name]
+        shift, scale = normalizer.params["action"]
+        normalizer.params["action"] = (shift, scale * 50)
+        rng = np.random.default_rng(0)
+        overshoot = False
+        for fill in (0, 255, None):
+            for magnitude in (1e2, 1e3):
+                images = {
+                    key: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+                    if fill is None
+                    else np.full((64, 64, 3), fill, np.uint8)
+                    for key in cameras
+                }
+                std = np.asarray(planner.policy.norm_stats[name]["observation.state"]["std"])
+                state = np.asarray(planner.policy.norm_stats[name]["observation.state"]["mean"])
+                state = state + magnitude * std * rng.choice([-1, 1], size=dim)
+                planner.reset()
+                for _ in range(10):
+                    action = planner.act(Observation(images, state), instruction)
+                    assert action.shape == (len(spec.action_low),)
+                    assert np.all(action >= spec.action_low) and np.all(action <= spec.action_high)
+                raw = planner.last_plan.actions
+                overshoot |= bool(((raw == spec.action_low) | (raw == spec.action_high)).any())
+        assert overshoot, "the blown-up scale never reached a limit: nothing was tested"
+
+
 def test_missing_adapter_and_mismatched_base_are_refused(finetuned, tmp_path):
     base, _ = finetuned
     with pytest.raises(ValueError, match=r"no adapter for embodiment 'ur5'.*\['sawyer', 'panda'\]"):

@@ -38,8 +38,12 @@ def test_plan_is_well_formed(planner, frames):
     assert plan.candidate_images.shape == (4, 64, 64, 3) and plan.candidate_images.dtype == np.uint8
     assert plan.actions.shape == (8, 4) and plan.actions.dtype == np.float32
     assert np.all(plan.actions >= -1.0) and np.all(plan.actions <= 1.0)
-    assert {"encode", "subgoal", "features", "imagine", "score", "action"} <= set(plan.timings_ms)
+    # a new subgoal: one VLM pass, the generation, whose features the tiers below read
+    assert set(plan.timings_ms) == {"encode", "subgoal", "imagine", "decode", "action"}
     assert plan.subgoal_refreshed
+    again = planner.plan(_obs(frames, 1), INSTRUCTION)
+    assert not again.subgoal_refreshed
+    assert set(again.timings_ms) == {"encode", "features", "imagine", "decode", "action"}
 
 
 def test_plans_are_reproducible_after_reset(planner, frames):
@@ -59,11 +63,13 @@ def test_act_pops_the_queue_and_replans_on_schedule(tiny_policy_dir, frames):
     )
     plans = []
     for t in range(9):
+        count = planner.plans
         action = planner.act(_obs(frames, t), INSTRUCTION)
-        if not plans or planner.last_plan is not plans[-1]:
-            plans.append(planner.last_plan)
-            np.testing.assert_array_equal(action, planner.last_plan.actions[0])
-    assert len(plans) == 3, "3 actions per chunk, 9 steps: 3 plans"
+        if planner.plans > count:
+            plans.append(planner.executing)
+            assert planner.executing is planner.last_plan
+            np.testing.assert_array_equal(action, planner.executing.actions[0])
+    assert len(plans) == 3 and planner.plans == 3, "3 actions per chunk, 9 steps: 3 plans"
     # The subgoal (and with it the visual subgoal) times out every 2 chunks here.
     assert [p.subgoal_refreshed for p in plans] == [True, False, True]
     assert ["subgoal" in p.timings_ms for p in plans] == [True, False, True]
@@ -123,6 +129,55 @@ def test_ablation_modes(tiny_policy_dir, frames):
     plain = HybridPlanner.from_pretrained(tiny_policy_dir, language_subgoal=False)
     plan = plain.plan(_obs(frames), INSTRUCTION)
     assert plan.subgoal == INSTRUCTION and "subgoal" not in plan.timings_ms
+    vla = HybridPlanner.from_pretrained(
+        tiny_policy_dir, language_subgoal=False, visual_subgoal=False
+    )
+    for t in range(3):
+        plan = vla.plan(_obs(frames, t), INSTRUCTION)
+        assert set(plan.timings_ms) == {"features", "action"}, "the VLA path imagines nothing"
+        assert plan.subgoal == INSTRUCTION and plan.candidate_latents.shape == (0,)
+
+
+def _rollout(planner, frames, steps):
+    actions, chunks = [], []
+    for t in range(steps):
+        count = planner.plans
+        actions.append(planner.act(_obs(frames, t), INSTRUCTION))
+        if planner.plans > count:
+            chunks.append(planner.executing)
+    return np.stack(actions), chunks
+
+
+def test_async_planning_keeps_the_committed_actions(tiny_policy_dir, frames):
+    """With async_delay d each plan starts when d actions are left and returns them unchanged as
+    its first d; the robot runs the chunk's next execute_steps after them, and nothing else."""
+    planner = HybridPlanner.from_pretrained(
+        tiny_policy_dir, num_candidates=2, execute_steps=4, async_delay=2
+    )
+    actions, chunks = _rollout(planner, frames, 14)
+    first, *rest = chunks
+    assert len(chunks) == 4, "4 steps of the first chunk, then 4 of each next: 14 steps, 4 plans"
+    np.testing.assert_array_equal(actions[:4], first.actions[:4])
+    for i, chunk in enumerate(rest):
+        committed = actions[4 * i + 2 : 4 * i + 4]  # what ran while this chunk was planned
+        np.testing.assert_array_equal(chunk.actions[:2], committed)
+        ran = actions[4 * i + 4 : 4 * i + 8]  # the chunk's own actions (the last one: 2 of 4)
+        np.testing.assert_array_equal(ran, chunk.actions[2 : 2 + len(ran)])
+    planner.reset()
+    again, _ = _rollout(planner, frames, 14)
+    np.testing.assert_array_equal(actions, again)
+
+
+def test_sync_rollouts_are_deterministic_under_the_seed(tiny_policy_dir, frames):
+    a, _ = _rollout(HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=2), frames, 9)
+    b, _ = _rollout(HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=2), frames, 9)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("delay", [-1, 5, 13])
+def test_async_delay_out_of_range_is_named(tiny_policy_dir, delay):
+    with pytest.raises(ValueError, match=rf"async_delay must be in \[0, 4\].*got {delay}"):
+        HybridPlanner.from_pretrained(tiny_policy_dir, execute_steps=4, async_delay=delay)
 
 
 @pytest.mark.parametrize(

@@ -27,11 +27,13 @@ def setup(mt10_dataset):
     dm.setup("fit")
     torch.manual_seed(0)
     stats = dm.norm_stats()
+    dims = {"observation.state": OTHER.state_dim, "action": OTHER.action_dim}
+    other = {key: {s: v[: dims[key]] for s, v in d.items()} for key, d in stats.items()}
     policy = HybridPolicy.create(
         dm.train_set.texts(),
         dm.train_set.action_chunks(),
         [EMBODIMENT, OTHER],
-        {EMBODIMENT.name: stats, OTHER.name: stats},
+        {EMBODIMENT.name: stats, OTHER.name: other},
         **SMALL,
     )
     batch = next(iter(dm.train_dataloader()))
@@ -153,9 +155,76 @@ def test_save_load_identical_outputs(setup, tmp_path):
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
     one = {k: v[:1] for k, v in batch.items()}
-    assert loaded.vlm.propose_subgoal(
-        one["images"], one["instruction"]
-    ) == policy.vlm.propose_subgoal(one["images"], one["instruction"])
+    a, features_a, _ = loaded.propose_subgoals(one["images"], one["instruction"])
+    b, features_b, _ = policy.propose_subgoals(one["images"], one["instruction"])
+    assert a == b
+    torch.testing.assert_close(features_a, features_b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("robot", ["sawyer", "arm2"])
+def test_inference_api_reads_what_losses_read(setup, robot):
+    """State in the robot's units -> `normalize_state` is the batch's normalised state, padded as
+    `losses` pads it; `sample_actions` is the expert's normalised chunk, cut to the robot's dims,
+    unnormalised and clipped; committed actions come back unchanged and fix the chunk's start."""
+    policy, batch = setup
+    policy.eval()
+    batch = _mixed(batch) if robot == "arm2" else batch
+    rows = [i for i, name in enumerate(batch["embodiment"]) if name == robot]
+    spec, normalizer = policy.embodiments[robot], policy.normalizers[robot]
+    cfg = policy.action_expert.config
+    normalised = batch["state"][rows, : spec.state_dim]
+    raw = normalizer.unnormalize("observation.state", normalised.numpy())
+    state = policy.normalize_state(raw, robot)
+    torch.testing.assert_close(state, policy._pad(batch["state"][rows], cfg.max_state_dim))
+    images = batch["images"][rows]
+    instructions, subgoals = list(batch["instruction"]), list(batch["subgoal"])
+    features, mask = policy.prefix_features(
+        images, [instructions[i] for i in rows], [subgoals[i] for i in rows]
+    )
+    visual = policy.encode_frames(batch["future_images"][rows])
+    actions = policy.sample_actions(
+        state, robot, features, mask, images, visual, 3, torch.Generator().manual_seed(1)
+    )
+    expected = policy.action_expert.sample(
+        state,
+        policy.embodiment_ids([robot] * len(rows)),
+        features,
+        mask,
+        images,
+        visual,
+        policy.dim_mask([robot] * len(rows)),
+        steps=3,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert (expected[..., spec.action_dim :] == 0).all(), "padded dims stay zero"
+    expected = normalizer.unnormalize("action", expected[..., : spec.action_dim].numpy())
+    expected = np.clip(expected, spec.action_low, spec.action_high)
+    np.testing.assert_allclose(actions, expected, rtol=1e-6, atol=1e-6)
+    assert actions.shape == (len(rows), cfg.chunk_size, spec.action_dim)
+
+
+def test_committed_actions_come_back_unchanged_and_steer_the_rest(setup, tiny_policy_dir):
+    """A trained expert (its blocks are the identity when fresh, so nothing mixes across tokens):
+    the chunk's first d actions are the committed ones exactly, and the rest changes with them."""
+    _, batch = setup
+    policy = HybridPolicy.from_pretrained(tiny_policy_dir).eval()
+    images, state = batch["images"][:2], policy._pad(batch["state"][:2], 8)
+    features, mask = policy.prefix_features(
+        images, list(batch["instruction"][:2]), list(batch["subgoal"][:2])
+    )
+
+    def chunk(committed=None):
+        generator = torch.Generator().manual_seed(1)
+        return policy.sample_actions(
+            state, "sawyer", features, mask, images, None, 4, generator, committed
+        )
+
+    free = chunk()
+    committed = np.clip(-free[:, :3], -1, 1)
+    steered = chunk(committed)
+    np.testing.assert_array_equal(steered[:, :3], committed)
+    # same noise, same inputs otherwise: any difference in the rest is the committed start's doing
+    assert not np.array_equal(steered[:, 3:], free[:, 3:]), "the rest continues the new start"
 
 
 def test_missing_policy_directory_is_named(tmp_path):

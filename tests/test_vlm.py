@@ -42,7 +42,7 @@ def test_forward_losses_and_prefix_features(vlm, batch, cameras):
 
 
 def test_generated_subgoals_are_text_from_the_vocabulary(vlm):
-    subgoals = vlm.propose_subgoal(_images(2), TEXTS[:2])
+    subgoals, _, _ = vlm.propose_subgoal(_images(2), TEXTS[:2])
     assert len(subgoals) == 2
     vocab = set(vlm.tokenizer.get_vocab())
     for text in subgoals:
@@ -62,7 +62,41 @@ def test_a_trained_vlm_generates_its_subgoal(vlm):
         loss.backward()
         optimiser.step()
     model.eval()
-    assert model.propose_subgoal(images, [TEXTS[0]]) == ["grasp the puck"]
+    subgoals, features, mask = model.propose_subgoal(images, [TEXTS[0]])
+    assert subgoals == ["grasp the puck"]
+    # One pass: the generation's features are those of the teacher-forced prefix of its subgoal.
+    expected, expected_mask = model.prefix_features(images, [TEXTS[0]], subgoals)
+    assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [6, 2], ids=["until-eos", "budget-spent"])
+def test_generation_features_are_the_prefix_of_what_it_generated(budget):
+    """Batched, with prompts of different lengths (left-padded) and rows that stop at different
+    steps: each row's features are a teacher-forced pass over its own prompt, generated tokens
+    and <eos>, position for position; padding holds zeros."""
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(TEXTS, vocab_size=200, num_action_tokens=32)
+    model = HighLevelVLM(tokenizer, max_subgoal_tokens=budget, **SMALL).eval()
+    images, instructions = _images(3), [TEXTS[0], TEXTS[3], TEXTS[1]]
+    subgoals, features, mask = model.propose_subgoal(images, instructions)
+    for i in range(3):
+        prompt = model._prompts(1, [instructions[i]])[0]
+        real = features[i, mask[i]]
+        ids = torch.tensor([prompt])
+        generated = real.shape[0] - len(prompt)  # the subgoal's tokens and its <eos>
+        assert 1 <= generated <= budget + 1
+        # the tokens fed back are the argmax of the previous position, as teacher forcing sees
+        # them: rebuild them from the features' own logits
+        logits = model.backbone.lm_head(real[len(prompt) - 1 : -1]).float()
+        logits[:, model._suppress] = -torch.inf
+        tokens = logits.argmax(-1)
+        tokens[-1] = tokenizer.eos_token_id  # forced when the budget is spent
+        full = torch.cat([ids, tokens[None]], 1)
+        expected = model._hidden(images[i : i + 1], full, torch.ones_like(full, dtype=torch.bool))
+        torch.testing.assert_close(real, expected[0], rtol=1e-4, atol=1e-4)
+        assert model.tokenizer.decode(tokens[:-1], skip_special_tokens=True).strip() == subgoals[i]
+    assert (features[~mask] == 0).all()
 
 
 def test_lang_and_fast_losses_reach_the_backbone(vlm):
@@ -82,7 +116,7 @@ def test_save_load_identical(vlm, tmp_path):
     b, mask_b = loaded.prefix_features(images, TEXTS[:2], TEXTS[2:4])
     assert torch.equal(mask_a, mask_b)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert loaded.propose_subgoal(images, TEXTS[:2]) == vlm.propose_subgoal(images, TEXTS[:2])
+    assert loaded.propose_subgoal(images, TEXTS[:2])[0] == vlm.propose_subgoal(images, TEXTS[:2])[0]
 
 
 def test_bad_image_shape_is_named(vlm):

@@ -12,6 +12,7 @@ from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset, require_di
 from hybrid.data.normalize import Mode, Normalizer
 from hybrid.data.windows import ACTION_KEY, SCENE_KEY, STATE_KEY, TrainingWindows
 from hybrid.embodiment import EmbodimentSpec
+from hybrid.sim import SIMULATORS, simulator_for
 
 
 def split_episodes(tasks: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -107,12 +108,23 @@ class HybridDataModule(L.LightningDataModule):
         self.train_set, self.val_set = windows(train), windows(val)
 
     def embodiment_spec(self) -> EmbodimentSpec:
-        """The robot this data is of: its name, state and action dims, and the cameras read."""
+        """The robot this data is of: its name, state and action dims, the cameras read, and its
+        action limits: a simulated robot's own (`hybrid.sim`), otherwise the range the data's
+        actions span. The planner clips every action to them."""
         episode = self.train_set.episodes[0]
+        name, action_dim = self.train_set.embodiment, episode["actions"].shape[1]
+        if name in SIMULATORS.values() and simulator_for(name).EMBODIMENT.action_dim == action_dim:
+            known = simulator_for(name).EMBODIMENT
+            low, high = known.action_low, known.action_high
+        else:
+            stats = self.dataset.stats[ACTION_KEY]
+            low, high = np.asarray(stats["min"]).tolist(), np.asarray(stats["max"]).tolist()
         return EmbodimentSpec(
-            name=self.train_set.embodiment,
+            name=name,
             state_dim=episode["state"].shape[1],
-            action_dim=episode["actions"].shape[1],
+            action_dim=action_dim,
+            action_low=low,
+            action_high=high,
             cameras=self.cameras,
         )
 
