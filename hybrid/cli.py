@@ -83,8 +83,12 @@ def _eval_parser(subparsers) -> None:
     ev.add_argument("--execute-steps", type=int, default=4, help="actions run per chunk")
     ev.add_argument("--no-visual-subgoal", action="store_true", help="flat: no world model")
     ev.add_argument("--no-language-subgoal", action="store_true", help="instruction as subgoal")
-    ev.add_argument("--action-steps", type=int, default=10, help="flow steps of the action expert")
-    ev.add_argument("--imagine-steps", type=int, default=4, help="flow steps of the world model")
+    ev.add_argument(
+        "--action-steps", type=int, help="flow steps of the action expert (the planner's default)"
+    )
+    ev.add_argument(
+        "--imagine-steps", type=int, help="flow steps of the world model (the planner's default)"
+    )
     ev.add_argument(
         "--async-delay",
         type=int,
@@ -241,9 +245,15 @@ def _run(args: argparse.Namespace, console: Console) -> None:
                 "execute_steps": args.execute_steps,
                 "visual_subgoal": not args.no_visual_subgoal,
                 "language_subgoal": not args.no_language_subgoal,
-                "action_steps": args.action_steps,
-                "imagine_steps": args.imagine_steps,
                 "async_delay": args.async_delay,
+            }
+            | {
+                name: steps
+                for name, steps in (
+                    ("action_steps", args.action_steps),
+                    ("imagine_steps", args.imagine_steps),
+                )
+                if steps is not None
             },
             console=console,
         )

@@ -401,11 +401,6 @@ def print_summary(summary: dict, console: Console) -> None:
     latency.add_row(
         "language subgoal refreshes", "", "", f"{summary['subgoal_refreshes_per_chunk']:.2f}"
     )
-    if summary["control_step_ms"]:
-        step = summary["control_step_ms"]
-        latency.add_row(
-            "control step (act)", f"{step['p50_ms']:.1f}", f"p99 {step['p99_ms']:.1f}", ""
-        )
     console.print(latency)
     if summary["control_step_ms"]:
         step = summary["control_step_ms"]
