@@ -21,6 +21,7 @@ from __future__ import annotations
 import string
 from contextlib import contextmanager
 from dataclasses import dataclass
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from transformers import (
     DynamicCache,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
+    Idefics3Model,
     PreTrainedTokenizerFast,
 )
 
@@ -41,6 +43,8 @@ IMAGE_TOKEN, IMAGE_AROUND, IMAGE_GLOBAL = "<image>", "<fake_token_around_image>"
 PAD, EOS = "<pad>", "<eos>"
 SUBGOAL_PROMPT = "\nSubgoal:"
 CONFIG_NAME = "vlm_config.json"
+# transformers 5.24 renamed the backbone's key-value cache argument (`past_key_values` -> `cache`)
+_CACHE = "cache" if "cache" in signature(Idefics3Model.forward).parameters else "past_key_values"
 
 
 def action_token(i: int) -> str:
@@ -317,7 +321,7 @@ class HighLevelVLM(nn.Module):
             attention_mask=mask.long(),
             position_ids=position,
             pixel_values=self._pixels(images),
-            past_key_values=cache,
+            **{_CACHE: cache},
             use_cache=True,
         ).last_hidden_state
         states, masks, generated = [hidden], [mask], []
@@ -338,7 +342,7 @@ class HighLevelVLM(nn.Module):
                 input_ids=token[:, None],
                 attention_mask=torch.cat(masks, 1).long(),
                 position_ids=position,
-                past_key_values=cache,
+                **{_CACHE: cache},
                 use_cache=True,
             ).last_hidden_state
             states.append(hidden)
