@@ -12,21 +12,19 @@ refresh rule is the same in every mode (`planners/schedule.py`). Task configurat
 """
 
 import argparse
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+from closed_loop import QUICKSTART, rollouts
 from readme import report_successes
 from rich.console import Console
 
 from hybrid.collect import episode_seed
-from hybrid.evaluate import evaluate
 from hybrid.intervals import format_rate
 from hybrid.plots import success_chart
 from hybrid.sim import metaworld
 
-QUICKSTART = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3"]
 MODES = {
     "full (K=8, scored)": {"num_candidates": 8},
     "K=1, no scoring": {"num_candidates": 1},
@@ -71,18 +69,15 @@ def main() -> None:
     tasks = metaworld.resolve_tasks(args.tasks)
     counts: dict[str, list[int]] = {}  # mode -> successes per task
     for mode in args.modes:
-        with tempfile.TemporaryDirectory() as out:
-            summary = evaluate(
-                args.policy,
-                tasks,
-                args.episodes,
-                out,
-                seed=args.seed,
-                max_steps=args.max_steps,
-                workers=args.workers,
-                planner=MODES[mode],
-                console=Console(quiet=True),
-            )
+        summary = rollouts(
+            args.policy,
+            tasks,
+            args.episodes,
+            seed=args.seed,
+            max_steps=args.max_steps,
+            workers=args.workers,
+            planner=MODES[mode],
+        )
         counts[mode] = [summary["tasks"][t]["successes"] for t in tasks]
         rate = format_rate(sum(counts[mode]), args.episodes * len(tasks))
         console.print(f"{mode}: mean success {rate}")

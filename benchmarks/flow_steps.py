@@ -10,16 +10,13 @@ milliseconds per chunk are the workers' planning time, comparable between rows o
 """
 
 import argparse
-import tempfile
 from pathlib import Path
 
+from closed_loop import QUICKSTART, rollouts
 from readme import markdown_table, write_figure
 from rich.console import Console
 
-from hybrid.evaluate import evaluate
 from hybrid.intervals import format_rate
-
-QUICKSTART = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3"]
 
 
 def main() -> None:
@@ -38,15 +35,8 @@ def main() -> None:
     rows = []
     for setting in args.settings:
         action_steps, imagine_steps = (int(x) for x in setting.split("/"))
-        with tempfile.TemporaryDirectory() as out:
-            summary = evaluate(
-                args.policy,
-                QUICKSTART,
-                args.episodes,
-                Path(out),
-                planner={"action_steps": action_steps, "imagine_steps": imagine_steps},
-                console=Console(quiet=True),
-            )
+        planner = {"action_steps": action_steps, "imagine_steps": imagine_steps}
+        summary = rollouts(args.policy, QUICKSTART, args.episodes, planner=planner)
         cells = [str(action_steps), str(imagine_steps)]
         cells += [
             format_rate(row["successes"], row["episodes"]) for row in summary["tasks"].values()

@@ -18,18 +18,17 @@ interval. Every measurement runs in this one process, one after another.
 """
 
 import argparse
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from closed_loop import QUICKSTART, rollouts
 from readme import markdown_table, write_figure
 from rich.console import Console
 from rich.table import Table
 
 from hybrid.data.lerobot_dataset import LeRobotDataset
-from hybrid.evaluate import evaluate
 from hybrid.intervals import format_rate
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
@@ -40,7 +39,6 @@ MODES = {
     "flat": {"language_subgoal": False, "visual_subgoal": False},
     "full, async": {"async_delay": 2},
 }
-TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3"]
 
 
 def replay(planner: HybridPlanner, dataset: LeRobotDataset, episodes: list[int]) -> list[dict]:
@@ -92,16 +90,9 @@ def main() -> None:
             "imagine": float(np.median(tiers["imagine"])) if tiers["imagine"] else None,
         }
         if args.episodes:
-            with tempfile.TemporaryDirectory() as out:
-                summary = evaluate(
-                    args.policy,
-                    TASKS,
-                    args.episodes,
-                    Path(out),
-                    workers=1,
-                    planner=MODES[mode],
-                    console=Console(quiet=True),
-                )
+            summary = rollouts(
+                args.policy, QUICKSTART, args.episodes, workers=1, planner=MODES[mode]
+            )
             row |= {
                 "closed": summary["amortised_ms_per_chunk"],
                 "step": summary["control_step_ms"],

@@ -16,11 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from ablation import QUICKSTART
+from closed_loop import QUICKSTART, rollouts
 from readme import report_successes
 from rich.console import Console
 
-from hybrid.evaluate import evaluate
 from hybrid.intervals import format_rate
 from hybrid.policy import HybridPolicy
 
@@ -60,14 +59,8 @@ def main() -> None:
         checkpoint = checkpoint_for(args.run, step)
         with tempfile.TemporaryDirectory() as tmp:
             export_checkpoint(args.run / "policy", checkpoint, Path(tmp) / "policy")
-            summary = evaluate(
-                str(Path(tmp) / "policy"),
-                tasks,
-                args.episodes,
-                Path(tmp) / "eval",
-                seed=args.seed,
-                workers=args.workers,
-                console=Console(quiet=True),
+            summary = rollouts(
+                Path(tmp) / "policy", tasks, args.episodes, seed=args.seed, workers=args.workers
             )
         tasks = list(summary["tasks"])
         counts[step] = [row["successes"] for row in summary["tasks"].values()]

@@ -113,8 +113,8 @@ class HybridDataModule(L.LightningDataModule):
         actions span. The planner clips every action to them."""
         episode = self.train_set.episodes[0]
         name, action_dim = self.train_set.embodiment, episode["actions"].shape[1]
-        if name in SIMULATORS.values() and simulator_for(name).EMBODIMENT.action_dim == action_dim:
-            known = simulator_for(name).EMBODIMENT
+        known = simulator_for(name).EMBODIMENT if name in SIMULATORS.values() else None
+        if known is not None and known.action_dim == action_dim:
             low, high = known.action_low, known.action_high
         else:
             stats = self.dataset.stats[ACTION_KEY]
