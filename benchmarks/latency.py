@@ -10,6 +10,8 @@ Modes, each a planner setting on the same trained policy:
     K=1           one imagined future, nothing to choose between
     flat          the VLA path: instruction -> VLM features -> action chunk; nothing imagined
     full, async   the full hierarchy planning each chunk in the background, 2 steps ahead
+    visual per subgoal  the full hierarchy imagining only with each new language subgoal
+                  (`hybrid eval --visual-refresh subgoal`), the action expert keeping its future
 Replay: the frames and states of recorded episodes through `HybridPlanner.act` (no simulator;
 one torch thread by default, as an evaluation worker). Closed loop: `hybrid eval` with one
 worker, no video, on the five quickstart tasks; amortised milliseconds of planning per chunk,
@@ -32,12 +34,14 @@ from hybrid.data.lerobot_dataset import LeRobotDataset
 from hybrid.intervals import format_rate
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
+from planners.schedule import RefreshSchedule
 
 MODES = {
     "full": {},
     "K=1": {"num_candidates": 1},
     "flat": {"language_subgoal": False, "visual_subgoal": False},
     "full, async": {"async_delay": 2},
+    "visual per subgoal": {"schedule": RefreshSchedule(visual="subgoal")},
 }
 
 

@@ -90,6 +90,12 @@ def _eval_parser(subparsers) -> None:
         "--imagine-steps", type=int, help="flow steps of the world model (the planner's default)"
     )
     ev.add_argument(
+        "--visual-refresh",
+        choices=["chunk", "subgoal"],
+        default="chunk",
+        help="imagine the visual subgoal again every chunk, or only with each new language subgoal",
+    )
+    ev.add_argument(
         "--async-delay",
         type=int,
         default=0,
@@ -229,6 +235,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
         )
     elif args.verb == "eval":
         from hybrid.evaluate import evaluate
+        from planners.schedule import RefreshSchedule
 
         evaluate(
             policy=args.policy,
@@ -246,6 +253,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
                 "visual_subgoal": not args.no_visual_subgoal,
                 "language_subgoal": not args.no_language_subgoal,
                 "async_delay": args.async_delay,
+                "schedule": RefreshSchedule(visual=args.visual_refresh),
             }
             | {
                 name: steps

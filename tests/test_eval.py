@@ -15,6 +15,7 @@ def test_eval_one_episode_writes_results_and_a_playable_video(
     run = hybrid_cli(
         "eval", "--policy", tiny_policy_dir, "--tasks", "reach-v3", "--episodes", 1,
         "--max-steps", 20, "--workers", 1, "--out", tmp_path, "--video", "--num-candidates", 2,
+        "--visual-refresh", "subgoal",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "closed-loop evaluation" in run.stdout and "amortised per chunk" in run.stdout
@@ -24,6 +25,9 @@ def test_eval_one_episode_writes_results_and_a_playable_video(
     assert 1 <= episode["steps"] <= 20 and isinstance(episode["success"], bool)
     assert results["chunks"] == -(-episode["steps"] // 4), "4 actions of each chunk run"
     assert {"features", "imagine", "action"} <= set(results["latency"])
+    assert results["config"]["planner"]["schedule"]["visual"] == "subgoal"
+    imagined = results["latency"]["imagine"]["runs_per_chunk"]
+    assert imagined == results["subgoal_refreshes_per_chunk"] < 1, "imagined per subgoal only"
     with av.open(episode["video"]) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == episode["steps"]

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from hybrid.data.lerobot_dataset import LeRobotDataset
 from hybrid.types import Observation
@@ -115,6 +116,22 @@ def test_reached_means_the_imagined_target_was_reached(tiny_policy_dir, frames, 
     assert stalled == [True, False, False, False, True], "a stalled robot times out only"
     assert planner.plan(future, INSTRUCTION).subgoal_refreshed, "the target frame is reached"
     assert not planner.plan(_obs(frames, 0), INSTRUCTION).subgoal_refreshed
+
+
+def test_visual_subgoal_imagined_per_language_subgoal(tiny_policy_dir, frames):
+    """visual="subgoal": the world model runs only on the chunks that set a new language subgoal,
+    and the action expert reads the same chosen future until the next one."""
+    schedule = RefreshSchedule(max_chunks_per_subgoal=2, visual="subgoal", reached_fraction=0.01)
+    planner = HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=2, schedule=schedule)
+    plans, visuals = [], []
+    for t in range(5):
+        plans.append(planner.plan(_obs(frames, t), INSTRUCTION))
+        visuals.append(planner.visual_latent)
+    refreshed = [plan.subgoal_refreshed for plan in plans]
+    assert refreshed == [True, False, True, False, True], "a time-out every 2 chunks"
+    assert ["imagine" in plan.timings_ms for plan in plans] == refreshed
+    assert visuals[1] is visuals[0] and visuals[3] is visuals[2]
+    assert not torch.equal(visuals[2], visuals[0]), "a new subgoal imagines a new future"
 
 
 def test_ablation_modes(tiny_policy_dir, frames):
