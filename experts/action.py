@@ -85,10 +85,13 @@ class ActionExpert(ModelMixin, ConfigMixin):
     """See the module docstring. Config is this signature; `save_pretrained` / `from_pretrained`
     (diffusers) write and read config.json + safetensors."""
 
-    # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert).
+    # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert): the
+    # blocks, the inputs, the eyes (a new robot's cameras see another scene) and the keypoints'
+    # path into every block's adaptive norm (keypoint_cond, modulation).
     LORA_TARGETS = (
         r"blocks\.\d+\.(qkv|context_kv_proj|attn_out|mlp\.0|mlp\.2)"
-        r"|vlm_in|visual_in|state_in\.out\.1|image_in\.proj"
+        r"|vlm_in|visual_in|state_in\.out\.1|keypoint_cond\.[02]|modulation\.1"
+        rf"|image_in\.(?:{ImageEncoder.LORA_TARGETS})"
     )
 
     @register_to_config

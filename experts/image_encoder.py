@@ -43,6 +43,10 @@ class ImageEncoder(nn.Module):
     A robot with fewer cameras than `num_cameras` (one added by `hybrid finetune`) uses the
     first ones' embeddings."""
 
+    # What a per-robot LoRA adapts in these eyes (regex on names inside this encoder): a new robot
+    # brings new cameras. The stem's convolutions are every third module (conv, norm, SiLU).
+    LORA_TARGETS = r"stem\.(?:0|3|6|9|12|15|18)|proj|heatmaps|keypoint_proj"
+
     def __init__(
         self,
         hidden: int,

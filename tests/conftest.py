@@ -67,6 +67,7 @@ SMALL_EXPERTS = dict(
         max_action_dim=8,
         image_size=64,
         keypoints=4,
+        keypoint_conditioning=True,  # as the quickstart
         scene_dim=12,
     ),
     fast=dict(vocab_size=128),

@@ -126,6 +126,9 @@ def test_finetune_resumes_and_changes_only_lora_and_the_new_rows(finetuned, tiny
     assert len(grown) == 8
     trained = [k for k, v in lora.items() if "lora_B" in k and v.abs().sum() > 0]
     assert trained and {k.split(".")[0] for k in trained} == {"vlm", "world_model", "action_expert"}
+    # a new robot's cameras: the action expert's eyes and the keypoints' path adapt too
+    for module in ("image_in.stem.0", "image_in.heatmaps", "keypoint_cond.0", "modulation.1"):
+        assert any(k.startswith(f"action_expert.{module}.lora_B") for k in trained), module
 
 
 def test_adapter_registry_holds_peft_format_and_loads_with_plain_peft(finetuned):
