@@ -1,5 +1,8 @@
 """The second robot: panda-gym's Franka Panda with our scripted experts, collected to LeRobot v3."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -77,3 +80,11 @@ def test_collected_panda_dataset_reads_back(panda_dataset):
     assert frames.shape[1:] == (64, 64, 3) and frames.std() > 10
     instructions = {language.instruction: language for language in panda.task_language().values()}
     assert episode["subgoal"][0] == instructions[episode["task"]].subgoals[0]
+
+
+def test_opening_a_panda_env_prints_nothing():
+    """PyBullet writes its build time and renderer arguments from C; a fresh process shows none."""
+    code = "from hybrid.sim.panda import PandaEnv; PandaEnv('reach').close()"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout + run.stderr == ""

@@ -106,17 +106,18 @@ class PandaEnv:
         image_size: int = 96,
         seed: int = 0,
     ):
-        from panda_gym.envs.core import RobotTaskEnv
-        from panda_gym.envs.robots.panda import Panda
-        from panda_gym.envs.tasks.pick_and_place import PickAndPlace
-        from panda_gym.envs.tasks.push import Push
-        from panda_gym.envs.tasks.reach import Reach
-        from panda_gym.pybullet import PyBullet
-
         resolve_tasks([task])
         self.cameras = camera_names(camera, CAMERAS, "panda")
         self.task, self.image_size = task, image_size
-        with _quiet_stdout():  # PyBullet prints its renderer arguments from C
+        # PyBullet prints its build time on import (stderr) and its renderer arguments (stdout)
+        with _quiet_c_output():
+            from panda_gym.envs.core import RobotTaskEnv
+            from panda_gym.envs.robots.panda import Panda
+            from panda_gym.envs.tasks.pick_and_place import PickAndPlace
+            from panda_gym.envs.tasks.push import Push
+            from panda_gym.envs.tasks.reach import Reach
+            from panda_gym.pybullet import PyBullet
+
             sim = PyBullet(render_mode="rgb_array", renderer="Tiny")
         robot = Panda(sim, block_gripper=False, base_position=np.array([-0.6, 0.0, 0.0]))
         tasks = {
@@ -171,17 +172,21 @@ make_env = PandaEnv
 
 
 @contextmanager
-def _quiet_stdout():
-    """Silence writes to file descriptor 1, which Python's redirection does not reach."""
+def _quiet_c_output():
+    """Silence writes to file descriptors 1 and 2 from C, which Python's redirection does not
+    reach. Python exceptions still propagate (and print) as usual."""
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
     try:
         with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
+            for fd in (1, 2):
+                os.dup2(devnull.fileno(), fd)
             yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _towards(ee: np.ndarray, target: np.ndarray, grip: float) -> np.ndarray:
