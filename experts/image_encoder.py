@@ -44,7 +44,9 @@ class ImageEncoder(nn.Module):
     first ones' embeddings."""
 
     # What a per-robot LoRA adapts in these eyes (regex on names inside this encoder): a new robot
-    # brings new cameras. The stem's convolutions are every third module (conv, norm, SiLU).
+    # brings new cameras. The stem's convolutions are every third module (conv, norm, SiLU): the
+    # indices listed cover up to six stages (a 64-pixel grid cell); a seventh stage's would not be
+    # adapted.
     LORA_TARGETS = r"stem\.(?:0|3|6|9|12|15|18)|proj|heatmaps|keypoint_proj"
 
     def __init__(
