@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from einops import rearrange
 from torch import nn
 from transformers import (
@@ -37,12 +38,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from experts.config_io import load_config, save_config
-
 IMAGE_TOKEN, IMAGE_AROUND, IMAGE_GLOBAL = "<image>", "<fake_token_around_image>", "<global-img>"
 PAD, EOS = "<pad>", "<eos>"
 SUBGOAL_PROMPT = "\nSubgoal:"
-CONFIG_NAME = "vlm_config.json"
 # transformers 5.24 renamed the backbone's key-value cache argument (`past_key_values` -> `cache`)
 _CACHE = "cache" if "cache" in signature(Idefics3Model.forward).parameters else "past_key_values"
 
@@ -91,11 +89,13 @@ class VLMOutput:
     feature_mask: torch.Tensor
 
 
-class HighLevelVLM(nn.Module):
-    """See the module docstring.
+class HighLevelVLM(nn.Module, ConfigMixin):
+    """See the module docstring. Config is this signature but the tokenizer (`.config.x`), saved
+    beside the backbone's folder by `save_pretrained` as `vlm_config.json` (diffusers'
+    `ConfigMixin`); the tokenizer is saved with the backbone.
 
     Args:
-        tokenizer: the text tokenizer (from `train_tokenizer`, or a pretrained one).
+        tokenizer: the text tokenizer (from `train_tokenizer`, or a pretrained one); a keyword.
         backbone: hub name or directory of a pretrained Idefics3/SmolVLM; None builds the tiny
             config below, with fresh weights.
         num_action_tokens: FAST vocabulary size; `<act_i>` tokens are added when missing.
@@ -114,9 +114,12 @@ class HighLevelVLM(nn.Module):
         r"|connector\.modality_projection\.proj)"
     )
 
+    config_name = "vlm_config.json"
+    ignore_for_config = ["tokenizer"]
+
+    @register_to_config
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerFast,
         backbone: str | None = None,
         num_action_tokens: int = 512,
         max_subgoal_tokens: int = 16,
@@ -129,11 +132,10 @@ class HighLevelVLM(nn.Module):
         vision_layers: int = 2,
         num_heads: int = 4,
         cameras: int | None = 1,
+        *,
+        tokenizer: PreTrainedTokenizerFast,
     ):
         super().__init__()
-        self.config = {
-            k: v for k, v in locals().items() if k not in ("self", "tokenizer", "__class__")
-        }
         self.tokenizer = tokenizer
         if tokenizer.pad_token is None:  # many pretrained chat tokenizers define none
             tokenizer.pad_token = tokenizer.eos_token
@@ -197,7 +199,7 @@ class HighLevelVLM(nn.Module):
         """(B, N, 3, S, S) -> the cameras this VLM reads, (B, n, 3, S, S)."""
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be (B, N, 3, H, W), got {tuple(images.shape)}")
-        return images[:, : self.config["cameras"]]
+        return images[:, : self.config.cameras]
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
         """(B, n, 3, S, S) in [0, 1] -> the backbone's pixel values (B, n, 3, s, s)."""
@@ -232,7 +234,7 @@ class HighLevelVLM(nn.Module):
         block = self._image_block(num_cameras)
         prompts = [self._ids(block + text + SUBGOAL_PROMPT) for text in instructions]
         positions = self.backbone.config.text_config.max_position_embeddings
-        room = positions - self.config["max_subgoal_tokens"] - 1  # the subgoal and its <eos>
+        room = positions - self.config.max_subgoal_tokens - 1  # the subgoal and its <eos>
         for text, prompt in zip(instructions, prompts, strict=True):
             if len(prompt) > room:
                 overhead = len(self._ids(block + SUBGOAL_PROMPT))
@@ -327,8 +329,8 @@ class HighLevelVLM(nn.Module):
         states, masks, generated = [hidden], [mask], []
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         position = position[:, -1:]
-        for step in range(self.config["max_subgoal_tokens"] + 1):
-            if step == self.config["max_subgoal_tokens"]:
+        for step in range(self.config.max_subgoal_tokens + 1):
+            if step == self.config.max_subgoal_tokens:
                 token = torch.full_like(done, eos, dtype=torch.long)  # a full budget: close it
             else:
                 logits = self.backbone.lm_head(hidden[:, -1]).float()
@@ -372,16 +374,21 @@ class HighLevelVLM(nn.Module):
         with _no_progress_bars():
             self.backbone.save_pretrained(directory / "backbone")
         self.tokenizer.save_pretrained(directory / "backbone")
-        save_config(directory, CONFIG_NAME, {**self.config, "backbone": "backbone"})
+        self.save_config(directory)  # `backbone`: its source as first given (None: built here)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> HighLevelVLM:
         directory = Path(directory)
-        config = load_config(directory, CONFIG_NAME, "VLM")
-        backbone = str(directory / config.pop("backbone"))
+        backbone = str(directory / "backbone")
+        saved = cls.load_config(directory)
+        # from_config would drop the tokenizer (not config), so the config is read as it reads it
+        # and the tokenizer joined to it here
+        config, _, _ = cls.extract_init_dict(saved, backbone=backbone)
         tokenizer = AutoTokenizer.from_pretrained(backbone)
         with _no_progress_bars():
-            return cls(tokenizer, backbone=backbone, **config)
+            model = cls(**config, tokenizer=tokenizer)
+        model.register_to_config(backbone=saved.get("backbone"))  # its source, as saved
+        return model
 
 
 @contextmanager

@@ -29,10 +29,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange, repeat
 from torch import nn
 
-from experts.config_io import load_config, save_config
 from experts.flow_matching import TIMESTEP_SCALE, euler_sample, flow_loss, interpolate, sample_time
 
-CONFIG_NAME = "world_model_config.json"
 _NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
 
@@ -61,8 +59,9 @@ class ValueHead(ModelMixin, ConfigMixin):
         return torch.sigmoid(self.mlp(h).squeeze(-1))
 
 
-class WorldModel(nn.Module):
-    """See the module docstring.
+class WorldModel(nn.Module, ConfigMixin):
+    """See the module docstring. Config is this signature (`.config.x`), saved beside the parts'
+    folders by `save_pretrained` as `world_model_config.json` (diffusers' `ConfigMixin`).
 
     Args:
         context_dim: width of the context features (the VLM's hidden size).
@@ -85,6 +84,9 @@ class WorldModel(nn.Module):
         r"|ff\.net\.(0\.proj|2))|value\.(latent_in|context_in|mlp\.[13])"
     )
 
+    config_name = "world_model_config.json"
+
+    @register_to_config
     def __init__(
         self,
         context_dim: int,
@@ -104,8 +106,6 @@ class WorldModel(nn.Module):
         train_vae: bool | None = None,
     ):
         super().__init__()
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.config["vae_channels"] = list(vae_channels)
         if vae is None:
             self.vae = AutoencoderKL(
                 in_channels=3,
@@ -122,7 +122,7 @@ class WorldModel(nn.Module):
         else:
             self.vae = AutoencoderKL.from_pretrained(vae)
         self.train_vae = vae is None if train_vae is None else train_vae
-        self.config["train_vae"] = self.train_vae
+        self.register_to_config(train_vae=self.train_vae)  # a saved tiny VAE trains on when loaded
         self.vae.requires_grad_(self.train_vae)
         channels = self.vae.config.latent_channels
         latent_size = image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -154,7 +154,7 @@ class WorldModel(nn.Module):
     def _first_camera(self, images: torch.Tensor) -> torch.Tensor:
         """(B, N, 3, S, S) or (B, 3, S, S) in [0, 1] -> (B, 3, size, size) in [-1, 1]."""
         x = images[:, 0] if images.dim() == 5 else images
-        size = self.config["image_size"]
+        size = self.config.image_size
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="area")
         return x * 2 - 1
@@ -209,11 +209,11 @@ class WorldModel(nn.Module):
         context, current, future = context.detach(), current.detach(), future.detach()
         batch = images.shape[0]
         if self.train_vae:
-            targets = self._first_camera(images[: min(batch, self.config["vae_batch"])])
+            targets = self._first_camera(images[: min(batch, self.config.vae_batch)])
             posterior = self.vae.encode(targets).latent_dist
             reconstruction = self.vae.decode(posterior.sample()).sample
             kl = posterior.kl().mean() / targets[0].numel()
-            vae_loss = F.mse_loss(reconstruction, targets) + self.config["kl_weight"] * kl
+            vae_loss = F.mse_loss(reconstruction, targets) + self.config.kl_weight * kl
         else:
             vae_loss = None
         noise = torch.randn_like(future)
@@ -265,19 +265,21 @@ class WorldModel(nn.Module):
         return self.value(latents, masked_mean(context, context_mask))
 
     # 4. persistence ---------------------------------------------------------------------------
+    PARTS = ("vae", "transformer", "value")
+
     def save_pretrained(self, directory: str | Path) -> None:
+        """<directory>/{vae,transformer,value}/ (diffusers) and the config. The config keeps the
+        parts' sources as first given (None: built here), so a loaded model's config equals the
+        saved one; loading reads the parts' weights from these folders."""
         directory = Path(directory)
-        self.vae.save_pretrained(directory / "vae")
-        self.transformer.save_pretrained(directory / "transformer")
-        self.value.save_pretrained(directory / "value")
-        config = {**self.config, "vae": "vae", "transformer": "transformer", "value": "value"}
-        save_config(directory, CONFIG_NAME, config)
+        for part in self.PARTS:
+            getattr(self, part).save_pretrained(directory / part)
+        self.save_config(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> WorldModel:
         directory = Path(directory)
-        config = load_config(directory, CONFIG_NAME, "world model")
-        for part in ("vae", "transformer", "value"):
-            config[part] = str(directory / config[part])
-        config["vae_channels"] = tuple(config["vae_channels"])
-        return cls(**config)
+        config = cls.load_config(directory)
+        model = cls.from_config(config, **{part: str(directory / part) for part in cls.PARTS})
+        model.register_to_config(**{part: config.get(part) for part in cls.PARTS})  # sources
+        return model

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from experts.config_io import SavedFileError, atomic_directory, check_files, load_config
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.policy import ADAPTERS_DIR, CONFIG_NAME, HybridPolicy
 from hybrid.robots import heads
+from hybrid.saved_files import SavedFileError, atomic_directory, check_files, read_json
 
 HEADS_FILE = "embodiment_heads.safetensors"
 EMBODIMENT_FILE = "embodiment.json"
@@ -79,7 +79,7 @@ def adapter_dir(policy_dir: str | Path, embodiment: str) -> Path:
 def available_embodiments(policy_dir: str | Path) -> list[str]:
     """The base's robots, then those with an adapter, without loading any weights."""
     policy_dir = Path(policy_dir)
-    config = load_config(policy_dir, CONFIG_NAME, "policy")
+    config = read_json(policy_dir, CONFIG_NAME, "policy")
     if not isinstance(config, dict) or not isinstance(config.get("embodiments"), list):
         raise SavedFileError(
             f"{policy_dir / CONFIG_NAME} lists no embodiments: not a policy's config; re-export "

@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from experts.config_io import save_config
 from hybrid.data.lerobot_writer import EpisodeData, LeRobotWriter, dataset_size_bytes
+from hybrid.saved_files import write_json
 from hybrid.sim import camera_names, simulator
 
 COLLECTION_FILE = "meta/collection.json"
@@ -184,7 +184,7 @@ def collect(
             f"{staging} holds a partial collection with {json.loads(staged_config.read_text())}, "
             f"not {record['config']}; rerun with those arguments or delete {staging}"
         )
-    save_config(staging, staged_config.name, record["config"])
+    write_json(staging, staged_config.name, record["config"])
 
     jobs = [
         (task, attempt, str(staging), config)
@@ -205,7 +205,7 @@ def collect(
 
     summary = _write_dataset(sim, config, out, staging, console)
     summary["frames_per_s"] = frames_this_run / collect_seconds if frames_this_run else None
-    save_config(done_file.parent, done_file.name, {"config": record["config"], "summary": summary})
+    write_json(done_file.parent, done_file.name, {"config": record["config"], "summary": summary})
     shutil.rmtree(staging)
     return _print_summary(summary, console)
 

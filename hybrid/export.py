@@ -12,9 +12,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from experts.config_io import atomic_directory
 from hybrid.adapters import ADAPTERS_DIR, EmbodimentAdapters, adapter_dir, available_embodiments
 from hybrid.policy import CONFIG_NAME, HybridPolicy
+from hybrid.saved_files import atomic_directory
 
 
 def export(

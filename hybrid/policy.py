@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.action import ActionExpert
-from experts.config_io import SavedFileError, atomic_directory, check_files, load_config
 from experts.fast import FastTokenizer
 from experts.vlm import HighLevelVLM, train_tokenizer
 from experts.world_model import WorldModel
@@ -42,6 +41,7 @@ from hybrid.data.normalize import Normalizer
 from hybrid.data.windows import ACTION_KEY, STATE_KEY
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.robots import Robots, fingerprint, head_rows, heads, set_head_rows
+from hybrid.saved_files import SavedFileError, atomic_directory, check_files, read_json
 
 CONFIG_NAME = "policy_config.json"
 ADAPTERS_DIR = "adapters"  # per-robot LoRA adapters, see hybrid.adapters
@@ -100,7 +100,9 @@ class HybridPolicy(nn.Module):
 
     def _register(self, spec: EmbodimentSpec, stats: dict) -> None:
         cfg = self.action_expert.config
-        self.robots.add(spec, stats, cfg.max_state_dim, cfg.max_action_dim, self.fast.action_dim)
+        self.robots.add(
+            spec, stats, cfg.max_state_dim, cfg.max_action_dim, self.fast.config.action_dim
+        )
 
     # 0. robots --------------------------------------------------------------------------------
     def add_embodiment(self, spec: EmbodimentSpec, norm_stats: dict) -> None:
@@ -158,7 +160,9 @@ class HybridPolicy(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(vlm["backbone"])
         else:
             tokenizer = train_tokenizer(texts, text_vocab_size, fast_tokenizer.vocab_size)
-        vlm_model = HighLevelVLM(tokenizer, num_action_tokens=fast_tokenizer.vocab_size, **vlm)
+        vlm_model = HighLevelVLM(
+            tokenizer=tokenizer, num_action_tokens=fast_tokenizer.vocab_size, **vlm
+        )
         wm = WorldModel(context_dim=vlm_model.hidden_size, **world_model)
         channels, size, _ = wm.latent_shape
         action_expert = dict(action_expert or {})
@@ -187,7 +191,7 @@ class HybridPolicy(nn.Module):
     def frame_size(self) -> int:
         """The side of the camera frames this policy trains and plans on: what its action expert
         sees (the VLM and the world model resize to their own sides)."""
-        return self.action_expert.config.image_size or self.world_model.config["image_size"]
+        return self.action_expert.config.image_size or self.world_model.config.image_size
 
     # 1. batches -------------------------------------------------------------------------------
     def embodiment_ids(self, names: list[str]) -> torch.Tensor:
@@ -231,7 +235,7 @@ class HybridPolicy(nn.Module):
         size = len(names)
         rows = size if vlm_rows is None else min(vlm_rows, size)
         # robots with fewer action dims than FAST was fit on are zero-padded, as in the expert
-        fast_actions = self._pad(actions[:rows].detach().float(), self.fast.action_dim)
+        fast_actions = self._pad(actions[:rows].detach().float(), self.fast.config.action_dim)
         fast_tokens = self.fast.encode(fast_actions.cpu().numpy())
         out = self.vlm(images[:rows], instructions[:rows], subgoals[:rows], fast_tokens)
         features, feature_mask = out.features, out.feature_mask
@@ -435,7 +439,7 @@ class HybridPolicy(nn.Module):
                 "(`hybrid fit` exports one; `HybridPolicy.save_pretrained` writes one)"
             )
         fix = "re-export the policy (`hybrid fit` or `hybrid export`) or point at another one"
-        config = load_config(directory, CONFIG_NAME, "policy", fix)
+        config = read_json(directory, CONFIG_NAME, "policy", fix)
         for expert in EXPERT_DIRS:  # not adapters/: a broken adapter leaves the base usable
             check_files(directory / expert, fix)
         try:

@@ -1,5 +1,7 @@
 """HybridPolicy on real Meta-World windows: knowledge insulation, mixed robots, save/load."""
 
+import inspect
+import json
 import os
 import stat
 
@@ -144,6 +146,15 @@ def test_save_load_identical_outputs(setup, tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == expected_mode, f"{path} is not as umask gives"
     loaded = HybridPolicy.from_pretrained(tmp_path / "policy").eval()
     assert loaded.embodiments == policy.embodiments and loaded.norm_stats == policy.norm_stats
+    for name in ("vlm", "world_model", "action_expert", "fast"):  # one config convention
+        expert = getattr(policy, name)
+        signature = set(inspect.signature(type(expert).__init__).parameters)
+        config, again = (
+            {k: v for k, v in e.config.items() if not k.startswith("_")}
+            for e in (expert, getattr(loaded, name))
+        )
+        assert set(config) == signature - {"self", *expert.ignore_for_config}, name
+        assert json.loads(json.dumps(config)) == again, name  # JSON: tuples come back as lists
     for key in policy.state_dict():
         assert torch.equal(policy.state_dict()[key], loaded.state_dict()[key]), key
     chunks = np.random.default_rng(0).normal(size=(3, 8, 4)).astype(np.float32)

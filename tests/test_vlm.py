@@ -19,7 +19,7 @@ SMALL = dict(num_action_tokens=32, text_hidden=64, text_layers=2, vision_hidden=
 def vlm():
     torch.manual_seed(0)
     tokenizer = train_tokenizer(TEXTS, vocab_size=200, num_action_tokens=32)
-    return HighLevelVLM(tokenizer, max_subgoal_tokens=6, cameras=None, **SMALL).eval()
+    return HighLevelVLM(tokenizer=tokenizer, max_subgoal_tokens=6, cameras=None, **SMALL).eval()
 
 
 def _images(batch, cameras=1, seed=0):
@@ -53,7 +53,7 @@ def test_generated_subgoals_are_text_from_the_vocabulary(vlm):
 
 def test_a_trained_vlm_generates_its_subgoal(vlm):
     """A few steps on one example teach the model to say it: generation really decodes."""
-    model = HighLevelVLM(vlm.tokenizer, max_subgoal_tokens=8, **SMALL)
+    model = HighLevelVLM(tokenizer=vlm.tokenizer, max_subgoal_tokens=8, **SMALL)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     images = _images(1)
     for _ in range(60):
@@ -77,7 +77,7 @@ def test_generation_features_are_the_prefix_of_what_it_generated(budget):
     and <eos>, position for position; padding holds zeros."""
     torch.manual_seed(0)
     tokenizer = train_tokenizer(TEXTS, vocab_size=200, num_action_tokens=32)
-    model = HighLevelVLM(tokenizer, max_subgoal_tokens=budget, **SMALL).eval()
+    model = HighLevelVLM(tokenizer=tokenizer, max_subgoal_tokens=budget, **SMALL).eval()
     images, instructions = _images(3), [TEXTS[0], TEXTS[3], TEXTS[1]]
     subgoals, features, mask = model.propose_subgoal(images, instructions)
     for i in range(3):
@@ -127,12 +127,12 @@ def test_bad_image_shape_is_named(vlm):
 def test_cameras_sets_how_many_cameras_the_vlm_reads():
     torch.manual_seed(0)
     tokenizer = train_tokenizer(TEXTS, vocab_size=200, num_action_tokens=32)
-    first_only = HighLevelVLM(tokenizer, cameras=1, **SMALL).eval()
+    first_only = HighLevelVLM(tokenizer=tokenizer, cameras=1, **SMALL).eval()
     images = _images(2, cameras=2)
     other_second = torch.cat([images[:, :1], _images(2, cameras=1, seed=5)], 1)
     a, mask_a = first_only.prefix_features(images, TEXTS[:2], TEXTS[1:3])
     b, mask_b = first_only.prefix_features(other_second, TEXTS[:2], TEXTS[1:3])
     assert torch.equal(a, b) and torch.equal(mask_a, mask_b), "the second camera is not read"
-    every = HighLevelVLM(tokenizer, cameras=None, **SMALL).eval()
+    every = HighLevelVLM(tokenizer=tokenizer, cameras=None, **SMALL).eval()
     c, _ = every.prefix_features(images, TEXTS[:2], TEXTS[1:3])
     assert c.shape[1] > a.shape[1], "with cameras=None both image blocks are in the prefix"

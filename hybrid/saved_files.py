@@ -1,7 +1,8 @@
-"""Reading and writing an expert's JSON config beside its weights, and whole directories; writes
-are atomic (a temporary file or folder renamed into place), so an interrupted save never leaves a
-torn config or a half-written directory. Reads name the file that cannot be read
-(`SavedFileError`), rather than a library's message that names none."""
+"""Saved policies, adapters and records on disk: written atomically (a temporary file or folder
+renamed into place), so an interrupted save never leaves a torn JSON file or a half-written
+directory; read with errors that name the file that cannot be read (`SavedFileError`), rather
+than a library's message that names none. (Each expert's own config is its `__init__` signature,
+saved and loaded by diffusers' `ConfigMixin`.)"""
 
 from __future__ import annotations
 
@@ -36,21 +37,22 @@ def check_files(path: str | Path, fix: str) -> None:
             raise SavedFileError(f"cannot read {file} ({error}); {fix}") from error
 
 
-def save_config(directory: str | Path, name: str, config: dict) -> None:
+def write_json(directory: str | Path, name: str, record: dict) -> None:
+    """`record` as `directory`/`name`, written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
+    tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, directory / name)
 
 
-def load_config(
+def read_json(
     directory: str | Path,
     name: str,
     what: str,
     fix: str = "re-export the policy (`hybrid fit` or `hybrid export`)",
 ) -> dict:
-    """The config `name` in `directory`; SavedFileError naming the path, `what` it is for and
+    """The JSON file `name` in `directory`; SavedFileError naming the path, `what` it is for and
     `fix`, what to do about it."""
     path = Path(directory) / name
     if not path.is_file():
