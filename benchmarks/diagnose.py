@@ -15,8 +15,11 @@ batch of held-out frames:
 - action expert: MSE of the sampled chunk to the demonstrated one (normalised units, padded steps
   masked), conditioned on (a) the true future latent, (b) the imagined chosen future, (c) no
   visual subgoal; beside (d) always predicting the mean action (zeros after normalisation);
-- its eyes, where it has a scene head and the data records the scene: the mean distance, in cm,
-  between each point of the scene (object, goal, ...) and where the expert's keypoints place it.
+- its eyes, where it has keypoints: the entropy of each keypoint's softmax as a share of a uniform
+  one's (near 100%: the point averages the whole map), and how far the points move across the
+  held-out frames (std, in pixels of the frames it sees; near 0: they see nothing that varies);
+  where it has a scene head and the data records the scene, the mean distance, in cm, between
+  each point of the scene (object, goal, ...) and where the expert's keypoints place it.
 Held-out batches are drawn shuffled (seeded), so every task contributes.
 """
 
@@ -104,6 +107,12 @@ def diagnose(
             error = ((actions - target).square() * step_mask).sum() / step_mask.sum()
             add(f"action_mse_{label}", error)
         add("action_mse_mean_action", (target.square() * step_mask).sum() / step_mask.sum())
+        if expert.image_in is not None and expert.image_in.keypoints:
+            weights = expert.image_in.heatmaps_softmax(images)  # (B, N, K, cells)
+            entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
+            add("keypoint_entropy", (entropy / np.log(weights.shape[-1])).mean())
+            _, points = expert.image_in(images)  # (B, N, K, 2) in [-1, 1]
+            add("keypoint_spread_px", points.std(0).mean() * images.shape[-1] / 2)
         if expert.scene_out is not None and batch["scene"].shape[1] and scene_names:
             _, points = expert.image_in(images)
             width = batch["scene"].shape[1]
@@ -165,14 +174,27 @@ ROWS = [  # (tier, figure, key, format)
 ]
 
 
+KEYPOINT_ROWS = [
+    ("action expert", "keypoints: softmax entropy, share of uniform", "keypoint_entropy", "{:.0%}"),
+    (
+        "action expert",
+        "keypoints: movement across frames (std, px)",
+        "keypoint_spread_px",
+        "{:.1f}",
+    ),
+]
+
+
 def rows(figures: dict) -> list[tuple[str, str, str, str]]:
-    """ROWS, and a row per scene point where the policy estimates the scene."""
+    """ROWS, the keypoints' rows where the expert has keypoints, and a row per scene point where
+    the policy estimates the scene."""
+    keypoints = [row for row in KEYPOINT_ROWS if row[2] in figures]
     scene = [
         ("action expert", f"scene estimate, {key[9:]} position error (cm)", key, "{:.1f}")
         for key in figures
         if key.startswith("scene_cm_")
     ]
-    return ROWS + scene
+    return ROWS + keypoints + scene
 
 
 def print_figures(figures: dict, console: Console) -> None:

@@ -120,6 +120,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         scene_input: bool = False,
         scene_teacher: float = 0.5,
         keypoint_conditioning: bool = False,
+        keypoint_temperature: float | None = None,
     ):
         """`image_size` is the side at which the expert sees the current frames (None: it sees
         them only through the VLM's features); `image_shift` the random-shift augmentation of
@@ -135,7 +136,9 @@ class ActionExpert(ModelMixin, ConfigMixin):
         `keypoint_conditioning` feeds the keypoints (as numbers) into every block's adaptive
         layer norm beside the flow time, as Diffusion Policy conditions on its observation
         features (FiLM): a path from what the expert sees to each block that no attention
-        weight has to learn first.
+        weight has to learn first. `keypoint_temperature` is the initial temperature of the
+        keypoints' spatial softmax, learned per point from there (None: 1, not learned;
+        `experts.image_encoder`).
         `keypoints` K > 0 adds K spatial-softmax points per camera to what the expert sees
         (`experts.image_encoder`); `scene_dim` > 0 (with keypoints) adds a head that regresses
         the scene, the dataset's `observation.environment_state` (object and goal positions,
@@ -180,7 +183,14 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.image_in = (
             None
             if image_size is None
-            else ImageEncoder(hidden, image_size, num_cameras, tuple(image_channels), keypoints)
+            else ImageEncoder(
+                hidden,
+                image_size,
+                num_cameras,
+                tuple(image_channels),
+                keypoints,
+                keypoint_temperature,
+            )
         )
         # robots differ in what their scene vector holds, so its readout is per robot
         self.scene_in = (

@@ -12,12 +12,18 @@ each of K learned heat maps (Levine et al. 2016, "End-to-end training of deep vi
 policies"). Each camera's K points become one more token, so the transformer reads positions as
 numbers, at sub-cell precision, not only as which grid cell lights up. The action expert can also
 regress the scene from them (`ActionExpert`), which teaches them to follow the objects and goal.
+`keypoint_temperature` divides each heat map by a learned temperature (one per point, from the
+value given) before the softmax. The 1x1 convolution's logits start small (std 0.28 across the
+24 x 24 map, on quickstart frames), so at temperature 1 a softmax spreads over ~550 of its 576
+cells (0.1: ~21): its point sits near the image centre and its gradient is spread over the map.
 
 `random_shift` is the augmentation that keeps such an encoder from memorising pixel positions on
 a few demonstrations (pad by replication, crop back at a random offset; Kostrikov et al. 2020).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +62,13 @@ class ImageEncoder(nn.Module):
         num_cameras: int = 1,
         channels: tuple[int, ...] = (32, 64, 128),
         keypoints: int = 0,
+        keypoint_temperature: float | None = None,
     ):
         super().__init__()
+        if keypoint_temperature is not None and not keypoint_temperature > 0:
+            raise ValueError(
+                f"keypoint_temperature must be > 0 or None, got {keypoint_temperature}"
+            )
         if image_size % 2 ** len(channels):
             raise ValueError(
                 f"image_size {image_size} must be divisible by 2**{len(channels)} "
@@ -81,6 +92,12 @@ class ImageEncoder(nn.Module):
             self.heatmaps = nn.Conv2d(channels[1], keypoints, 1)
             self.keypoint_proj = nn.Linear(2 * keypoints, hidden)
             self.keypoint_pos = nn.Parameter(torch.randn(1, num_cameras, hidden) * 0.02)
+        # per point, in log space so that it stays positive; None: temperature 1, not learned
+        self.log_temperature = (
+            nn.Parameter(torch.full((keypoints,), math.log(keypoint_temperature)))
+            if keypoints and keypoint_temperature is not None
+            else None
+        )
         # The keypoints' map is the second stage's output (3 modules per stage). Measured on the
         # quickstart tasks (60 demonstrations each, the encoder trained on the scene alone, 1,000
         # steps): the puck's held-out error is 1.8-1.9 cm from this map, 2.5-2.6 cm from the
@@ -88,6 +105,24 @@ class ImageEncoder(nn.Module):
         self._fine_layer = 5 if keypoints else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens, maps = self._stem(images)
+        if maps is None:
+            return tokens, None
+        b = images.shape[0]
+        points = rearrange(spatial_softmax(maps), "(b n) k xy -> b n k xy", b=b)
+        point_tokens = self.keypoint_proj(rearrange(points, "b n k xy -> b n (k xy)"))
+        point_tokens = point_tokens + self.keypoint_pos[:, : points.shape[1]]
+        return torch.cat([tokens, point_tokens], 1), points
+
+    def heatmaps_softmax(self, images: torch.Tensor) -> torch.Tensor:
+        """Each keypoint's softmax over its map, (B, N, K, h * w): where it looks, for diagnosis."""
+        _, maps = self._stem(images)
+        weights = rearrange(maps, "(b n) k h w -> b n k (h w)", b=images.shape[0])
+        return weights.softmax(-1)
+
+    def _stem(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Grid tokens (B, N * g * g, hidden) and the keypoints' heat-map logits (B * N, K, 2g,
+        2g), divided by their temperature (None without keypoints)."""
         if (
             images.dim() != 5
             or not 1 <= images.shape[1] <= self.num_cameras
@@ -111,10 +146,10 @@ class ImageEncoder(nn.Module):
         tokens = self.proj(tokens) + self.pos[:, : tokens.shape[1]]  # a robot may have fewer
         if not self.keypoints:
             return tokens, None
-        points = rearrange(spatial_softmax(self.heatmaps(fine)), "(b n) k xy -> b n k xy", b=b)
-        point_tokens = self.keypoint_proj(rearrange(points, "b n k xy -> b n (k xy)"))
-        point_tokens = point_tokens + self.keypoint_pos[:, : points.shape[1]]
-        return torch.cat([tokens, point_tokens], 1), points
+        maps = self.heatmaps(fine)  # (B * N, K, 2g, 2g)
+        if self.log_temperature is not None:
+            maps = maps / self.log_temperature.exp()[:, None, None]
+        return tokens, maps
 
 
 def spatial_softmax(maps: torch.Tensor) -> torch.Tensor:

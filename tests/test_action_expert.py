@@ -146,6 +146,54 @@ def test_spatial_softmax_finds_each_peak():
     torch.testing.assert_close(points, expected.expand(2, 3, 2), atol=1e-4, rtol=0)
 
 
+def test_keypoint_temperature_sharpens_the_softmax_and_is_learned(tmp_path):
+    """The heat maps are divided by a learned per-point temperature: at 0.1 each softmax is
+    more concentrated than the same weights' at 1, the points are its expectations (forward and
+    `heatmaps_softmax` agree), the action loss trains the temperature, and it saves and loads."""
+    torch.manual_seed(0)
+    sharp = _expert(keypoints=4, keypoint_temperature=0.1)
+    plain = _expert(keypoints=4)
+    state = {k: v for k, v in sharp.state_dict().items() if "log_temperature" not in k}
+    plain.load_state_dict(state)
+    images = _inputs()["images"]
+
+    def entropy(expert):
+        w = expert.image_in.heatmaps_softmax(images)  # (B, N, K, cells)
+        return -(w * w.clamp_min(1e-12).log()).sum(-1)
+
+    with torch.no_grad():
+        assert (entropy(sharp) < entropy(plain) - 1.0).all()
+        weights = sharp.image_in.heatmaps_softmax(images)
+        _, points = sharp.image_in(images)
+        side = int(weights.shape[-1] ** 0.5)
+        axis = torch.linspace(-1, 1, side)
+        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+        expected = torch.stack(
+            [(weights * xs.reshape(-1)).sum(-1), (weights * ys.reshape(-1)).sum(-1)], -1
+        )
+        torch.testing.assert_close(points, expected, atol=1e-5, rtol=0)
+    actions = torch.randn(B, H, 3)
+    torch.nn.init.normal_(sharp.modulation[1].weight, std=0.02)  # adaLN-zero passes nothing yet
+    loss = sharp.loss(
+        actions,
+        torch.ones(B, H, dtype=torch.bool),
+        torch.ones(B, 3, dtype=torch.bool),
+        **_inputs(),
+    )["action"]
+    loss.backward()
+    grad = sharp.image_in.log_temperature.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert plain.image_in.log_temperature is None
+    with torch.no_grad():
+        sharp.image_in.log_temperature.add_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    sharp.save_pretrained(tmp_path / "expert")
+    loaded = ActionExpert.from_pretrained(tmp_path / "expert")
+    assert loaded.config.keypoint_temperature == 0.1
+    assert torch.equal(loaded.image_in.log_temperature, sharp.image_in.log_temperature)
+    with pytest.raises(ValueError, match="keypoint_temperature"):
+        _expert(keypoints=4, keypoint_temperature=0.0)
+
+
 def test_scene_head_learns_only_from_the_frames_and_only_where_the_data_has_a_scene():
     """The scene loss is masked over padded dims, trains the keypoints through the frames and
     never reaches the VLM; without a scene in the batch only the action loss is returned."""

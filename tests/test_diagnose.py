@@ -35,7 +35,10 @@ def test_diagnosis_reports_every_tier(tiny_policy_dir, mt10_dataset, tmp_path):
     # conditioning matters: the three sampled conditions share their noise, yet differ
     assert len({round(e, 6) for e in errors[:3]}) == 3
     assert "open-loop diagnosis on 8 held-out frames" in printed
-    # its eyes: where the keypoints put each point of the recorded scene, in cm
+    # its eyes: how sharply its keypoints look and how far they move, in pixels
+    assert 0.0 < figures["keypoint_entropy"] <= 1.0 and figures["keypoint_spread_px"] > 0
+    assert "keypoints: softmax entropy, share of uniform" in printed
+    # and where the keypoints put each point of the recorded scene, in cm
     assert {"scene_cm_object", "scene_cm_goal"} <= set(figures)
     assert all(0 < figures[f"scene_cm_{p}"] < 1000 for p in ("object", "goal"))
     assert "scene estimate, goal position error (cm)" in printed
