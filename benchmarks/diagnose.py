@@ -107,14 +107,14 @@ def diagnose(
             error = ((actions - target).square() * step_mask).sum() / step_mask.sum()
             add(f"action_mse_{label}", error)
         add("action_mse_mean_action", (target.square() * step_mask).sum() / step_mask.sum())
+        points = None  # (B, N, K, 2) in [-1, 1], read once for the keypoints' and scene's rows
         if expert.image_in is not None and expert.image_in.keypoints:
             weights = expert.image_in.heatmaps_softmax(images)  # (B, N, K, cells)
             entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
             add("keypoint_entropy", (entropy / np.log(weights.shape[-1])).mean())
-            _, points = expert.image_in(images)  # (B, N, K, 2) in [-1, 1]
+            _, points = expert.image_in(images)
             add("keypoint_spread_px", points.std(0).mean() * images.shape[-1] / 2)
         if expert.scene_out is not None and batch["scene"].shape[1] and scene_names:
-            _, points = expert.image_in(images)
             width = batch["scene"].shape[1]
             estimate = expert.scene(points, ids)[:, :width].numpy()
             normalizer = data.normalizer
