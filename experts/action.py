@@ -392,17 +392,24 @@ class ActionExpert(ModelMixin, ConfigMixin):
         steps: int = 10,
         generator: torch.Generator | None = None,
         prefix: torch.Tensor | None = None,
+        scene: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """An action chunk (B, H, max_action_dim), normalised, by Euler integration of the flow;
         zeros on the dims `dim_mask` (B, max_action_dim) marks as padding. The context keys and
-        values are computed once and reused by every step.
+        values are computed once and reused by every step. `scene` (B, scene_dim), normalised,
+        is the true scene for the scene token (`scene_input`) in place of the expert's own
+        estimate: privileged, for measuring what perfect perception would give.
 
         `prefix` (B, d, max_action_dim), normalised, fixes the chunk's first d actions (actions
         already committed, for asynchronous execution): they follow their own straight path from
         the noise to themselves (velocity noise - prefix), so at every step the model reads them
         at the noise level of the rest, and the rest is denoised to continue them (inpainting)."""
+        if scene is not None and self.scene_token is None:
+            raise ValueError(
+                "scene: this action expert reads no scene (train it with scene_input: true)"
+            )
         context_kv, context_mask, _, cond = self._context(
-            vlm_features, vlm_mask, images, visual_latent, embodiment_ids
+            vlm_features, vlm_mask, images, visual_latent, embodiment_ids, true_scene=scene
         )
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         noise = torch.randn(shape, generator=generator, device=state.device, dtype=state.dtype)

@@ -96,6 +96,12 @@ def _eval_parser(subparsers) -> None:
         help="imagine the visual subgoal again every chunk, or only with each new language subgoal",
     )
     ev.add_argument(
+        "--privileged-scene",
+        action="store_true",
+        help="give the action expert the true object and goal positions (a policy trained with "
+        "action_expert.scene_input): what perfect perception would give, a diagnosis",
+    )
+    ev.add_argument(
         "--async-delay",
         type=int,
         default=0,
@@ -264,6 +270,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
                 if steps is not None
             },
             console=console,
+            privileged_scene=args.privileged_scene,
         )
     elif args.verb == "export":
         from hybrid.export import export

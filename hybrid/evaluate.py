@@ -49,6 +49,7 @@ class EvalConfig:
     image_size: int = 96
     video_dir: str | None = None
     planner: dict = field(default_factory=dict)
+    privileged_scene: bool = False
 
 
 @dataclass
@@ -121,7 +122,8 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
         images = {cameras[name]: frame for name, frame in env.render().items()}
         plans = planner.plans
         start = time.perf_counter()
-        action = planner.act(Observation(images, sim.policy_state(obs)), instruction)
+        scene = sim.scene_state(obs) if config.privileged_scene else None
+        action = planner.act(Observation(images, sim.policy_state(obs), scene), instruction)
         step_ms.append((time.perf_counter() - start) * 1e3)
         if planner.plans > plans:  # a new chunk entered the queue
             plan = planner.executing
@@ -228,9 +230,13 @@ def evaluate(
     planner: dict | None = None,
     embodiment: str | None = None,
     console: Console | None = None,
+    privileged_scene: bool = False,
 ) -> dict:
     """Run the rollouts, print the tables, write `<out>/results.json` (and videos). `embodiment`
-    None is the policy's first robot; another one needs its adapter under `<policy>/adapters/`."""
+    None is the policy's first robot; another one needs its adapter under `<policy>/adapters/`.
+    `privileged_scene` hands the action expert the simulator's true object and goal positions
+    (a policy trained with `scene_input` reads them in place of its own estimate): an upper
+    bound on what better perception could give, never a result of the policy."""
     from hybrid.adapters import available_embodiments
 
     console = console or Console()
@@ -262,8 +268,14 @@ def evaluate(
         video_dir=str(video_dir) if video_dir else None,
         # nothing reads the imagined pixels unless a video shows them
         planner={"decode_candidates": video, **(planner or {})},
+        privileged_scene=privileged_scene,
     )
     planner = _preflight(config)
+    if privileged_scene and not planner.policy.action_expert.config.scene_input:
+        raise ValueError(
+            f"--privileged-scene: the action expert of {policy} reads no scene; train one with "
+            "configs/experiment/privileged_scene.yaml (action_expert.scene_input: true)"
+        )
     jobs = [(task, i) for task in config.tasks for i in range(episodes)]
     start, results, crash = time.perf_counter(), [], None
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]

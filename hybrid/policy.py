@@ -15,7 +15,7 @@ dim masks and normalisation:
     prefix_features(images, instructions, subgoals) -> features, mask
     encode_frames(images)                          -> current latents (B, C, h, w)
     imagine(current, features, mask, K, steps)     -> candidates (B, K, C, h, w), scores (B, K)
-    sample_actions(state, robot, features, mask, images, visual[, committed])
+    sample_actions(state, robot, features, mask, images, visual[, committed, scene])
                                                    -> (B, H, action_dim) robot units, clipped
 Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_dim) and actions
 (B, H, action_dim) already normalised, the scene (B, E) where the dataset records one, images
@@ -38,7 +38,7 @@ from experts.fast import FastTokenizer
 from experts.vlm import HighLevelVLM, train_tokenizer
 from experts.world_model import WorldModel
 from hybrid.data.normalize import Normalizer
-from hybrid.data.windows import ACTION_KEY, STATE_KEY
+from hybrid.data.windows import ACTION_KEY, SCENE_KEY, STATE_KEY
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.robots import Robots, fingerprint, head_rows, heads, set_head_rows
 from hybrid.saved_files import SavedFileError, atomic_directory, check_files, read_json
@@ -358,15 +358,20 @@ class HybridPolicy(nn.Module):
         steps: int = 10,
         generator: torch.Generator | None = None,
         committed: np.ndarray | None = None,
+        scene: np.ndarray | None = None,
     ) -> np.ndarray:
         """An action chunk (B, H, action_dim) in the robot's units, clipped to its limits.
         `state` (B, max_state_dim) is `normalize_state`'s; `committed` (B, d, action_dim), in the
         robot's units, are actions already sent for the chunk's first d steps: the flow is
         inpainted with them, so that the rest of the chunk continues what the robot does, and
-        they are returned unchanged."""
+        they are returned unchanged. `scene` (B, E), in the simulator's units (its
+        `scene_state`), is privileged: the true object and goal positions, read by an expert
+        trained with `scene_input` in place of its own estimate, to measure what perfect
+        perception would give."""
         spec = self.embodiments[embodiment]
         normalizer = self.normalizers[embodiment]
         names = [embodiment] * len(state)
+        true_scene = None if scene is None else self._scene(scene, embodiment)
         prefix = None
         if committed is not None:
             prefix = normalizer.normalize(ACTION_KEY, np.asarray(committed, np.float32))
@@ -383,6 +388,7 @@ class HybridPolicy(nn.Module):
             steps=steps,
             generator=generator,
             prefix=prefix,
+            scene=true_scene,
         )[..., : spec.action_dim]
         _finite("action expert", normalised)
         actions = normalizer.unnormalize(ACTION_KEY, normalised.float().cpu().numpy())
@@ -391,6 +397,28 @@ class HybridPolicy(nn.Module):
         if committed is not None:
             actions[:, : committed.shape[1]] = committed
         return actions.astype(np.float32)
+
+    def _scene(self, scene: np.ndarray, embodiment: str) -> torch.Tensor:
+        """A true scene (B, E) in the simulator's units -> (B, scene_dim), normalised as the
+        training windows normalise it, and padded."""
+        width = self.action_expert.config.scene_dim
+        if not self.action_expert.config.scene_input:
+            raise ValueError(
+                "scene: this policy's action expert reads no scene (train it with "
+                "`action_expert.scene_input: true`, e.g. configs/experiment/privileged_scene.yaml)"
+            )
+        raw = np.asarray(scene, np.float32)
+        if SCENE_KEY not in self.normalizers[embodiment].params:
+            raise ValueError(
+                f"scene: this policy stores no scene statistics for {embodiment!r} (trained on "
+                "data without observation.environment_state, or by an older version)"
+            )
+        if raw.ndim != 2 or not 0 < raw.shape[1] <= width or not np.isfinite(raw).all():
+            raise ValueError(
+                f"scene: expected finite values of shape (B, <= {width}), got {raw.shape}"
+            )
+        normalised = self.normalizers[embodiment].normalize(SCENE_KEY, raw)
+        return self._pad(torch.as_tensor(normalised, device=self.device).float(), width)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters of each learned expert, and of whatever else the policy holds, by name."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from experts.embodiment_heads import EmbodimentLinear
 from hybrid.data.normalize import Normalizer
-from hybrid.data.windows import ACTION_KEY, STATE_KEY
+from hybrid.data.windows import ACTION_KEY, SCENE_KEY, STATE_KEY
 from hybrid.embodiment import EmbodimentSpec
 
 
@@ -49,9 +49,11 @@ class Robots:
             )
         self.specs[spec.name] = spec
         self.norm_stats[spec.name] = stats
+        modes = dict(self.norm_modes)
+        if SCENE_KEY in stats:  # the scene's statistics, where the robot's data records one
+            modes.setdefault(SCENE_KEY, "mean_std")
         self.normalizers[spec.name] = Normalizer(
-            {k: {s: np.asarray(v) for s, v in d.items()} for k, d in stats.items()},
-            self.norm_modes,
+            {k: {s: np.asarray(v) for s, v in d.items()} for k, d in stats.items()}, modes
         )
 
     def keep(self, names: list[str]) -> None:

@@ -1,6 +1,7 @@
 """The data contracts between a robot and the planner: what comes in, what a plan holds.
 
-Observation   images {camera key: (H, W, 3) uint8}, state (state_dim,) float, in robot units
+Observation   images {camera key: (H, W, 3) uint8}, state (state_dim,) float, in robot units;
+              scene (E,) float or None: privileged object and goal positions (diagnosis only)
 Plan          subgoal text, K candidate visual subgoals (latents and images) with their scores,
               the chosen index, the action chunk (H, action_dim) in robot units, per-tier ms
 """
@@ -14,10 +15,14 @@ import numpy as np
 
 @dataclass
 class Observation:
-    """One time step from a robot: upright RGB camera frames and proprioceptive state."""
+    """One time step from a robot: upright RGB camera frames and proprioceptive state. `scene`
+    is the simulator's privileged state (its `scene_state`: object and goal positions), given
+    only to measure a policy trained to read it (`hybrid eval --privileged-scene`); a robot
+    has none."""
 
     images: dict[str, np.ndarray]
     state: np.ndarray
+    scene: np.ndarray | None = None
 
 
 @dataclass

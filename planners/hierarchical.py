@@ -253,6 +253,7 @@ class HybridPlanner:
                 self.action_steps,
                 self.generator,
                 None if committed is None else np.asarray(committed, np.float32)[None],
+                None if obs.scene is None else np.asarray(obs.scene, np.float32)[None],
             )[0]
         self.chunks_since_subgoal += 1
         self.last_plan = Plan(
@@ -291,7 +292,8 @@ class HybridPlanner:
                 self._execute(plan, d)
         if d and len(self.queue) == d and self.pending is None:
             images = {key: np.array(frame) for key, frame in obs.images.items()}
-            frozen = Observation(images, np.array(obs.state))  # the caller may reuse its arrays
+            scene = None if obs.scene is None else np.array(obs.scene)
+            frozen = Observation(images, np.array(obs.state), scene)  # the caller may reuse them
             committed = np.stack(self.queue)
             self.pending = self._background.submit(self.plan, frozen, instruction, committed)
         return self.queue.popleft()

@@ -243,7 +243,8 @@ def test_keypoint_tokens_reach_the_actions_and_survive_save_load(tmp_path):
 def test_scene_token_reads_the_truth_or_the_estimate_and_stops_the_action_gradient():
     """With `scene_input` the expert reads a scene token: the true scene for a `scene_teacher`
     share of training samples (those that have one), else its own estimate, behind a
-    stop-gradient either way; at sampling, always its estimate."""
+    stop-gradient either way; at sampling, its estimate, or a true scene where one is given
+    (privileged, for diagnosis)."""
     actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
     dim_mask = torch.ones(B, 3, dtype=torch.bool)
     scene, scene_mask = torch.randn(B, 5), torch.ones(B, 5, dtype=torch.bool)
@@ -271,8 +272,23 @@ def test_scene_token_reads_the_truth_or_the_estimate_and_stops_the_action_gradie
         expert.scene_out.bias.add_(1.0)
     b = expert.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(a, b), "planning reads the estimate"
+    given = expert.sample(
+        **inputs, steps=3, generator=torch.Generator().manual_seed(5), scene=scene
+    )
+    with torch.no_grad():
+        expert.scene_out.bias.add_(1.0)
+    again = expert.sample(
+        **inputs, steps=3, generator=torch.Generator().manual_seed(5), scene=scene
+    )
+    torch.testing.assert_close(given, again, msg="a true scene given: the estimate is not read")
+    moved = expert.sample(
+        **inputs, steps=3, generator=torch.Generator().manual_seed(5), scene=scene + 5.0
+    )
+    assert not torch.allclose(given, moved), "the true scene given is read"
     with pytest.raises(ValueError, match="scene_input needs a scene head"):
         _expert(scene_input=True)
+    with pytest.raises(ValueError, match="reads no scene"):
+        _expert().sample(**inputs, steps=1, scene=scene)
 
 
 def test_state_dropout_hides_the_state_in_training_and_at_one_never_reads_it():

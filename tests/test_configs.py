@@ -50,6 +50,7 @@ STACKS = [
     ["configs/quickstart.yaml", "configs/experiment/mt10.yaml", "configs/experiment/mt10_gpu.yaml"],
     ["configs/quickstart.yaml", "configs/experiment/gpu_smolvlm.yaml"],
     ["configs/quickstart.yaml", "configs/experiment/scene.yaml"],
+    ["configs/quickstart.yaml", "configs/experiment/privileged_scene.yaml"],
     ["configs/trainer/cpu.yaml", "configs/data/quickstart.yaml", "configs/model/tiny.yaml"],
     ["finetune", "configs/finetune/panda.yaml"],
 ]

@@ -50,3 +50,15 @@ def _nontrivial_png(path, min_side: int) -> np.ndarray:
 def test_eval_rejects_a_directory_that_is_no_policy(tmp_path, hybrid_cli):
     run = hybrid_cli("eval", "--policy", tmp_path, "--tasks", "reach-v3", "--out", tmp_path / "out")
     assert run.returncode == 2 and "not a policy directory" in run.stderr
+
+
+def test_eval_refuses_a_privileged_scene_for_a_policy_that_reads_none(
+    tiny_policy_dir, tmp_path, hybrid_cli
+):
+    run = hybrid_cli(
+        "eval", "--policy", tiny_policy_dir, "--tasks", "reach-v3", "--episodes", 1,
+        "--workers", 1, "--out", tmp_path, "--privileged-scene",
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "reads no scene" in run.stderr and "privileged_scene.yaml" in run.stderr
+    assert "Traceback" not in run.stderr

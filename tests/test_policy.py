@@ -8,11 +8,14 @@ import stat
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hybrid.data.datamodule import HybridDataModule
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.policy import HybridPolicy
 from hybrid.sim.metaworld import EMBODIMENT
+from hybrid.types import Observation
+from planners.hierarchical import HybridPlanner
 
 SMALL = dict(
     vlm=dict(text_hidden=64, text_layers=2, vision_hidden=32, vision_layers=1),
@@ -30,7 +33,9 @@ def setup(mt10_dataset):
     torch.manual_seed(0)
     stats = dm.norm_stats()
     dims = {"observation.state": OTHER.state_dim, "action": OTHER.action_dim}
-    other = {key: {s: v[: dims[key]] for s, v in d.items()} for key, d in stats.items()}
+    other = {
+        key: {s: v[: dims[key]] for s, v in d.items()} for key, d in stats.items() if key in dims
+    }
     policy = HybridPolicy.create(
         dm.train_set.texts(),
         dm.train_set.action_chunks(),
@@ -74,6 +79,86 @@ def test_knowledge_insulation(setup):
         ]
         assert reached, f"{key} must train the VLM"
         policy.zero_grad(set_to_none=True)
+
+
+def test_a_privileged_scene_is_normalised_as_in_training_and_refused_where_none_is_read(
+    setup, mt10_dataset, tmp_path
+):
+    """`sample_actions(scene=...)` takes the simulator's scene in its own units, normalises it
+    with the statistics the policy saved from its data, and hands it to the scene token, as the
+    training windows do; a policy whose expert reads no scene, or a scene of the wrong width,
+    is refused by name."""
+    from hybrid.data.windows import SCENE_KEY
+
+    dm = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=4)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    reads = dict(SMALL, action_expert=dict(SMALL["action_expert"], scene_input=True))
+    policy = HybridPolicy.create(
+        dm.train_set.texts(),
+        dm.train_set.action_chunks(),
+        [EMBODIMENT],
+        {EMBODIMENT.name: dm.norm_stats()},
+        **reads,
+    )
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        policy.action_expert.modulation[1].weight.normal_(std=0.1)
+    policy.save_pretrained(tmp_path / "policy")
+    policy = HybridPolicy.from_pretrained(tmp_path / "policy").eval()
+    batch = next(iter(dm.train_dataloader()))
+    features, mask = policy.prefix_features(
+        batch["images"], list(batch["instruction"]), list(batch["subgoal"])
+    )
+    state = batch["state"]  # normalised; the expert takes as many dims as the robot has
+    normalizer = policy.normalizers[EMBODIMENT.name]
+    raw = normalizer.unnormalize(SCENE_KEY, batch["scene"].numpy())
+
+    def sample(scene):
+        return policy.sample_actions(
+            state,
+            "sawyer",
+            features,
+            mask,
+            batch["images"],
+            None,
+            steps=2,
+            generator=torch.Generator().manual_seed(0),
+            scene=scene,
+        )
+
+    expected = policy.action_expert.sample(
+        state,
+        policy.embodiment_ids(["sawyer"] * 4),
+        features,
+        mask,
+        batch["images"],
+        None,
+        policy.dim_mask(["sawyer"] * 4),
+        steps=2,
+        generator=torch.Generator().manual_seed(0),
+        scene=F.pad(batch["scene"], (0, 12 - batch["scene"].shape[1])),
+    )[..., :4]
+    expected = np.clip(normalizer.unnormalize("action", expected.numpy()), -1, 1)
+    np.testing.assert_allclose(sample(raw), expected, atol=1e-5)
+    assert not np.allclose(sample(raw), sample(raw + 0.2)), "the scene given is read"
+    # the planner hands an observation's scene on (`hybrid eval --privileged-scene`)
+    planner = HybridPlanner.from_pretrained(tmp_path / "policy", num_candidates=2)
+    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    images = dict(zip(dm.cameras, frames, strict=True))
+    robot_state = normalizer.unnormalize("observation.state", batch["state"][0].numpy())
+    plans = []
+    for scene in (raw[0], raw[0] + 0.2, raw[0]):
+        planner.reset()
+        obs = Observation(images, robot_state, scene)
+        plans.append(planner.plan(obs, batch["instruction"][0]).actions)
+    np.testing.assert_allclose(plans[0], plans[2])
+    assert not np.allclose(plans[0], plans[1]), "the planner passes the observation's scene"
+    with pytest.raises(ValueError, match=r"scene: expected finite values of shape \(B, <= 12\)"):
+        sample(np.zeros((4, 13), np.float32))
+    with pytest.raises(ValueError, match="reads no scene.*scene_input: true"):
+        setup[0].sample_actions(
+            state, "sawyer", features, mask, batch["images"], None, steps=1, scene=raw
+        )
 
 
 def test_data_without_a_scene_trains_without_the_scene_loss(setup):

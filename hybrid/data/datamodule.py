@@ -129,10 +129,12 @@ class HybridDataModule(L.LightningDataModule):
         )
 
     def norm_stats(self) -> dict[str, dict[str, list[float]]]:
-        """The statistics of state and actions, JSON-ready, as a policy stores them."""
+        """The statistics of state and actions (and of the scene where the data records one),
+        JSON-ready, as a policy stores them."""
         return {
             key: {stat: np.asarray(v).tolist() for stat, v in self.dataset.stats[key].items()}
-            for key in (STATE_KEY, ACTION_KEY)
+            for key in (STATE_KEY, ACTION_KEY, SCENE_KEY)
+            if key in self.dataset.stats
         }
 
     def _loader(self, windows: TrainingWindows, shuffle: bool) -> DataLoader:
