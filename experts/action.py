@@ -122,11 +122,13 @@ class ActionExpert(ModelMixin, ConfigMixin):
         keypoint_conditioning: bool = False,
         keypoint_temperature: float | None = None,
     ):
-        """`image_size` is the side at which the expert sees the current frames (None: it sees
-        them only through the VLM's features); `image_shift` the random-shift augmentation of
-        those frames in training, in pixels of the frames as given. `flow_samples` is how many
-        (noise, time) draws the loss averages per example: the context is encoded once and
-        shared, so more draws cost only the small suffix pass and steady the gradient.
+        """`latent_channels` 0 makes an expert that reads no visual subgoal (a policy without a
+        world model: the flat VLA). `image_size` is the side at which the expert sees the
+        current frames (None: it sees them only through the VLM's features); `image_shift` the
+        random-shift augmentation of those frames in training, in pixels of the frames as
+        given. `flow_samples` is how many (noise, time) draws the loss averages per example:
+        the context is encoded once and shared, so more draws cost only the small suffix pass
+        and steady the gradient.
         `time_distribution` is how training draws flow times (`experts.flow_matching`).
         `state_dropout` is the share of training samples whose state token is replaced by a
         learned "no state" token; at 1 the expert never reads the robot's state, and acts from
@@ -169,16 +171,19 @@ class ActionExpert(ModelMixin, ConfigMixin):
             raise ValueError("scene_input needs a scene head: set scene_dim (and keypoints) > 0")
         if not 0.0 <= scene_teacher <= 1.0:
             raise ValueError(f"scene_teacher must be in [0, 1], got {scene_teacher}")
-        if latent_size % latent_patch:
+        if latent_channels and latent_size % latent_patch:
             raise ValueError(f"latent_size {latent_size} not divisible by patch {latent_patch}")
-        num_patches = (latent_size // latent_patch) ** 2
+        num_patches = (latent_size // latent_patch) ** 2 if latent_channels else 0
         self.state_in = StateEncoder(num_embodiments, max_state_dim, hidden)
         self.action_in = EmbodimentLinear(num_embodiments, max_action_dim, hidden)
         self.action_out = EmbodimentLinear(num_embodiments, hidden, max_action_dim)
         self.suffix_pos = nn.Parameter(torch.zeros(1, 1 + chunk_size, hidden))
         self.no_state = nn.Parameter(torch.zeros(1, 1, hidden)) if state_dropout else None
         self.vlm_in = nn.Linear(vlm_dim, hidden)
-        self.visual_in = nn.Linear(latent_channels * latent_patch**2, hidden)
+        # latent_channels 0: a policy without a world model, so no visual subgoal to read
+        self.visual_in = (
+            nn.Linear(latent_channels * latent_patch**2, hidden) if latent_channels else None
+        )
         self.visual_pos = nn.Parameter(torch.zeros(1, num_patches, hidden))
         self.image_in = (
             None
@@ -256,6 +261,11 @@ class ActionExpert(ModelMixin, ConfigMixin):
             tokens.append(self.scene_token(read, embodiment_ids)[:, None])
             masks.append(vlm_mask.new_ones(read.shape[0], 1))
         if visual_latent is not None:
+            if self.visual_in is None:
+                raise ValueError(
+                    "visual_latent: this action expert reads no visual subgoal (latent_channels "
+                    "0: its policy has no world model)"
+                )
             p = self.config.latent_patch
             patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
             tokens.append(self.visual_in(patches) + self.visual_pos)

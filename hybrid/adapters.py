@@ -63,6 +63,7 @@ class LoraSpec:
         parts = [
             rf"{name}\.(?:{self.targets.get(name) or type(getattr(policy, name)).LORA_TARGETS})"
             for name in self.experts
+            if getattr(policy, name) is not None  # a flat VLA has no world model to adapt
         ]
         return LoraConfig(
             r=self.rank,

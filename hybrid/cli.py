@@ -256,7 +256,8 @@ def _run(args: argparse.Namespace, console: Console) -> None:
             planner={
                 "num_candidates": args.num_candidates,
                 "execute_steps": args.execute_steps,
-                "visual_subgoal": not args.no_visual_subgoal,
+                # None: on where the policy has a world model (the flat VLA has none)
+                "visual_subgoal": False if args.no_visual_subgoal else None,
                 "language_subgoal": not args.no_language_subgoal,
                 "async_delay": args.async_delay,
                 "schedule": RefreshSchedule(visual=args.visual_refresh),

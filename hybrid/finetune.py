@@ -111,7 +111,8 @@ class FinetuneModule(HybridModule):
             )
         self.adapters = EmbodimentAdapters(policy, self.hparams.base_policy)
         self.adapters.attach(spec, dm.norm_stats(), self.lora)
-        policy.world_model.train_vae = False  # the VAE is shared and frozen
+        if policy.world_model is not None:
+            policy.world_model.train_vae = False  # the VAE is shared and frozen
         self.policy = policy.train()  # from_pretrained leaves the backbones in eval mode
         lora, heads = self._trainable = self.adapters.trainable_parameters(spec.name)
         total = sum(p.numel() for p in policy.parameters())

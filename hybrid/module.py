@@ -14,6 +14,7 @@ directory the planner loads.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -42,6 +43,19 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12)
 
 
+@dataclass
+class Experts:
+    """Each expert's constructor arguments (`HybridPolicy.create`), as `model.experts` in YAML.
+    Config files stacked on the command line merge per entry: a later file that gives
+    `action_expert` replaces that whole entry and keeps the others. `world_model: false` builds
+    no world model (the flat VLA)."""
+
+    vlm: dict | None = None
+    world_model: dict | bool | None = None
+    action_expert: dict | None = None
+    fast: dict | None = None
+
+
 class HybridModule(L.LightningModule):
     """Joint training of the VLM, world model and action expert.
 
@@ -66,7 +80,7 @@ class HybridModule(L.LightningModule):
 
     def __init__(
         self,
-        experts: dict | None = None,
+        experts: Experts | dict | None = None,
         loss_weights: dict[str, float] | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
@@ -106,6 +120,8 @@ class HybridModule(L.LightningModule):
             )
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        if isinstance(experts, Experts):  # saved as a plain dict: checkpoints hold no classes
+            experts = {k: v for k, v in asdict(experts).items() if v is not None}
         self.save_hyperparameters()
         self.weights = {**DEFAULT_WEIGHTS, **(loss_weights or {})}
         self.policy: HybridPolicy | None = None
@@ -180,8 +196,10 @@ class HybridModule(L.LightningModule):
     @torch.no_grad()
     def _planning_metrics(self, batch: dict, stage: str) -> None:
         """World model vs copying the current frame (latent MSE), and the value head's outputs
-        for the rank correlation at the end of the epoch."""
+        for the rank correlation at the end of the epoch; nothing without a world model."""
         wm, size = self.policy.world_model, len(batch["state"])
+        if wm is None:
+            return
         features, mask = self.policy.vlm.prefix_features(
             batch["images"], list(batch["instruction"]), list(batch["subgoal"])
         )

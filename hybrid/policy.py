@@ -3,7 +3,8 @@ object that trains from a batch and saves to / loads from one directory, offline
 
     <dir>/policy_config.json   embodiments, normalisation statistics, chunk size
     <dir>/vlm/                 HighLevelVLM (transformers backbone + tokenizer)
-    <dir>/world_model/         WorldModel (diffusers VAE + transformer, value head)
+    <dir>/world_model/         WorldModel (diffusers VAE + transformer, value head); absent in a
+                               policy made without one (`world_model=False`: the flat VLA)
     <dir>/action_expert/       ActionExpert (diffusers config.json + safetensors)
     <dir>/fast/                FastTokenizer
 
@@ -58,7 +59,7 @@ class HybridPolicy(nn.Module):
     def __init__(
         self,
         vlm: HighLevelVLM,
-        world_model: WorldModel,
+        world_model: WorldModel | None,
         action_expert: ActionExpert,
         fast: FastTokenizer,
         embodiments: list[EmbodimentSpec],
@@ -142,7 +143,7 @@ class HybridPolicy(nn.Module):
         embodiments: list[EmbodimentSpec],
         norm_stats: dict,
         vlm: dict | None = None,
-        world_model: dict | None = None,
+        world_model: dict | bool | None = None,
         action_expert: dict | None = None,
         fast: dict | None = None,
         text_vocab_size: int = 512,
@@ -150,8 +151,10 @@ class HybridPolicy(nn.Module):
         """Build fresh experts with consistent sizes. `texts` (instructions and subgoals) train
         the tiny VLM's tokenizer, `action_chunks` (N, H, action_dim), normalised, fit FAST. The
         dicts are each expert's keyword arguments; `vlm={"backbone": <hub name or dir>}` loads a
-        pretrained VLM and its tokenizer."""
-        vlm, world_model = dict(vlm or {}), dict(world_model or {})
+        pretrained VLM and its tokenizer. `world_model=False` builds no world model: the action
+        expert reads the VLM's features, the frames and the state, and no visual subgoal (the
+        flat VLA of `configs/formulation/flat_vla.yaml`)."""
+        vlm = dict(vlm or {})
         horizon, action_dim = action_chunks.shape[1:]
         fast_tokenizer = FastTokenizer(horizon, action_dim, **(fast or {})).fit(action_chunks)
         if vlm.get("backbone"):
@@ -163,8 +166,12 @@ class HybridPolicy(nn.Module):
         vlm_model = HighLevelVLM(
             tokenizer=tokenizer, num_action_tokens=fast_tokenizer.vocab_size, **vlm
         )
-        wm = WorldModel(context_dim=vlm_model.hidden_size, **world_model)
-        channels, size, _ = wm.latent_shape
+        wm, channels, size = None, 0, 8
+        if world_model is not False:
+            if world_model is True:
+                world_model = None
+            wm = WorldModel(context_dim=vlm_model.hidden_size, **dict(world_model or {}))
+            channels, size, _ = wm.latent_shape
         action_expert = dict(action_expert or {})
         action_expert.setdefault("num_cameras", max(len(s.cameras) for s in embodiments) or 1)
         # The YAML may leave room for robots added later (`hybrid finetune`); never less than now.
@@ -191,7 +198,11 @@ class HybridPolicy(nn.Module):
     def frame_size(self) -> int:
         """The side of the camera frames this policy trains and plans on: what its action expert
         sees (the VLM and the world model resize to their own sides)."""
-        return self.action_expert.config.image_size or self.world_model.config.image_size
+        if self.action_expert.config.image_size:
+            return self.action_expert.config.image_size
+        if self.world_model is not None:
+            return self.world_model.config.image_size
+        return self.vlm.image_size
 
     # 1. batches -------------------------------------------------------------------------------
     def embodiment_ids(self, names: list[str]) -> torch.Tensor:
@@ -242,21 +253,23 @@ class HybridPolicy(nn.Module):
         if rows < size:
             rest = self.vlm.prefix_features(images[rows:], instructions[rows:], subgoals[rows:])
             features, feature_mask = _cat_rows((features, feature_mask), rest)
-        with torch.no_grad():  # one encoding serves the world model and the action expert
-            frames = torch.cat([images, batch["future_images"]])
-            current, future = self.world_model.encode(frames).chunk(2)
-        world, imagined = self.world_model.losses(
-            images,
-            current,
-            future,
-            features,
-            feature_mask,
-            batch["progress"],
-            batch["future_progress"],
-        )
-        visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
-        use_imagined = torch.rand(size, device=actions.device) < imagined_share
-        visual = torch.where(use_imagined[:, None, None, None], imagined, future)
+        world, visual, visual_keep = {}, None, None
+        if self.world_model is not None:
+            with torch.no_grad():  # one encoding serves the world model and the action expert
+                frames = torch.cat([images, batch["future_images"]])
+                current, future = self.world_model.encode(frames).chunk(2)
+            world, imagined = self.world_model.losses(
+                images,
+                current,
+                future,
+                features,
+                feature_mask,
+                batch["progress"],
+                batch["future_progress"],
+            )
+            visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
+            use_imagined = torch.rand(size, device=actions.device) < imagined_share
+            visual = torch.where(use_imagined[:, None, None, None], imagined, future)
         drop = (torch.rand(size) < language_dropout).nonzero()[:, 0]
         if len(drop):
             plain = [instructions[i] for i in drop.tolist()]
@@ -313,7 +326,7 @@ class HybridPolicy(nn.Module):
 
     def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
         """Camera frames (B, N, 3, S, S) in [0, 1] -> the world model's latents (B, C, h, w)."""
-        return self.world_model.encode(images)
+        return self._world_model("encode frames").encode(images)
 
     def propose_subgoals(
         self, images: torch.Tensor, instructions: list[str]
@@ -341,11 +354,18 @@ class HybridPolicy(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K candidate future latents (B, K, C, h, w) from the current latents (B, C, h, w), and
         the value head's score of each (B, K)."""
-        candidates = self.world_model.imagine(
-            current, features, mask, num_candidates, steps, generator
-        )
+        wm = self._world_model("imagine")
+        candidates = wm.imagine(current, features, mask, num_candidates, steps, generator)
         _finite("world model", candidates)
-        return candidates, _finite("value head", self.world_model.score(candidates, features, mask))
+        return candidates, _finite("value head", wm.score(candidates, features, mask))
+
+    def _world_model(self, what: str) -> WorldModel:
+        if self.world_model is None:
+            raise ValueError(
+                f"cannot {what}: this policy has no world model (made with world_model=False, "
+                "the flat VLA); plan without a visual subgoal"
+            )
+        return self.world_model
 
     def sample_actions(
         self,
@@ -420,9 +440,14 @@ class HybridPolicy(nn.Module):
         normalised = self.normalizers[embodiment].normalize(SCENE_KEY, raw)
         return self._pad(torch.as_tensor(normalised, device=self.device).float(), width)
 
+    @property
+    def expert_names(self) -> list[str]:
+        """The experts this policy holds, each saved in the folder of its name."""
+        return [name for name in EXPERT_DIRS if getattr(self, name) is not None]
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters of each learned expert, and of whatever else the policy holds, by name."""
-        experts = {name: getattr(self, name) for name in EXPERT_DIRS}
+        experts = {name: getattr(self, name) for name in self.expert_names}
         counts = {
             name: sum(p.numel() for p in expert.parameters())
             for name, expert in experts.items()
@@ -445,9 +470,10 @@ class HybridPolicy(nn.Module):
         directory = Path(directory)
         self.fingerprint = self.compute_fingerprint()
         with atomic_directory(directory) as tmp:
-            for name in EXPERT_DIRS:
+            for name in self.expert_names:
                 getattr(self, name).save_pretrained(tmp / name)
             config = {
+                "experts": self.expert_names,
                 "embodiments": [s.to_dict() for s in self.embodiments.values()],
                 "norm_stats": self.norm_stats,
                 "norm_modes": self.norm_modes,
@@ -468,12 +494,16 @@ class HybridPolicy(nn.Module):
             )
         fix = "re-export the policy (`hybrid fit` or `hybrid export`) or point at another one"
         config = read_json(directory, CONFIG_NAME, "policy", fix)
-        for expert in EXPERT_DIRS:  # not adapters/: a broken adapter leaves the base usable
+        # older policies name no experts: they hold all four
+        experts = config.get("experts", list(EXPERT_DIRS))
+        for expert in experts:  # not adapters/: a broken adapter leaves the base usable
             check_files(directory / expert, fix)
         try:
             policy = cls(
                 vlm=HighLevelVLM.from_pretrained(directory / "vlm"),
-                world_model=WorldModel.from_pretrained(directory / "world_model"),
+                world_model=WorldModel.from_pretrained(directory / "world_model")
+                if "world_model" in experts
+                else None,
                 action_expert=ActionExpert.from_pretrained(directory / "action_expert"),
                 fast=FastTokenizer.from_pretrained(directory / "fast"),
                 embodiments=[EmbodimentSpec(**s) for s in config["embodiments"]],

@@ -61,7 +61,8 @@ class HybridPlanner:
         imagine_steps, action_steps: flow-matching (Euler) steps of the world model and the action
             expert; 1 and 3 cost no measured success against 4 and 10 (README, "Inference cost").
         execute_steps: actions of each chunk executed before planning again (<= H).
-        language_subgoal, visual_subgoal: the ablation switches.
+        language_subgoal, visual_subgoal: the ablation switches; visual_subgoal None is on
+            where the policy has a world model, off where it has none (the flat VLA).
         schedule: when the language and visual subgoals are refreshed.
         async_delay: d > 0 plans each chunk in the background, d steps ahead (module docstring);
             0 plans synchronously.
@@ -77,7 +78,7 @@ class HybridPlanner:
         action_steps: int = 3,
         execute_steps: int = 4,
         language_subgoal: bool = True,
-        visual_subgoal: bool = True,
+        visual_subgoal: bool | None = None,
         schedule: RefreshSchedule | None = None,
         decode_candidates: bool = True,
         async_delay: int = 0,
@@ -106,7 +107,14 @@ class HybridPlanner:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         self.num_candidates, self.imagine_steps = num_candidates, imagine_steps
         self.action_steps, self.execute_steps = action_steps, execute_steps
-        self.language_subgoal, self.visual_subgoal = language_subgoal, visual_subgoal
+        has_world_model = policy.world_model is not None
+        if visual_subgoal and not has_world_model:
+            raise ValueError(
+                "visual_subgoal: this policy has no world model (the flat VLA), so there is no "
+                "visual subgoal to imagine; plan with visual_subgoal=False"
+            )
+        self.language_subgoal = language_subgoal
+        self.visual_subgoal = has_world_model if visual_subgoal is None else visual_subgoal
         self.schedule = schedule or RefreshSchedule()
         self.decode_candidates = decode_candidates
         self.async_delay = async_delay
@@ -205,10 +213,11 @@ class HybridPlanner:
         timer, policy = partial(_timed, timings_ms), self.policy
 
         # 1. the language subgoal: a new one when its visual target is reached, or its time is out
-        # Flat (no language and no visual subgoal) is a VLA: nothing is imagined or encoded.
+        # Flat (no language and no visual subgoal) is a VLA: nothing is imagined or encoded; a
+        # policy without a world model encodes and imagines nothing either.
         flat = not (self.language_subgoal or self.visual_subgoal)
         current = None
-        if not flat:
+        if not flat and policy.world_model is not None:
             with timer("encode"):
                 current = policy.encode_frames(images)  # (1, C, h, w)
         refresh = self.schedule.subgoal_due(self.chunks_since_subgoal, self._reached(current))
@@ -225,7 +234,8 @@ class HybridPlanner:
         # 3. imagine K futures and keep the best; a new subgoal also takes it as its target
         latents = candidate_images = scores = np.zeros((0,), np.float32)
         chosen = 0
-        if not flat and self.schedule.visual_due(refresh) and (self.visual_subgoal or refresh):
+        imagines = current is not None and (self.visual_subgoal or refresh)
+        if imagines and self.schedule.visual_due(refresh):
             with timer("imagine"):
                 candidates, candidate_scores = policy.imagine(
                     current, features, mask, self.num_candidates, self.imagine_steps, self.generator

@@ -51,6 +51,8 @@ STACKS = [
     ["configs/quickstart.yaml", "configs/experiment/gpu_smolvlm.yaml"],
     ["configs/quickstart.yaml", "configs/experiment/scene.yaml"],
     ["configs/quickstart.yaml", "configs/experiment/privileged_scene.yaml"],
+    ["configs/quickstart.yaml", "configs/formulation/hierarchical.yaml"],
+    ["configs/quickstart.yaml", "configs/formulation/flat_vla.yaml"],
     ["configs/trainer/cpu.yaml", "configs/data/quickstart.yaml", "configs/model/tiny.yaml"],
     ["finetune", "configs/finetune/panda.yaml"],
 ]
@@ -73,3 +75,11 @@ def test_config_stacks_parse(stack):
     assert run.returncode == 0, run.stderr[-2000:]
     config = yaml.safe_load(run.stdout)
     assert config["data"]["root"] and config["trainer"]["max_steps"] > 0
+    if paths[0] == "configs/quickstart.yaml" and "gpu" not in paths[-1]:
+        # an expert entry a later file gives replaces the quickstart's whole entry: a file that
+        # changes one setting must restate the rest, or it silently measures more than one change
+        base = yaml.safe_load((ROOT / paths[0]).read_text())["model"]["experts"]
+        stacked = config["model"]["experts"]
+        for name, entry in base.items():
+            kept = stacked.get(name)
+            assert kept is False or set(entry) <= set(kept or {}), f"{paths[-1]} drops {name}"

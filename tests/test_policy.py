@@ -326,3 +326,52 @@ def test_committed_actions_come_back_unchanged_and_steer_the_rest(setup, tiny_po
 def test_missing_policy_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a policy directory"):
         HybridPolicy.from_pretrained(tmp_path)
+
+
+def test_flat_vla_has_no_world_model_and_trains_saves_loads_and_plans(mt10_dataset, tmp_path):
+    """`world_model=False` (configs/formulation/flat_vla.yaml): no world model is built, no
+    world loss computed or visual subgoal read; the action loss still never reaches the VLM;
+    the policy saves without a world_model folder, loads equal, and plans flat by default,
+    while asking it to imagine is refused by name."""
+    dm = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=4)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    flat = dict(SMALL, world_model=False)
+    policy = HybridPolicy.create(
+        dm.train_set.texts(),
+        dm.train_set.action_chunks(),
+        [EMBODIMENT],
+        {EMBODIMENT.name: dm.norm_stats()},
+        **flat,
+    )
+    assert policy.world_model is None and policy.action_expert.visual_in is None
+    assert set(policy.parameter_counts()) == {"vlm", "action_expert"}
+    batch = next(iter(dm.train_dataloader()))
+    losses = policy.train().losses(batch, visual_dropout=0.5, imagined_share=0.5)
+    assert set(losses) == {"lang", "fast", "action", "scene"}
+    (losses["action"] + losses["scene"]).backward()
+    for name, p in policy.vlm.named_parameters():
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0, f"action loss reached vlm {name}"
+    policy.eval().save_pretrained(tmp_path / "flat")
+    saved = json.loads((tmp_path / "flat" / "policy_config.json").read_text())
+    assert saved["experts"] == ["vlm", "action_expert", "fast"]
+    assert not (tmp_path / "flat" / "world_model").exists()
+    loaded = HybridPolicy.from_pretrained(tmp_path / "flat").eval()
+    assert loaded.world_model is None
+    assert loaded.state_dict().keys() == policy.state_dict().keys()
+    for key, value in policy.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    with pytest.raises(ValueError, match="cannot imagine: this policy has no world model"):
+        loaded.imagine(torch.zeros(1, 4, 8, 8), torch.zeros(1, 2, 64), torch.ones(1, 2), 2, 1)
+    planner = HybridPlanner.from_pretrained(tmp_path / "flat", num_candidates=2)
+    assert planner.visual_subgoal is False
+    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    state = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
+    plan = planner.plan(
+        Observation(dict(zip(dm.cameras, frames, strict=True)), state), batch["instruction"][0]
+    )
+    assert plan.actions.shape == (8, 4) and np.abs(plan.actions).max() <= 1.0
+    assert set(plan.timings_ms) == {"subgoal", "action"}, "nothing encoded or imagined"
+    assert len(plan.candidate_latents) == 0
+    with pytest.raises(ValueError, match="no world model.*visual_subgoal=False"):
+        HybridPlanner.from_pretrained(tmp_path / "flat", visual_subgoal=True)
