@@ -8,6 +8,8 @@ Tokens, in the order they are attended:
               latent patches (B, P, ...)]
                                                                     (B, L + I [+ 1] + P, hidden)
     suffix   [state token, H noisy action tokens]                       (B, 1 + H, hidden)
+Without a world model (`latent_channels` 0, the flat VLA) there are no visual-subgoal patches;
+with `read_vlm` False (inverse dynamics) no VLM features.
 The suffix attends to the context and to itself (bidirectionally); the context attends to nothing
 here, so its keys and values are computed once per sample and reused at every flow step.
 Knowledge insulation: the VLM features pass through a stop-gradient here, so the action loss never
@@ -121,9 +123,12 @@ class ActionExpert(ModelMixin, ConfigMixin):
         scene_teacher: float = 0.5,
         keypoint_conditioning: bool = False,
         keypoint_temperature: float | None = None,
+        read_vlm: bool = True,
     ):
         """`latent_channels` 0 makes an expert that reads no visual subgoal (a policy without a
-        world model: the flat VLA). `image_size` is the side at which the expert sees the
+        world model: the flat VLA); `read_vlm` False one that reads no VLM features, only the
+        frames, the visual subgoal and the state (inverse dynamics: the actions that lead from
+        what it sees to the imagined future). `image_size` is the side at which the expert sees the
         current frames (None: it sees them only through the VLM's features); `image_shift` the
         random-shift augmentation of those frames in training, in pixels of the frames as
         given. `flow_samples` is how many (noise, time) draws the loss averages per example:
@@ -171,6 +176,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
             raise ValueError("scene_input needs a scene head: set scene_dim (and keypoints) > 0")
         if not 0.0 <= scene_teacher <= 1.0:
             raise ValueError(f"scene_teacher must be in [0, 1], got {scene_teacher}")
+        if not (read_vlm or image_size or latent_channels):
+            raise ValueError(
+                "read_vlm False needs something else to read: an image_size or latent_channels"
+            )
         if latent_channels and latent_size % latent_patch:
             raise ValueError(f"latent_size {latent_size} not divisible by patch {latent_patch}")
         num_patches = (latent_size // latent_patch) ** 2 if latent_channels else 0
@@ -179,7 +188,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.action_out = EmbodimentLinear(num_embodiments, hidden, max_action_dim)
         self.suffix_pos = nn.Parameter(torch.zeros(1, 1 + chunk_size, hidden))
         self.no_state = nn.Parameter(torch.zeros(1, 1, hidden)) if state_dropout else None
-        self.vlm_in = nn.Linear(vlm_dim, hidden)
+        self.vlm_in = nn.Linear(vlm_dim, hidden) if read_vlm else None
         # latent_channels 0: a policy without a world model, so no visual subgoal to read
         self.visual_in = (
             nn.Linear(latent_channels * latent_patch**2, hidden) if latent_channels else None
@@ -241,8 +250,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         `true_scene` (B, scene_dim) with NaN rows where a sample has none replaces the estimate
         in the scene token of the rows that have one. The stop-gradients of knowledge
         insulation and of the scene token live here."""
-        tokens = [self.vlm_in(vlm_features.detach())]
-        masks = [vlm_mask]
+        tokens, masks = [], []
+        if self.vlm_in is not None:
+            tokens.append(self.vlm_in(vlm_features.detach()))
+            masks.append(vlm_mask)
         estimate = cond = None
         if self.image_in is not None:
             if images is None:

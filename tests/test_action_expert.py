@@ -320,3 +320,24 @@ def test_state_dropout_hides_the_state_in_training_and_at_one_never_reads_it():
     assert expert.no_state.grad.abs().sum() > 0, "the 'no state' token learns"
     with pytest.raises(ValueError, match="state_dropout must be in"):
         _expert(state_dropout=1.5)
+
+
+def test_an_expert_that_reads_no_vlm_acts_from_the_frames_and_the_imagined_future():
+    """`read_vlm` False (the inverse-dynamics formulation): no VLM projection, and the chunk
+    does not change with the VLM's features but does with the visual subgoal."""
+    torch.manual_seed(0)
+    expert = _expert(read_vlm=False).eval()
+    assert expert.vlm_in is None
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        expert.modulation[1].weight.normal_(std=0.1)
+    inputs = _inputs()
+
+    def sample(**change):
+        g = torch.Generator().manual_seed(5)
+        return expert.sample(**(inputs | change), steps=3, generator=g)
+
+    base = sample()
+    torch.testing.assert_close(base, sample(vlm_features=inputs["vlm_features"] + 3.0))
+    assert not torch.allclose(base, sample(visual_latent=inputs["visual_latent"] + 3.0))
+    with pytest.raises(ValueError, match="read_vlm False needs something else to read"):
+        _expert(read_vlm=False, image_size=None, latent_channels=0)

@@ -53,6 +53,7 @@ STACKS = [
     ["configs/quickstart.yaml", "configs/experiment/privileged_scene.yaml"],
     ["configs/quickstart.yaml", "configs/formulation/hierarchical.yaml"],
     ["configs/quickstart.yaml", "configs/formulation/flat_vla.yaml"],
+    ["configs/quickstart.yaml", "configs/formulation/inverse_dynamics.yaml"],
     ["configs/trainer/cpu.yaml", "configs/data/quickstart.yaml", "configs/model/tiny.yaml"],
     ["finetune", "configs/finetune/panda.yaml"],
 ]
