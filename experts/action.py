@@ -124,16 +124,20 @@ class ActionExpert(ModelMixin, ConfigMixin):
         keypoint_conditioning: bool = False,
         keypoint_temperature: float | None = None,
         read_vlm: bool = True,
+        world_features: int = 0,
     ):
         """`latent_channels` 0 makes an expert that reads no visual subgoal (a policy without a
         world model: the flat VLA); `read_vlm` False one that reads no VLM features, only the
         frames, the visual subgoal and the state (inverse dynamics: the actions that lead from
-        what it sees to the imagined future). `image_size` is the side at which the expert sees the
-        current frames (None: it sees them only through the VLM's features); `image_shift` the
-        random-shift augmentation of those frames in training, in pixels of the frames as
-        given. `flow_samples` is how many (noise, time) draws the loss averages per example:
-        the context is encoded once and shared, so more draws cost only the small suffix pass
-        and steady the gradient.
+        what it sees to the imagined future); `world_features` > 0 one that reads, in place of
+        the visual subgoal's latent patches, the world model's transformer features of that
+        width, one token per latent patch (`WorldModel.features`: the representation
+        formulation, where nothing is sampled or decoded). `image_size` is the side at which
+        the expert sees the current frames (None: it sees them only through the VLM's
+        features); `image_shift` the random-shift augmentation of those frames in training, in
+        pixels of the frames as given. `flow_samples` is how many (noise, time) draws the loss
+        averages per example: the context is encoded once and shared, so more draws cost only
+        the small suffix pass and steady the gradient.
         `time_distribution` is how training draws flow times (`experts.flow_matching`).
         `state_dropout` is the share of training samples whose state token is replaced by a
         learned "no state" token; at 1 the expert never reads the robot's state, and acts from
@@ -190,9 +194,8 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.no_state = nn.Parameter(torch.zeros(1, 1, hidden)) if state_dropout else None
         self.vlm_in = nn.Linear(vlm_dim, hidden) if read_vlm else None
         # latent_channels 0: a policy without a world model, so no visual subgoal to read
-        self.visual_in = (
-            nn.Linear(latent_channels * latent_patch**2, hidden) if latent_channels else None
-        )
+        width = world_features or latent_channels * latent_patch**2
+        self.visual_in = nn.Linear(width, hidden) if latent_channels else None
         self.visual_pos = nn.Parameter(torch.zeros(1, num_patches, hidden))
         self.image_in = (
             None
@@ -278,7 +281,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
                     "0: its policy has no world model)"
                 )
             p = self.config.latent_patch
-            patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
+            if self.config.world_features:  # already tokens (B, P, world_features)
+                patches = visual_latent
+            else:
+                patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
             tokens.append(self.visual_in(patches) + self.visual_pos)
             keep = vlm_mask.new_ones(patches.shape[:2])
             masks.append(keep if visual_keep is None else keep & visual_keep[:, None])

@@ -231,6 +231,30 @@ class WorldModel(nn.Module, ConfigMixin):
         }
         return losses, imagined
 
+    def features(
+        self, current: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The transformer's last hidden states (B, P, hidden), P = (h / patch)^2 tokens, from
+        one pass at flow time 1 with the noise's mean (zeros) as the future: what the world model
+        expects from the current latent (B, C, h, w) and the context (B, L, D), read as a
+        representation and never sampled or decoded (the `representation` formulation).
+        Deterministic, so training and planning read the same thing."""
+        captured = []
+        hook = self.transformer.transformer_blocks[-1].register_forward_hook(
+            lambda module, inputs, output: captured.append(output)
+        )
+        try:
+            t = torch.ones(len(current), device=current.device, dtype=current.dtype)
+            self.velocity(torch.zeros_like(current), t, current, context, context_mask)
+        finally:
+            hook.remove()
+        return captured[0]
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of `features`' tokens."""
+        return self.transformer.inner_dim
+
     # 3. planning --------------------------------------------------------------------------------
     @torch.no_grad()
     def imagine(

@@ -34,8 +34,9 @@ from hybrid.types import Observation
 
 VIDEO_FPS = 20
 # "subgoal" is the VLM pass that generates a new subgoal (and gives its features), "features" the
-# one that reads the subgoal in force; a chunk runs one of them. "imagine" includes the scores.
-TIERS = ("encode", "subgoal", "features", "imagine", "decode", "action")
+# one that reads the subgoal in force; a chunk runs one of them. "imagine" includes the scores;
+# "world_features" is the world model's one pass of the representation formulation.
+TIERS = ("encode", "subgoal", "features", "imagine", "world_features", "decode", "action")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ dim masks and normalisation:
     prefix_features(images, instructions, subgoals) -> features, mask
     encode_frames(images)                          -> current latents (B, C, h, w)
     imagine(current, features, mask, K, steps)     -> candidates (B, K, C, h, w), scores (B, K)
+    world_features(current, features, mask)        -> (B, P, D_wm), one pass (representation)
     sample_actions(state, robot, features, mask, images, visual[, committed, scene])
                                                    -> (B, H, action_dim) robot units, clipped
 Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_dim) and actions
@@ -173,6 +174,14 @@ class HybridPolicy(nn.Module):
             wm = WorldModel(context_dim=vlm_model.hidden_size, **dict(world_model or {}))
             channels, size, _ = wm.latent_shape
         action_expert = dict(action_expert or {})
+        if action_expert.get("world_features"):  # `true` in YAML: the world model's own width
+            if wm is None:
+                raise ValueError(
+                    "action_expert.world_features reads the world model's features: this "
+                    "policy has none (world_model: false)"
+                )
+            action_expert["world_features"] = wm.feature_dim
+            action_expert["latent_patch"] = wm.config.patch_size  # one token per its patches
         action_expert.setdefault("num_cameras", max(len(s.cameras) for s in embodiments) or 1)
         # The YAML may leave room for robots added later (`hybrid finetune`); never less than now.
         for key, need in (
@@ -268,8 +277,12 @@ class HybridPolicy(nn.Module):
                 batch["future_progress"],
             )
             visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
-            use_imagined = torch.rand(size, device=actions.device) < imagined_share
-            visual = torch.where(use_imagined[:, None, None, None], imagined, future)
+            if cfg.world_features:  # representation: what the world model expects, one pass
+                visual = self.world_model.features(current, features.detach(), feature_mask)
+                visual = visual.detach()  # the world model learns from its own objective only
+            else:
+                use_imagined = torch.rand(size, device=actions.device) < imagined_share
+                visual = torch.where(use_imagined[:, None, None, None], imagined, future)
         drop = (torch.rand(size) < language_dropout).nonzero()[:, 0]
         if len(drop):
             plain = [instructions[i] for i in drop.tolist()]
@@ -358,6 +371,20 @@ class HybridPolicy(nn.Module):
         candidates = wm.imagine(current, features, mask, num_candidates, steps, generator)
         _finite("world model", candidates)
         return candidates, _finite("value head", wm.score(candidates, features, mask))
+
+    def world_features(
+        self, current: torch.Tensor, features: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The world model's transformer features (B, P, D_wm) of the current latents (B, C, h,
+        w) under the prefix features, from one pass (`WorldModel.features`): what an action
+        expert with `world_features` reads in place of an imagined future."""
+        wm = self._world_model("read world features")
+        return _finite("world model", wm.features(current, features, mask))
+
+    @property
+    def reads_world_features(self) -> bool:
+        """Whether the action expert reads world-model features, not imagined futures."""
+        return bool(self.action_expert.config.world_features)
 
     def _world_model(self, what: str) -> WorldModel:
         if self.world_model is None:

@@ -234,7 +234,13 @@ class HybridPlanner:
         # 3. imagine K futures and keep the best; a new subgoal also takes it as its target
         latents = candidate_images = scores = np.zeros((0,), np.float32)
         chosen = 0
+        # a policy that reads the world model's features (representation) imagines nothing: one
+        # pass of the world model gives what its action expert reads, every chunk
+        if current is not None and self.visual_subgoal and policy.reads_world_features:
+            with timer("world_features"):
+                self.visual_latent = policy.world_features(current, features, mask)
         imagines = current is not None and (self.visual_subgoal or refresh)
+        imagines = imagines and not policy.reads_world_features
         if imagines and self.schedule.visual_due(refresh):
             with timer("imagine"):
                 candidates, candidate_scores = policy.imagine(

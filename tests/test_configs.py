@@ -54,6 +54,7 @@ STACKS = [
     ["configs/quickstart.yaml", "configs/formulation/hierarchical.yaml"],
     ["configs/quickstart.yaml", "configs/formulation/flat_vla.yaml"],
     ["configs/quickstart.yaml", "configs/formulation/inverse_dynamics.yaml"],
+    ["configs/quickstart.yaml", "configs/formulation/representation.yaml"],
     ["configs/trainer/cpu.yaml", "configs/data/quickstart.yaml", "configs/model/tiny.yaml"],
     ["finetune", "configs/finetune/panda.yaml"],
 ]

@@ -377,6 +377,7 @@ FORMULATIONS = {  # what each configs/formulation/*.yaml changes, on the small e
     "hierarchical": {},
     "flat_vla": {"world_model": False},
     "inverse_dynamics": {"action_expert": dict(SMALL["action_expert"], read_vlm=False)},
+    "representation": {"action_expert": dict(SMALL["action_expert"], world_features=True)},
 }
 
 
@@ -403,3 +404,50 @@ def test_knowledge_insulation_per_formulation(formulation, mt10_dataset):
     policy.zero_grad(set_to_none=True)
     (losses["lang"] + losses["fast"]).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.vlm.parameters())
+
+
+def test_representation_reads_world_features_from_one_pass_and_imagines_nothing(
+    mt10_dataset, tmp_path
+):
+    """`action_expert.world_features` (configs/formulation/representation.yaml): the action
+    expert reads the world model's transformer features, one token per latent patch, in
+    training and in planning alike; the planner runs one world-model pass a chunk and samples,
+    scores and decodes no future."""
+    dm = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=4)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    policy = HybridPolicy.create(
+        dm.train_set.texts(),
+        dm.train_set.action_chunks(),
+        [EMBODIMENT],
+        {EMBODIMENT.name: dm.norm_stats()},
+        **(SMALL | FORMULATIONS["representation"]),
+    )
+    wm = policy.world_model
+    assert policy.action_expert.config.world_features == wm.feature_dim == 32
+    batch = next(iter(dm.train_dataloader()))
+    current = wm.encode(batch["images"])
+    features, mask = policy.prefix_features(
+        batch["images"], list(batch["instruction"]), list(batch["subgoal"])
+    )
+    tokens = policy.world_features(current, features, mask)
+    assert tokens.shape == (4, policy.action_expert.visual_pos.shape[1], 32)
+    torch.testing.assert_close(tokens, policy.world_features(current, features, mask))
+    assert {"world", "value", "action"} <= set(policy.losses(batch))
+    policy.eval().save_pretrained(tmp_path / "representation")
+    planner = HybridPlanner.from_pretrained(tmp_path / "representation", num_candidates=4)
+    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    state = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
+    obs = Observation(dict(zip(dm.cameras, frames, strict=True)), state)
+    plan = planner.plan(obs, batch["instruction"][0])
+    assert "world_features" in plan.timings_ms and "imagine" not in plan.timings_ms
+    assert len(plan.candidate_latents) == 0 and plan.actions.shape == (8, 4)
+    assert planner.visual_latent.shape == (1, *tokens.shape[1:])
+    with pytest.raises(ValueError, match="world_features reads the world model's features"):
+        HybridPolicy.create(
+            dm.train_set.texts(),
+            dm.train_set.action_chunks(),
+            [EMBODIMENT],
+            {EMBODIMENT.name: dm.norm_stats()},
+            **(SMALL | FORMULATIONS["representation"] | {"world_model": False}),
+        )
