@@ -125,6 +125,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         keypoint_temperature: float | None = None,
         read_vlm: bool = True,
         world_features: int = 0,
+        scene_conditioning: bool = False,
     ):
         """`latent_channels` 0 makes an expert that reads no visual subgoal (a policy without a
         world model: the flat VLA); `read_vlm` False one that reads no VLM features, only the
@@ -159,7 +160,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         token behind a stop-gradient (the head learns from the scene loss alone): object and goal
         positions as numbers the transformer can act on. In training a `scene_teacher` share of
         samples reads the true scene there instead, so the token is worth attending to from the
-        first steps, while the head still learns."""
+        first steps, while the head still learns. `scene_conditioning` (with `scene_input`)
+        feeds the scene read there into every block's adaptive layer norm as well, the path
+        `keypoint_conditioning` opened for the keypoints: a single context token can draw
+        almost no attention."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
@@ -178,6 +182,8 @@ class ActionExpert(ModelMixin, ConfigMixin):
             raise ValueError("keypoint_conditioning needs keypoints > 0 and an image_size")
         if scene_input and not scene_dim:
             raise ValueError("scene_input needs a scene head: set scene_dim (and keypoints) > 0")
+        if scene_conditioning and not scene_input:
+            raise ValueError("scene_conditioning needs scene_input: true")
         if not 0.0 <= scene_teacher <= 1.0:
             raise ValueError(f"scene_teacher must be in [0, 1], got {scene_teacher}")
         if not (read_vlm or image_size or latent_channels):
@@ -218,6 +224,11 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.scene_out = EmbodimentLinear(num_embodiments, hidden, scene_dim) if scene_dim else None
         self.scene_token = (
             EmbodimentLinear(num_embodiments, scene_dim, hidden) if scene_input else None
+        )
+        self.scene_cond = (
+            nn.Sequential(nn.Linear(scene_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            if scene_conditioning
+            else None
         )
         self.keypoint_cond = (
             nn.Sequential(
@@ -273,6 +284,8 @@ class ActionExpert(ModelMixin, ConfigMixin):
             if true_scene is not None:
                 read = torch.where(true_scene.isnan(), read, true_scene)
             tokens.append(self.scene_token(read, embodiment_ids)[:, None])
+            if self.scene_cond is not None:
+                cond = self.scene_cond(read) if cond is None else cond + self.scene_cond(read)
             masks.append(vlm_mask.new_ones(read.shape[0], 1))
         if visual_latent is not None:
             if self.visual_in is None:

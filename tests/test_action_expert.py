@@ -341,3 +341,28 @@ def test_an_expert_that_reads_no_vlm_acts_from_the_frames_and_the_imagined_futur
     assert not torch.allclose(base, sample(visual_latent=inputs["visual_latent"] + 3.0))
     with pytest.raises(ValueError, match="read_vlm False needs something else to read"):
         _expert(read_vlm=False, image_size=None, latent_channels=0)
+
+
+def test_scene_conditioning_feeds_the_scene_read_into_every_block():
+    """`scene_conditioning`: the scene the token reads (here the true one) also conditions the
+    blocks' adaptive norms, and the action loss trains that path."""
+    torch.manual_seed(0)
+    expert = _expert(keypoints=4, scene_dim=5, scene_input=True, scene_conditioning=True)
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        expert.modulation[1].weight.normal_(std=0.1)
+    scene, scene_mask = torch.randn(B, 5), torch.ones(B, 5, dtype=torch.bool)
+    actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
+    losses = expert.loss(
+        actions, action_mask, torch.ones(B, 3, dtype=torch.bool), **_inputs(), scene=scene,
+        scene_mask=scene_mask,
+    )  # fmt: skip
+    losses["action"].backward()
+    assert expert.scene_cond[0].weight.grad.abs().sum() > 0
+    expert.eval()
+    a, b = (
+        expert.sample(**_inputs(), steps=2, generator=torch.Generator().manual_seed(1), scene=x)
+        for x in (scene, scene + 3.0)
+    )
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="scene_conditioning needs scene_input"):
+        _expert(keypoints=4, scene_dim=5, scene_conditioning=True)
