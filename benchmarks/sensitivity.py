@@ -13,7 +13,11 @@ normalised action units (mean absolute difference over the chunk's real steps an
 - error: the sampled chunk against the demonstrated one;
 - frames: how far the sampled chunk moves when the frames are those of another episode of the
   same task (same state, instruction and noise);
-- noise: how far it moves when only the flow's initial noise is drawn again.
+- noise: how far it moves when only the flow's initial noise is drawn again;
+- for a policy whose expert reads a scene (`action_expert.scene_input`), given the true one
+  (as `hybrid eval --privileged-scene` does): true-scene error, the chunk against the
+  demonstrated one, and scene, how far it moves when the true scene is another episode's
+  (same frames); "–" for other policies.
 A policy that reads the scene from its frames has `frames` near `spread` and `noise` small; one
 whose noise picks the motion has the reverse. The expert acts without a visual subgoal here, so
 what it sees is its own view of the frames.
@@ -32,7 +36,7 @@ from rich.table import Table
 from hybrid.data.datamodule import HybridDataModule
 from hybrid.policy import HybridPolicy
 
-FIGURES = ("spread", "error", "frames", "noise")
+FIGURES = ("spread", "error", "frames", "noise", "true-scene error", "scene")
 
 
 @torch.no_grad()
@@ -62,9 +66,9 @@ def sensitivity(policy: HybridPolicy, data: HybridDataModule, action_steps: int 
 
         inputs = (state, ids, features, mask)
 
-        def sample(images, seed, inputs=inputs, dims=dims):
+        def sample(images, seed, scene=None, inputs=inputs, dims=dims):
             noise = torch.Generator().manual_seed(seed)
-            return expert.sample(*inputs, images, None, dims, action_steps, noise)
+            return expert.sample(*inputs, images, None, dims, action_steps, noise, scene=scene)
 
         def distance(a, b, weight=weight):
             return float(((a - b).abs() * weight).sum() / weight.sum())
@@ -78,6 +82,11 @@ def sensitivity(policy: HybridPolicy, data: HybridDataModule, action_steps: int 
             "noise": distance(sample(batch["images"], 1), actions),
             "episodes": len(items),
         }
+        if cfg.scene_input and batch["scene"].shape[1]:
+            true = policy._pad(batch["scene"], cfg.scene_dim)
+            given = sample(batch["images"], 0, true)
+            out[task]["true-scene error"] = distance(given, target)
+            out[task]["scene"] = distance(sample(batch["images"], 0, true.roll(1, 0)), given)
     return out
 
 
@@ -99,7 +108,9 @@ def main() -> None:
             val_fraction=0.1,
         )
         for task, figures in sensitivity(policy, data).items():
-            lines.append([path, task, *(f"{figures[k]:.2f}" for k in FIGURES)])
+            lines.append(
+                [path, task, *(f"{figures[k]:.2f}" if k in figures else "–" for k in FIGURES)]
+            )
     table = Table(title="the first chunk of each episode: what moves it (normalised units)")
     for column in ("policy", "task", *FIGURES):
         table.add_column(column, justify="left" if column in ("policy", "task") else "right")

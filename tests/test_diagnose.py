@@ -90,7 +90,9 @@ def test_sensitivity_writes_one_row_per_task_with_what_moves_the_first_chunk(
         line for line in readme.read_text().splitlines() if line.startswith(f"| {tiny_policy_dir}")
     ]
     assert len(rows) >= 2, "a row per task with at least two episodes"
-    figures = [list(map(float, row.strip("| ").split(" | ")[2:])) for row in rows]
+    cells = [row.strip("| ").split(" | ")[2:] for row in rows]
+    assert all(c[4:] == ["–", "–"] for c in cells), "no scene read: no true-scene columns"
+    figures = [list(map(float, c[:4])) for c in cells]
     for (spread, error, frames, noise), row in zip(figures, rows, strict=True):
         assert spread >= 0 and frames >= 0 and error > 0, row
         assert noise > 0, "another noise, another chunk"
