@@ -381,10 +381,8 @@ FORMULATIONS = {  # what each configs/formulation/*.yaml changes, on the small e
 }
 
 
-@pytest.mark.parametrize("formulation", FORMULATIONS)
-def test_knowledge_insulation_per_formulation(formulation, mt10_dataset):
-    """In every formulation only the VLM's own losses (lang, fast) train the VLM: whatever
-    reads its features (the world model, the action expert) does so behind a stop-gradient."""
+def _formulation_policy(name: str, mt10_dataset) -> tuple[HybridPolicy, HybridDataModule]:
+    """A fresh policy of the small experts in formulation `name`, and its DataModule."""
     dm = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=4)
     dm.setup("fit")
     torch.manual_seed(0)
@@ -393,8 +391,17 @@ def test_knowledge_insulation_per_formulation(formulation, mt10_dataset):
         dm.train_set.action_chunks(),
         [EMBODIMENT],
         {EMBODIMENT.name: dm.norm_stats()},
-        **(SMALL | FORMULATIONS[formulation]),
-    ).train()
+        **(SMALL | FORMULATIONS[name]),
+    )
+    return policy, dm
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_knowledge_insulation_per_formulation(formulation, mt10_dataset):
+    """In every formulation only the VLM's own losses (lang, fast) train the VLM: whatever
+    reads its features (the world model, the action expert) does so behind a stop-gradient."""
+    policy, dm = _formulation_policy(formulation, mt10_dataset)
+    policy.train()
     losses = policy.losses(next(iter(dm.train_dataloader())), imagined_share=0.5)
     below = [name for name in losses if name not in ("lang", "fast")]
     assert "action" in below and ("world" in below) == (formulation != "flat_vla")
@@ -413,16 +420,7 @@ def test_representation_reads_world_features_from_one_pass_and_imagines_nothing(
     expert reads the world model's transformer features, one token per latent patch, in
     training and in planning alike; the planner runs one world-model pass a chunk and samples,
     scores and decodes no future."""
-    dm = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=4)
-    dm.setup("fit")
-    torch.manual_seed(0)
-    policy = HybridPolicy.create(
-        dm.train_set.texts(),
-        dm.train_set.action_chunks(),
-        [EMBODIMENT],
-        {EMBODIMENT.name: dm.norm_stats()},
-        **(SMALL | FORMULATIONS["representation"]),
-    )
+    policy, dm = _formulation_policy("representation", mt10_dataset)
     wm = policy.world_model
     assert policy.action_expert.config.world_features == wm.feature_dim == 32
     batch = next(iter(dm.train_dataloader()))
