@@ -293,10 +293,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
                     "visual_latent: this action expert reads no visual subgoal (latent_channels "
                     "0: its policy has no world model)"
                 )
-            p = self.config.latent_patch
             if self.config.world_features:  # already tokens (B, P, world_features)
                 patches = visual_latent
             else:
+                p = self.config.latent_patch
                 patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
             tokens.append(self.visual_in(patches) + self.visual_pos)
             keep = vlm_mask.new_ones(patches.shape[:2])

@@ -168,10 +168,9 @@ class HybridPolicy(nn.Module):
             tokenizer=tokenizer, num_action_tokens=fast_tokenizer.vocab_size, **vlm
         )
         wm, channels, size = None, 0, 8
-        if world_model is not False:
-            if world_model is True:
-                world_model = None
-            wm = WorldModel(context_dim=vlm_model.hidden_size, **dict(world_model or {}))
+        if world_model is not False:  # None or True: the defaults
+            settings = world_model if isinstance(world_model, dict) else {}
+            wm = WorldModel(context_dim=vlm_model.hidden_size, **settings)
             channels, size, _ = wm.latent_shape
         action_expert = dict(action_expert or {})
         if action_expert.get("world_features"):  # `true` in YAML: the world model's own width
@@ -278,8 +277,8 @@ class HybridPolicy(nn.Module):
             )
             visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
             if cfg.world_features:  # representation: what the world model expects, one pass
-                visual = self.world_model.features(current, features.detach(), feature_mask)
-                visual = visual.detach()  # the world model learns from its own objective only
+                with torch.no_grad():  # the world model learns from its own objective only
+                    visual = self.world_model.features(current, features, feature_mask)
             else:
                 use_imagined = torch.rand(size, device=actions.device) < imagined_share
                 visual = torch.where(use_imagined[:, None, None, None], imagined, future)

@@ -236,12 +236,12 @@ class HybridPlanner:
         chosen = 0
         # a policy that reads the world model's features (representation) imagines nothing: one
         # pass of the world model gives what its action expert reads, every chunk
-        if current is not None and self.visual_subgoal and policy.reads_world_features:
-            with timer("world_features"):
-                self.visual_latent = policy.world_features(current, features, mask)
-        imagines = current is not None and (self.visual_subgoal or refresh)
-        imagines = imagines and not policy.reads_world_features
-        if imagines and self.schedule.visual_due(refresh):
+        due = (self.visual_subgoal or refresh) and self.schedule.visual_due(refresh)
+        if current is not None and policy.reads_world_features:
+            if self.visual_subgoal:
+                with timer("world_features"):
+                    self.visual_latent = policy.world_features(current, features, mask)
+        elif current is not None and due:
             with timer("imagine"):
                 candidates, candidate_scores = policy.imagine(
                     current, features, mask, self.num_candidates, self.imagine_steps, self.generator
