@@ -114,9 +114,9 @@ def diagnose(
             add("keypoint_entropy", (entropy / np.log(weights.shape[-1])).mean())
             _, points = expert.image_in(images)
             add("keypoint_spread_px", points.std(0).mean() * images.shape[-1] / 2)
-        if expert.scene_out is not None and batch["scene"].shape[1] and scene_names:
+        if expert.config.scene_dim and batch["scene"].shape[1] and scene_names:
             width = batch["scene"].shape[1]
-            estimate = expert.scene(points, ids)[:, :width].numpy()
+            estimate = expert.estimate_scene(images, ids, points)[:, :width].numpy()
             normalizer = data.normalizer
             estimate = normalizer.unnormalize(SCENE_KEY, estimate)
             truth = normalizer.unnormalize(SCENE_KEY, batch["scene"].numpy())

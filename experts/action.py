@@ -38,6 +38,7 @@ from experts.flow_matching import (
     sample_time,
 )
 from experts.image_encoder import ImageEncoder, random_shift
+from experts.scene_estimator import SceneEstimator
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         r"blocks\.\d+\.(qkv|context_kv_proj|attn_out|mlp\.0|mlp\.2)"
         r"|vlm_in|visual_in|state_in\.out\.1|keypoint_cond\.[02]|modulation\.1"
         rf"|image_in\.(?:{ImageEncoder.LORA_TARGETS})"
+        rf"|estimator\.(?:{SceneEstimator.LORA_TARGETS})"
     )
 
     @register_to_config
@@ -126,6 +128,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         read_vlm: bool = True,
         world_features: int = 0,
         scene_conditioning: bool = False,
+        scene_estimator: int = 0,
     ):
         """`latent_channels` 0 makes an expert that reads no visual subgoal (a policy without a
         world model: the flat VLA); `read_vlm` False one that reads no VLM features, only the
@@ -163,15 +166,20 @@ class ActionExpert(ModelMixin, ConfigMixin):
         first steps, while the head still learns. `scene_conditioning` (with `scene_input`)
         feeds the scene read there into every block's adaptive layer norm as well, the path
         `keypoint_conditioning` opened for the keypoints: a single context token can draw
-        almost no attention."""
+        almost no attention. `scene_estimator` K > 0 gives the scene head eyes of its own
+        (`experts.scene_estimator`: a small CNN and K keypoints per camera, trained by the scene
+        loss alone, on the current and the future frames of every sample) in place of the
+        shared eyes' keypoints, which the action loss also shapes."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
-        if scene_dim and not (keypoints and image_size):
+        if scene_dim and not (image_size and (keypoints or scene_estimator)):
             raise ValueError(
-                f"scene_dim {scene_dim} needs keypoints > 0 and an image_size: the scene is "
-                "regressed from the keypoints of the expert's own frames"
+                f"scene_dim {scene_dim} needs an image_size and keypoints > 0 or a "
+                "scene_estimator > 0: the scene is regressed from keypoints of the expert's frames"
             )
+        if scene_estimator and not scene_dim:
+            raise ValueError(f"scene_estimator {scene_estimator} needs a scene_dim > 0")
         if time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(
                 f"time_distribution {time_distribution!r}: expected one of {TIME_DISTRIBUTIONS}"
@@ -216,12 +224,20 @@ class ActionExpert(ModelMixin, ConfigMixin):
             )
         )
         # robots differ in what their scene vector holds, so its readout is per robot
+        shared_head = scene_dim and not scene_estimator
         self.scene_in = (
             nn.Sequential(nn.Linear(num_cameras * keypoints * 2, hidden), nn.SiLU())
-            if scene_dim
+            if shared_head
             else None
         )
-        self.scene_out = EmbodimentLinear(num_embodiments, hidden, scene_dim) if scene_dim else None
+        self.scene_out = (
+            EmbodimentLinear(num_embodiments, hidden, scene_dim) if shared_head else None
+        )
+        self.estimator = (
+            SceneEstimator(scene_dim, num_cameras, scene_estimator, num_embodiments, hidden=hidden)
+            if scene_estimator
+            else None
+        )
         self.scene_token = (
             EmbodimentLinear(num_embodiments, scene_dim, hidden) if scene_input else None
         )
@@ -257,26 +273,30 @@ class ActionExpert(ModelMixin, ConfigMixin):
         embodiment_ids,
         visual_keep=None,
         true_scene=None,
+        estimate=None,
     ):
         """Per block, the context keys and values, the attention mask over [context; suffix]
         (B, 1, 1, L [+ I + S] [+ P] + 1 + H), and the scene estimate (B, scene_dim) or None;
         `visual_keep` (B,) bool hides the visual subgoal from the samples where it is False;
         `true_scene` (B, scene_dim) with NaN rows where a sample has none replaces the estimate
-        in the scene token of the rows that have one. The stop-gradients of knowledge
-        insulation and of the scene token live here."""
+        in the scene token of the rows that have one; `estimate` (B, scene_dim) is the scene
+        estimate when the caller has it already (else it is made here). The stop-gradients of
+        knowledge insulation and of the scene token live here."""
         tokens, masks = [], []
         if self.vlm_in is not None:
             tokens.append(self.vlm_in(vlm_features.detach()))
             masks.append(vlm_mask)
-        estimate = cond = None
+        cond = None
         if self.image_in is not None:
             if images is None:
                 raise ValueError("this action expert sees the current frames: pass `images`")
             image_tokens, points = self.image_in(images)
             tokens.append(image_tokens)
             masks.append(vlm_mask.new_ones(image_tokens.shape[:2]))
-            if self.scene_out is not None:
-                estimate = self.scene(points, embodiment_ids)
+            # read by the scene token, or (the shared eyes' head) a loss; the estimator's own
+            # loss comes with its estimate from `loss`
+            if estimate is None and (self.scene_token is not None or self.scene_out is not None):
+                estimate = self.estimate_scene(images, embodiment_ids, points)
             if self.keypoint_cond is not None:
                 cond = self.keypoint_cond(self._flat_points(points))
         if self.scene_token is not None:
@@ -313,8 +333,21 @@ class ActionExpert(ModelMixin, ConfigMixin):
         width = self.config.num_cameras * self.config.keypoints * 2
         return F.pad(flat, (0, width - flat.shape[1]))
 
-    def scene(self, points: torch.Tensor, embodiment_ids: torch.Tensor) -> torch.Tensor:
-        """The scene estimate (B, scene_dim), normalised, from keypoints (B, N, K, 2)."""
+    def estimate_scene(
+        self,
+        images: torch.Tensor,
+        embodiment_ids: torch.Tensor,
+        points: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The scene estimate (B, scene_dim), normalised, from the frames (B, N, 3, S, S): by the
+        scene estimator where there is one, else from the shared eyes' keypoints (B, N, K, 2),
+        `points` when the caller has them."""
+        if not self.config.scene_dim:
+            raise ValueError("this action expert has no scene head (scene_dim 0)")
+        if self.estimator is not None:
+            return self.estimator(images, embodiment_ids)
+        if points is None:
+            _, points = self.image_in(images)
         return self.scene_out(self.scene_in(self._flat_points(points)), embodiment_ids)
 
     def velocity(
@@ -363,6 +396,8 @@ class ActionExpert(ModelMixin, ConfigMixin):
         visual_keep: torch.Tensor | None = None,
         scene: torch.Tensor | None = None,
         scene_mask: torch.Tensor | None = None,
+        future_images: torch.Tensor | None = None,
+        future_scene: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """{"action": flow-matching loss on normalised actions (B, H, max_action_dim), masked over
         padded steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim);
@@ -370,20 +405,39 @@ class ActionExpert(ModelMixin, ConfigMixin):
         normalised, over the dims `scene_mask` (B, scene_dim) marks real, when this expert has a
         scene head and the batch a scene}. `images` (B, N, 3, S, S) in [0, 1] are the current
         frames, randomly shifted here. `visual_keep` (B,) bool drops the visual subgoal for some
-        samples (condition dropout), so the expert also learns to act without it."""
+        samples (condition dropout), so the expert also learns to act without it.
+        `future_images` (B, N, 3, S, S) and `future_scene` (B, scene_dim), the frames and scene
+        of a later step of the same samples (same `scene_mask`), are more examples for the scene
+        estimator alone, which reads nothing else."""
         if images is not None:
             images = random_shift(images, self.config.image_shift)
-        has_scene = self.scene_out is not None and scene is not None and bool(scene_mask.any())
+        has_scene = bool(self.config.scene_dim) and scene is not None and bool(scene_mask.any())
+        estimate, losses = None, {}
+        if has_scene and self.estimator is not None:
+            frames, ids, targets, masks = images, embodiment_ids, scene, scene_mask
+            if future_images is not None and future_scene is not None:
+                future = random_shift(future_images, self.config.image_shift)
+                frames, ids = torch.cat([images, future]), embodiment_ids.repeat(2)
+                targets, masks = torch.cat([scene, future_scene]), scene_mask.repeat(2, 1)
+            estimates = self.estimator(frames, ids)
+            estimate = estimates[: len(images)]  # the current frames' estimate, read below
+            losses["scene"] = ((estimates - targets).square() * masks).sum() / masks.sum()
         true_scene = None
         if self.scene_token is not None and has_scene:
             teach = torch.rand(len(scene), device=scene.device) < self.config.scene_teacher
             teach = teach & scene_mask.any(1)  # rows without a scene read their estimate
             true_scene = torch.where(teach[:, None], scene * scene_mask, torch.nan)
         context_kv, context_mask, estimate, cond = self._context(
-            vlm_features, vlm_mask, images, visual_latent, embodiment_ids, visual_keep, true_scene
+            vlm_features,
+            vlm_mask,
+            images,
+            visual_latent,
+            embodiment_ids,
+            visual_keep,
+            true_scene,
+            estimate,
         )
-        losses = {}
-        if has_scene:
+        if has_scene and "scene" not in losses:  # the shared eyes' head
             error = (estimate - scene).square() * scene_mask
             losses["scene"] = error.sum() / scene_mask.sum()
         state_keep = None

@@ -300,6 +300,7 @@ class HybridPolicy(nn.Module):
                 f"the action expert's scene head has {scene_dim}: raise "
                 "`model.experts.action_expert.scene_dim`, or set it to 0 to learn no scene"
             )
+        future_scene = batch.get("future_scene") if scene is not None else None
         action = self.action_expert.loss(
             self._pad(actions, cfg.max_action_dim),
             batch["action_mask"],
@@ -313,6 +314,8 @@ class HybridPolicy(nn.Module):
             visual_keep,
             None if scene is None else self._pad(scene, scene_dim),
             None if scene is None else self._pad(batch["scene_mask"], scene_dim).bool(),
+            None if future_scene is None else batch["future_images"],
+            None if future_scene is None else self._pad(future_scene, scene_dim),
         )
         losses = {"lang": out.lang_loss, "fast": out.fast_loss, **action, **world}
         return {k: v for k, v in losses.items() if v is not None}

@@ -219,7 +219,7 @@ def test_scene_head_learns_only_from_the_frames_and_only_where_the_data_has_a_sc
     again = expert.loss(actions, action_mask, dim_mask, **inputs, **(targets | {"scene": changed}))
     torch.testing.assert_close(again["scene"], losses["scene"])
     assert set(expert.loss(actions, action_mask, dim_mask, **inputs)) == {"action"}
-    with pytest.raises(ValueError, match="scene_dim 5 needs keypoints"):
+    with pytest.raises(ValueError, match="scene_dim 5 needs an image_size and keypoints"):
         _expert(scene_dim=5)
 
 
@@ -366,3 +366,45 @@ def test_scene_conditioning_feeds_the_scene_read_into_every_block():
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="scene_conditioning needs scene_input"):
         _expert(keypoints=4, scene_dim=5, scene_conditioning=True)
+
+
+def test_scene_estimator_learns_the_scene_on_its_own_eyes_and_the_planner_reads_it(tmp_path):
+    """`scene_estimator`: the scene loss trains the estimator's own CNN (on the current and the
+    future frames), not the shared eyes, the action path or the VLM; sampling reads its estimate;
+    save and load keep it."""
+    actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
+    dim_mask = torch.ones(B, 3, dtype=torch.bool)
+    scene, scene_mask = torch.randn(B, 5), torch.ones(B, 5, dtype=torch.bool)
+    torch.manual_seed(0)
+    expert = _expert(scene_dim=5, scene_estimator=4, scene_input=True, scene_conditioning=True)
+    assert expert.scene_out is None and expert.image_in.keypoints == 0
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        expert.modulation[1].weight.normal_(std=0.1)
+    inputs = _inputs()
+    inputs["vlm_features"].requires_grad_(True)
+    future = dict(future_images=torch.rand(B, 1, 3, 32, 32), future_scene=torch.randn(B, 5))
+    targets = dict(scene=scene, scene_mask=scene_mask)
+    torch.manual_seed(3)
+    losses = expert.loss(actions, action_mask, dim_mask, **inputs, **targets, **future)
+    losses["scene"].backward()
+    assert expert.estimator.heatmaps.weight.grad.abs().sum() > 0, "the estimator learns"
+    assert inputs["vlm_features"].grad is None, "knowledge insulation holds"
+    for name, p in expert.named_parameters():
+        if not name.startswith("estimator."):
+            assert p.grad is None, f"the scene loss reached {name}"
+    torch.manual_seed(3)
+    current_only = expert.loss(actions, action_mask, dim_mask, **inputs, **targets)
+    assert not torch.allclose(current_only["scene"], losses["scene"]), "future frames count"
+    expert.eval()
+    a = expert.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+    expert.save_pretrained(tmp_path / "estimator")
+    loaded = ActionExpert.from_pretrained(tmp_path / "estimator").eval()
+    torch.testing.assert_close(
+        a, loaded.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+    )
+    with torch.no_grad():
+        loaded.estimator.out.bias.add_(1.0)
+    b = loaded.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(a, b), "planning reads the estimator's scene"
+    with pytest.raises(ValueError, match="scene_estimator 4 needs a scene_dim"):
+        _expert(scene_estimator=4)

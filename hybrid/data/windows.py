@@ -6,7 +6,8 @@ A sample at frame t of an episode of length T:
     state           (state_dim,) float32, normalised
     scene           (E,) float32, normalised: the dataset's `observation.environment_state`
                     (object and goal positions; a training target only, never a policy input),
-                    E = 0 where the dataset has none; scene_mask (E,) float32 ones
+                    E = 0 where the dataset has none; scene_mask (E,) float32 ones;
+                    future_scene (E,) the same at min(t + k, T - 1)
     actions         (H, action_dim) float32, normalised; steps past the episode end are zeros
     action_mask     (H,) bool, False on those padded steps
     progress        () float32: task progress at t; future_progress the same at min(t + k, T - 1)
@@ -131,6 +132,7 @@ class TrainingWindows(torch.utils.data.Dataset):
             "future_images": images(future),
             "state": torch.from_numpy(ep["state"][t]),
             "scene": torch.from_numpy(ep["scene"][t]),
+            "future_scene": torch.from_numpy(ep["scene"][future]),
             "scene_mask": torch.ones(ep["scene"].shape[1]),
             "actions": torch.from_numpy(actions),
             "action_mask": torch.from_numpy(mask),
