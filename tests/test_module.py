@@ -71,3 +71,47 @@ def test_spearman():
     x = torch.tensor([0.1, 0.4, 0.2, 0.9])
     assert spearman(x, x * 3 + 1) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(-1.0)
+
+
+class _NormsAtStep(L.Callback):
+    """Each expert's gradient norm as the optimiser stepped: Lightning runs the loss, backward and
+    clipping inside `step`, so the gradients are read after it."""
+
+    def __init__(self):
+        self.norms: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer, module):
+        def record(optimiser, args, kwargs):
+            norms = {}
+            for name in module.policy.expert_names:
+                expert = getattr(module.policy, name)
+                grads = [
+                    p.grad for p in getattr(expert, "parameters", list)() if p.grad is not None
+                ]
+                if grads:  # FAST is a tokenizer: nothing learned by gradient
+                    squares = sum(float(g.square().sum()) for g in grads)
+                    norms[name] = squares**0.5
+            self.norms.append(norms)
+
+        trainer.optimizers[0].register_step_post_hook(record)
+
+
+@pytest.mark.parametrize("per_expert", [True, False])
+def test_gradient_clipping_bounds_each_expert_or_the_whole_policy(
+    mt10_dataset, tmp_path, per_expert
+):
+    clip = 1e-3  # far below any expert's gradient norm: every bound is active
+    module = HybridModule(experts=SMALL, export_dir=str(tmp_path / "p"), clip_per_expert=per_expert)
+    norms = _NormsAtStep()
+    trainer = _trainer(
+        tmp_path, max_steps=2, limit_val_batches=0, gradient_clip_val=clip, callbacks=[norms]
+    )
+    trainer.fit(module, _datamodule(mt10_dataset[0]))
+    assert len(norms.norms) == 2 and all(len(step) == 3 for step in norms.norms), norms.norms
+    for step in norms.norms:
+        total = sum(n**2 for n in step.values()) ** 0.5
+        if per_expert:
+            assert all(n == pytest.approx(clip, rel=1e-3) for n in step.values()), step
+            assert total > 1.5 * clip, "each expert keeps its own step"
+        else:
+            assert total == pytest.approx(clip, rel=1e-3), step
