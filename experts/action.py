@@ -89,8 +89,9 @@ class ActionExpert(ModelMixin, ConfigMixin):
     (diffusers) write and read config.json + safetensors."""
 
     # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert): the
-    # blocks, the inputs, the eyes (a new robot's cameras see another scene) and the keypoints'
-    # path into every block's adaptive norm (keypoint_cond, modulation).
+    # blocks, the inputs, the eyes and the scene estimator's (a new robot's cameras see another
+    # scene) and the keypoints' path into every block's adaptive norm (keypoint_cond,
+    # modulation).
     LORA_TARGETS = (
         r"blocks\.\d+\.(qkv|context_kv_proj|attn_out|mlp\.0|mlp\.2)"
         r"|vlm_in|visual_in|state_in\.out\.1|keypoint_cond\.[02]|modulation\.1"
@@ -189,7 +190,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if keypoint_conditioning and not (keypoints and image_size):
             raise ValueError("keypoint_conditioning needs keypoints > 0 and an image_size")
         if scene_input and not scene_dim:
-            raise ValueError("scene_input needs a scene head: set scene_dim (and keypoints) > 0")
+            raise ValueError(
+                "scene_input needs a scene head: set scene_dim (and keypoints or "
+                "scene_estimator) > 0"
+            )
         if scene_conditioning and not scene_input:
             raise ValueError("scene_conditioning needs scene_input: true")
         if not 0.0 <= scene_teacher <= 1.0:
@@ -234,7 +238,14 @@ class ActionExpert(ModelMixin, ConfigMixin):
             EmbodimentLinear(num_embodiments, hidden, scene_dim) if shared_head else None
         )
         self.estimator = (
-            SceneEstimator(scene_dim, num_cameras, scene_estimator, num_embodiments, hidden=hidden)
+            SceneEstimator(
+                scene_dim,
+                num_cameras,
+                scene_estimator,
+                num_embodiments,
+                hidden=hidden,
+                image_size=image_size,
+            )
             if scene_estimator
             else None
         )
@@ -414,6 +425,8 @@ class ActionExpert(ModelMixin, ConfigMixin):
         has_scene = bool(self.config.scene_dim) and scene is not None and bool(scene_mask.any())
         estimate, losses = None, {}
         if has_scene and self.estimator is not None:
+            if images is None:
+                raise ValueError("this action expert sees the current frames: pass `images`")
             frames, ids, targets, masks = images, embodiment_ids, scene, scene_mask
             if future_images is not None and future_scene is not None:
                 future = random_shift(future_images, self.config.image_shift)

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -388,10 +389,25 @@ def test_scene_estimator_learns_the_scene_on_its_own_eyes_and_the_planner_reads_
     losses = expert.loss(actions, action_mask, dim_mask, **inputs, **targets, **future)
     losses["scene"].backward()
     assert expert.estimator.heatmaps.weight.grad.abs().sum() > 0, "the estimator learns"
-    assert inputs["vlm_features"].grad is None, "knowledge insulation holds"
     for name, p in expert.named_parameters():
         if not name.startswith("estimator."):
             assert p.grad is None, f"the scene loss reached {name}"
+    reading = _expert(scene_dim=5, scene_estimator=4, scene_input=True, scene_teacher=0.0)
+    with torch.no_grad():
+        reading.modulation[1].weight.normal_(std=0.1)
+    torch.manual_seed(3)
+    read = reading.loss(actions, action_mask, dim_mask, **inputs, **targets, **future)
+    read["action"].backward()  # every sample reads the estimate, behind a stop-gradient
+    assert reading.scene_token.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in reading.estimator.parameters()), "the actions train no eyes"
+    names = [n for n, _ in expert.named_modules() if n.startswith("estimator.")]
+    adapted = {n for n in names if re.fullmatch(ActionExpert.LORA_TARGETS, n)}
+    assert adapted == {
+        "estimator.stem.0",
+        "estimator.stem.3",
+        "estimator.heatmaps",
+        "estimator.readout.0",
+    }, adapted
     torch.manual_seed(3)
     current_only = expert.loss(actions, action_mask, dim_mask, **inputs, **targets)
     assert not torch.allclose(current_only["scene"], losses["scene"]), "future frames count"

@@ -53,6 +53,8 @@ def test_window_contents(datamodule):
     mid = windows[windows.index.index((0, t))]
     assert mid["action_mask"].all()
     assert torch.equal(mid["future_images"], windows[windows.index.index((0, t + K))]["images"])
+    assert torch.equal(mid["future_scene"], windows[windows.index.index((0, t + K))]["scene"])
+    assert torch.equal(end["future_scene"], end["scene"]), "the future scene is clamped too"
     assert mid["future_progress"] > mid["progress"]
     np.testing.assert_allclose(mid["actions"].numpy(), ep["actions"][t : t + H])
 

@@ -449,3 +449,31 @@ def test_representation_reads_world_features_from_one_pass_and_imagines_nothing(
             {EMBODIMENT.name: dm.norm_stats()},
             **(SMALL | FORMULATIONS["representation"] | {"world_model": False}),
         )
+
+
+def test_a_scene_estimator_trains_on_the_current_and_the_future_frames(mt10_dataset):
+    """With `scene_estimator` the scene loss also reads each sample's future frame and scene
+    (`future_scene`, padded to the head's width); a batch without them trains on the current
+    frames alone."""
+    dm = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=4)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    expert = dict(SMALL["action_expert"], keypoints=0, scene_estimator=4)
+    policy = HybridPolicy.create(
+        dm.train_set.texts(),
+        dm.train_set.action_chunks(),
+        [EMBODIMENT],
+        {EMBODIMENT.name: dm.norm_stats()},
+        **dict(SMALL, action_expert=expert),
+    )
+    batch = next(iter(dm.train_dataloader()))
+
+    def scene_loss(batch):
+        torch.manual_seed(1)  # the same random shifts and dropout every time
+        return policy.losses(batch)["scene"]
+
+    base = scene_loss(batch)
+    moved = scene_loss(dict(batch, future_scene=batch["future_scene"] + 1.0))
+    assert moved > base, "the future frames' scene is a target"
+    current = {k: v for k, v in batch.items() if k != "future_scene"}
+    assert torch.isfinite(scene_loss(current)) and scene_loss(current) != base

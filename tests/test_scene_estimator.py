@@ -35,13 +35,22 @@ def test_it_learns_where_a_dot_is_from_the_pixels():
 
 
 def test_shapes_fewer_cameras_and_per_robot_rows():
-    estimator = SceneEstimator(scene_dim=5, num_cameras=2, keypoints=3, num_embodiments=2)
+    estimator = SceneEstimator(
+        scene_dim=5, num_cameras=2, keypoints=3, num_embodiments=2, image_size=32
+    )
     images = torch.rand(4, 2, 3, 32, 32)
     ids = torch.tensor([0, 1, 0, 1])
     assert estimator.points(images).shape == (4, 2, 3, 2)
     both = estimator(images, ids)
     assert both.shape == (4, 5)
-    assert estimator(images[:, :1], ids).shape == (4, 5), "a robot with one camera reads zeros"
+    one = estimator.points(images[:, :1]).flatten(1)  # (4, 6): the second camera's are zeros
+    padded = torch.nn.functional.pad(one, (0, 6))
+    torch.testing.assert_close(
+        estimator(images[:, :1], ids), estimator.out(estimator.readout(padded), ids)
+    )
+    # nearest-neighbour doubling, then the area resize back to 32: the same pixels
+    doubled = torch.nn.functional.interpolate(images[:, 0], scale_factor=2.0)[:, None]
+    torch.testing.assert_close(estimator(doubled, ids), estimator(images[:, :1], ids))
     with torch.no_grad():
         estimator.out.bias[1] += 1.0
     moved = estimator(images, ids)
