@@ -74,10 +74,7 @@ class ImageEncoder(nn.Module):
                 f"image_size {image_size} must be divisible by 2**{len(channels)} "
                 f"(one halving per entry of channels {list(channels)})"
             )
-        layers, width = [], 3
-        for c in channels:
-            layers += [nn.Conv2d(width, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
-            width = c
+        layers, width = strided_stages(channels)
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Linear(width, hidden)
@@ -150,6 +147,16 @@ class ImageEncoder(nn.Module):
         if self.log_temperature is not None:
             maps = maps / self.log_temperature.exp()[:, None, None]
         return tokens, maps
+
+
+def strided_stages(channels: tuple[int, ...]) -> tuple[list[nn.Module], int]:
+    """One stage per entry of `channels`, each halving the side of RGB input (3x3 convolution,
+    stride 2, group norm, SiLU; the convolutions are modules 0, 3, 6, ...), and the last width."""
+    layers, width = [], 3
+    for c in channels:
+        layers += [nn.Conv2d(width, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+        width = c
+    return layers, width
 
 
 def spatial_softmax(maps: torch.Tensor) -> torch.Tensor:

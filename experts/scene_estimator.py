@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from experts.embodiment_heads import EmbodimentLinear
-from experts.image_encoder import spatial_softmax
+from experts.image_encoder import spatial_softmax, strided_stages
 
 
 class SceneEstimator(nn.Module):
@@ -57,10 +57,7 @@ class SceneEstimator(nn.Module):
                 f"a scene estimator needs scene_dim >= 1 and keypoints >= 1, got {scene_dim} "
                 f"and {keypoints}"
             )
-        layers, width = [], 3
-        for c in channels:
-            layers += [nn.Conv2d(width, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
-            width = c
+        layers, width = strided_stages(channels)
         self.stem = nn.Sequential(*layers)
         self.heatmaps = nn.Conv2d(width, keypoints, 1)
         self.readout = nn.Sequential(nn.Linear(num_cameras * keypoints * 2, hidden), nn.SiLU())
