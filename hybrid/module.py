@@ -85,6 +85,10 @@ class HybridModule(L.LightningModule):
             action expert 0.5-0.7, so one clip at 1.0 scaled every step by about 0.6; clipped
             per expert, that recipe's success and scene error stayed within their intervals
             and spread (README).
+        lr_scale: multipliers of `lr` by parameter name in the policy: a key (an expert, or a
+            module inside one, e.g. `action_expert.estimator`) scales the rate of every
+            parameter under it, the longest matching key winning; the schedule scales them all
+            alike. A key that names no trained parameter is an error.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class HybridModule(L.LightningModule):
         ema_decay: float | None = 0.999,
         vlm_rows: int | None = None,
         clip_per_expert: bool = False,
+        lr_scale: dict[str, float] | None = None,
     ):
         super().__init__()
         if not lr > 0:
@@ -130,6 +135,8 @@ class HybridModule(L.LightningModule):
             )
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        if any(not scale > 0 for scale in (lr_scale or {}).values()):
+            raise ValueError(f"model.lr_scale: every multiplier must be > 0, got {lr_scale}")
         if isinstance(experts, Experts):  # saved as a plain dict: checkpoints hold no classes
             experts = {k: v for k, v in asdict(experts).items() if v is not None}
         self.save_hyperparameters()
@@ -145,6 +152,7 @@ class HybridModule(L.LightningModule):
         }
         self.ema_decay = ema_decay
         self.clip_per_expert = clip_per_expert
+        self.lr_scale = dict(lr_scale or {})
         self.ema: dict[str, torch.Tensor] | None = None  # parameter name -> averaged value
 
     # 1. building the policy from the data ---------------------------------------------------------
@@ -242,8 +250,28 @@ class HybridModule(L.LightningModule):
 
     # 3. optimisation ------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        return [{"params": params, "weight_decay": self.hparams.weight_decay}]
+        """One AdamW group per learning rate (`lr_scale`), each with the weight decay."""
+        scales, groups, matched = self.lr_scale, {}, set()
+        for name, param in self.policy.named_parameters():
+            if not param.requires_grad:
+                continue
+            name = name.replace("_fsdp_wrapped_module.", "")  # FSDP's wrappers, if any
+            keys = [k for k in scales if name == k or name.startswith(f"{k}.")]
+            key = max(keys, key=len, default=None)
+            matched.add(key)
+            groups.setdefault(scales.get(key, 1.0), []).append(param)
+        unmatched = sorted(set(scales) - matched)
+        if unmatched:
+            raise ValueError(
+                f"model.lr_scale: {unmatched} name no trained parameter of the policy; keys are "
+                f"dotted module names under it, e.g. {list(self.policy.expert_names)} or "
+                "action_expert.estimator"
+            )
+        lr, decay = self.hparams.lr, self.hparams.weight_decay
+        return [
+            {"params": params, "lr": lr * scale, "weight_decay": decay}
+            for scale, params in groups.items()
+        ]
 
     def configure_optimizers(self):
         hp = self.hparams

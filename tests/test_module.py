@@ -115,3 +115,45 @@ def test_gradient_clipping_bounds_each_expert_or_the_whole_policy(
             assert total > 1.5 * clip, "each expert keeps its own step"
         else:
             assert total == pytest.approx(clip, rel=1e-3), step
+
+
+def test_lr_scale_sets_the_rate_of_the_named_module_through_the_schedule(mt10_dataset, tmp_path):
+    experts = {**SMALL, "action_expert": {**SMALL["action_expert"], "scene_dim": 9}}
+    experts["action_expert"]["scene_estimator"] = 4
+    scale = {"action_expert": 0.5, "action_expert.estimator": 4.0}
+    module = HybridModule(
+        experts=experts, export_dir=str(tmp_path / "p"), lr=1e-3, warmup_steps=2, lr_scale=scale
+    )
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(module, _datamodule(mt10_dataset[0]))
+    groups = trainer.optimizers[0].param_groups
+    estimator = {id(p) for p in module.policy.action_expert.estimator.parameters()}
+    expert = {id(p) for p in module.policy.action_expert.parameters()} - estimator
+    rate = {}
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        if ids & estimator:
+            assert ids == estimator, "the longest key takes the estimator, nothing else"
+            rate["estimator"] = group["lr"]
+        elif ids & expert:
+            assert ids == expert
+            rate["expert"] = group["lr"]
+        else:
+            rate["rest"] = group["lr"]
+    assert len(groups) == 3
+    # after three steps the schedule has moved every rate alike
+    assert rate["rest"] != pytest.approx(1e-3)
+    assert rate["estimator"] == pytest.approx(4.0 * rate["rest"])
+    assert rate["expert"] == pytest.approx(0.5 * rate["rest"])
+
+
+def test_an_lr_scale_key_that_names_nothing_is_an_error(mt10_dataset, tmp_path):
+    module = HybridModule(
+        experts=SMALL, export_dir=str(tmp_path / "p"), lr_scale={"action_expert.estimatr": 3.0}
+    )
+    with pytest.raises(ValueError, match=r"estimatr.*name no trained parameter"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(
+            module, _datamodule(mt10_dataset[0])
+        )
+    with pytest.raises(ValueError, match="must be > 0"):
+        HybridModule(experts=SMALL, lr_scale={"vlm": 0.0})
