@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from hybrid.data.datamodule import HybridDataModule
+from hybrid.data.windows import SCENE_KEY
 from hybrid.policy import HybridPolicy
 
 DEFAULT_WEIGHTS = {
@@ -169,12 +170,21 @@ class HybridModule(L.LightningModule):
         if self.policy is not None:
             return
         dm = self._datamodule(stage)
-        spec = dm.embodiment_spec()
+        spec, stats = dm.embodiment_spec(), dm.norm_stats()
+        # an expert that acts on its scene estimate must learn it: refuse data without a scene
+        expert = (self.hparams.experts or {}).get("action_expert") or {}
+        if expert.get("scene_input") and SCENE_KEY not in stats:
+            raise ValueError(
+                f"model.experts.action_expert reads a scene (scene_input: true), but dataset "
+                f"{dm.hparams.root} records none ({SCENE_KEY}; collected before scenes were "
+                "recorded), so its estimate would never learn: collect the data again with "
+                "`hybrid collect`, or train a recipe without scene_input"
+            )
         self.policy = HybridPolicy.create(
             dm.train_set.texts(),
             dm.train_set.action_chunks(),
             [spec],
-            {spec.name: dm.norm_stats()},
+            {spec.name: stats},
             **(self.hparams.experts or {}),
         )
         sizes = ", ".join(

@@ -157,3 +157,30 @@ def test_an_lr_scale_key_that_names_nothing_is_an_error(mt10_dataset, tmp_path):
         )
     with pytest.raises(ValueError, match="must be > 0"):
         HybridModule(experts=SMALL, lr_scale={"vlm": 0.0})
+
+
+def test_a_recipe_that_acts_on_the_scene_refuses_data_that_records_none(mt10_dataset, tmp_path):
+    """A collection made before scenes were recorded: the column, its feature and its statistics
+    are gone. An expert that reads its scene estimate would act on an estimator nothing trained,
+    so the fit stops before the first step, naming the dataset and the fix."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from hybrid.data.windows import SCENE_KEY
+
+    old = tmp_path / "old"
+    shutil.copytree(mt10_dataset[0], old)
+    for path in (old / "data").rglob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns([SCENE_KEY]), path)
+    for name in ("info.json", "stats.json"):
+        meta = json.loads((old / "meta" / name).read_text())
+        (meta["features"] if name == "info.json" else meta).pop(SCENE_KEY)
+        (old / "meta" / name).write_text(json.dumps(meta))
+    expert = dict(SMALL["action_expert"], scene_dim=9, scene_estimator=4, scene_input=True)
+    experts = {**SMALL, "action_expert": expert}
+    module = HybridModule(experts=experts, export_dir=str(tmp_path / "p"))
+    with pytest.raises(ValueError, match=r"reads a scene.*records none.*hybrid collect"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, _datamodule(old))
+    assert not (tmp_path / "p").exists(), "nothing exported"
