@@ -262,9 +262,7 @@ class HybridModule(L.LightningModule):
     def param_groups(self) -> list[dict]:
         """One AdamW group per learning rate (`lr_scale`), each with the weight decay."""
         scales, groups, matched = self.lr_scale, {}, set()
-        for name, param in self.policy.named_parameters():
-            if not param.requires_grad:
-                continue
+        for name, param in self._trained().items():
             name = name.replace("_fsdp_wrapped_module.", "")  # FSDP's wrappers, if any
             keys = [k for k in scales if name == k or name.startswith(f"{k}.")]
             key = max(keys, key=len, default=None)
