@@ -203,3 +203,21 @@ def test_the_default_camera_sees_the_object_and_its_goal(task):
         assert all(f.shape == (64, 64, 3) and f.any() for f in frames.values())
     assert min(counts["front"]) >= 9 and min(counts["side"]) >= 5, counts
     assert max(counts["corner"]) <= 5, counts
+
+
+@pytest.mark.parametrize("task", ["reach-v3", "push-v3"])
+def test_the_first_frame_shows_the_goal_where_the_observation_has_it(task):
+    """Meta-World sets the goal marker after its last forward pass: without one more, the frame
+    rendered at reset drew the marker where an earlier draw had put it, centimetres off."""
+    import mujoco
+
+    env = MetaWorldEnv(task, camera="front", image_size=32)
+    try:
+        model, data = env.env.unwrapped.model, env.env.unwrapped.data
+        goal = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "goal")
+        for seed in (5, 6):
+            obs = env.reset(seed)
+            # the renderer draws the marker at data.site_xpos
+            np.testing.assert_allclose(data.site_xpos[goal], obs[36:39], atol=1e-6)
+    finally:
+        env.close()

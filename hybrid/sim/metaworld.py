@@ -251,12 +251,18 @@ class MetaWorldEnv:
         """Reset to the placement `seed` draws; returns the 39-dim observation. With
         `start_spread` > 0 the hand starts up to that far (m) from the task's start pose in x
         and y, half as far in z, also drawn from `seed`; 0 is Meta-World's one start pose."""
+        import mujoco
+
         unwrapped = self.env.unwrapped
         unwrapped.np_random = np.random.default_rng(seed)
         # a stream of its own: the placement's draws stay those of `seed` whatever the spread
         offset = np.random.default_rng([seed, 1]).uniform(-1, 1, 3) * [1, 1, 0.5] * start_spread
         unwrapped.hand_init_pos = self._hand_start + offset
         obs, _ = self.env.reset(seed=seed)
+        # Meta-World moves the goal marker (model.site_pos) after its last forward pass, so the
+        # frame rendered now would draw the marker where another draw put it: every episode's
+        # first frame showed a wrong goal, in the data and when planning. Recompute positions.
+        mujoco.mj_forward(unwrapped.model, unwrapped.data)
         return obs
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, bool]:
