@@ -98,3 +98,28 @@ def test_sensitivity_writes_one_row_per_task_with_what_moves_the_first_chunk(
         assert noise > 0, "another noise, another chunk"
     assert max(spread for spread, *_ in figures) > 0, "demonstrations differ somewhere"
     assert "old" not in readme.read_text()
+
+
+@pytest.mark.slow
+def test_perception_reports_the_scene_estimate_open_and_closed_loop(
+    tiny_policy_dir, mt10_dataset, tmp_path
+):
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- figure: perception -->\nold\n<!-- /figure: perception -->\n")
+    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, SCRIPT.with_name("perception.py"), "--policy", tiny_policy_dir]
+    args += ["--data", mt10_dataset[0], "--val-fraction", "0.5", "--tasks", "push-v3"]
+    args += ["--episodes", "2", "--max-steps", "12", "--readme", readme]
+    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.strip("|").split("|") for line in readme.read_text().splitlines()]
+    rows = {r[1].strip(): r for r in rows if r[0].strip() == "push-v3"}
+    assert rows["held-out, first frame"][2].strip() == "1", "one held-out episode, one first frame"
+    counts = {
+        label.split("), ", 1)[1]: int(row[2])
+        for label, row in rows.items()
+        if label.startswith("closed loop")
+    }
+    assert counts.pop("first chunk") == 2 and sum(counts.values()) == 4, "2 x 3 chunks of 4 steps"
+    for row in rows.values():
+        assert all(0 < float(cell) < 1000 for cell in row[3:]), row

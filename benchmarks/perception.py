@@ -1,0 +1,170 @@
+"""Where the policy's eyes put the object and the goal, against where they are: the action
+expert's scene estimate, in cm, per task, open loop on held-out frames and in closed loop at
+every planned chunk. Prints numbers; asserts nothing.
+
+    python benchmarks/perception.py --policy outputs/scene_estimator/policy --data data/quickstart \
+        --tasks reach-v3 push-v3 pick-place-v3 --episodes 5 --readme README.md
+
+Open loop: every frame of the task's held-out episodes (the validation split `hybrid fit` used),
+by where it lies in its episode: the first frame, the next five, the rest. Closed loop: the
+planner runs the task from new placements (seed 1000, as `hybrid eval` draws them) and, at each
+chunk it plans, its estimate from the frames it planned on is set against the simulator's
+positions: at the first chunk, then at later ones split by whether the object has left its
+start (by 1 cm) and whether the hand is within 8 cm of it; demonstrations go straight for the
+object, so a still object with the hand far from it is a view they rarely show. Beside the goal's
+error, the distance from the estimated goal to the hand and from the true goal to the hand: an
+estimate that sits nearer the hand than the goal does follows the arm (which, in every
+demonstration, ends at the goal) instead of reading the goal marker.
+"""
+
+import argparse
+
+import numpy as np
+import torch
+from einops import rearrange
+from readme import markdown_table, write_figure
+from rich.console import Console
+from rich.table import Table
+
+from hybrid.collect import episode_seed
+from hybrid.data.datamodule import HybridDataModule
+from hybrid.data.windows import SCENE_KEY, STATE_KEY, resize_frames
+from hybrid.sim import metaworld
+from hybrid.types import Observation
+from planners.hierarchical import HybridPlanner
+
+OBJECT = [i for i, name in enumerate(metaworld.SCENE_NAMES) if name.startswith("object_")]
+GOAL = [i for i, name in enumerate(metaworld.SCENE_NAMES) if name.startswith("goal_")]
+COLUMNS = ["task", "frames", "n", "object (cm)", "goal (cm)", "goal estimate to hand (cm)"]
+COLUMNS += ["goal to hand (cm)"]
+OBJECT_OBS = slice(4, 7)  # the object's position in Meta-World's 39-dim observation
+PARTS = ["first chunk", "object still, hand within 8 cm", "object still, hand farther"]
+PARTS += ["object moved"]
+
+
+@torch.no_grad()
+def estimate(planner: HybridPlanner, frames: np.ndarray) -> np.ndarray:
+    """Frames (T, N, S, S, 3) uint8 at the policy's side -> the scene estimate (T, 9) in the
+    simulator's units."""
+    policy = planner.policy
+    images = rearrange(torch.from_numpy(frames), "t n h w c -> t n c h w").float() / 255
+    ids = policy.embodiment_ids([planner.embodiment] * len(frames))
+    scene = policy.action_expert.estimate_scene(images.to(planner.device), ids)
+    width = len(metaworld.SCENE_NAMES)
+    normalizer = policy.normalizers[planner.embodiment]
+    return normalizer.unnormalize(SCENE_KEY, scene[:, :width].cpu().numpy())
+
+
+def _row(task: str, label: str, est: np.ndarray, truth: np.ndarray, hand: np.ndarray) -> list:
+    def cm(a: np.ndarray, b: np.ndarray) -> str:
+        return f"{100 * np.linalg.norm(a - b, axis=1).mean():.1f}"
+
+    goal, true_goal = est[:, GOAL], truth[:, GOAL]
+    row = [task, label, str(len(est)), cm(est[:, OBJECT], truth[:, OBJECT]), cm(goal, true_goal)]
+    return row + [cm(goal, hand), cm(true_goal, hand)]
+
+
+def open_loop(planner: HybridPlanner, data: HybridDataModule, task: str) -> list[list[str]]:
+    """Rows for the held-out episodes of `task`: the first frame, the next five, the rest."""
+    instruction = metaworld.task_language()[task].instruction
+    episodes = [e for e in data.val_set.episodes if e["instruction"] == instruction]
+    if not episodes:
+        return []
+    parts = {"held-out, first frame": [], "held-out, frames 1-5": [], "held-out, the rest": []}
+    normalizer = data.normalizer
+    for episode in episodes:
+        est = estimate(planner, episode["images"])
+        truth = normalizer.unnormalize(SCENE_KEY, episode["scene"])
+        hand = normalizer.unnormalize(STATE_KEY, episode["state"])[:, :3]
+        for rows, part in zip(
+            parts.values(), (slice(0, 1), slice(1, 6), slice(6, None)), strict=True
+        ):
+            rows.append((est[part], truth[part], hand[part]))
+    return [
+        _row(task, label, *(np.concatenate(column) for column in zip(*rows, strict=True)))
+        for label, rows in parts.items()
+        if sum(len(r[0]) for r in rows)
+    ]
+
+
+def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) -> list[list[str]]:
+    """Rows for `episodes` rollouts of `task`, one per part of PARTS any chunk fell in."""
+    language = metaworld.task_language()[task]
+    cameras = {key.rsplit(".", 1)[-1]: key for key in planner.spec.cameras}
+    env = metaworld.make_env(task, tuple(cameras), planner.image_size, seed)
+    parts = {label: [] for label in PARTS}
+    successes = 0
+    try:
+        for i in range(episodes):
+            obs = env.reset(episode_seed(seed, task, i))
+            planner.reset()
+            start = obs[OBJECT_OBS].copy()
+            success, steps, chunk = False, 0, 0
+            while steps < max_steps and not success:
+                steps += 1
+                rendered = env.render()
+                images = {cameras[name]: frame for name, frame in rendered.items()}
+                if not planner.queue:
+                    frames = np.stack(
+                        [resize_frames(f[None], planner.image_size)[0] for f in rendered.values()]
+                    )
+                    sample = (estimate(planner, frames[None]), metaworld.scene_state(obs)[None])
+                    parts[_closed_loop_part(chunk, obs, start)].append((*sample, obs[None, :3]))
+                    chunk += 1
+                state = metaworld.policy_state(obs)
+                action = planner.act(Observation(images, state), language.instruction)
+                obs, success = env.step(action)
+            successes += success
+    finally:
+        env.close()
+    label = f"closed loop ({successes}/{episodes} succeeded)"
+    return [
+        _row(task, f"{label}, {which}", *(np.concatenate(c) for c in zip(*rows, strict=True)))
+        for which, rows in parts.items()
+        if rows
+    ]
+
+
+def _closed_loop_part(chunk: int, obs: np.ndarray, start: np.ndarray) -> str:
+    """Which of PARTS a chunk planned from the 39-dim `obs` belongs to."""
+    if chunk == 0:
+        return PARTS[0]
+    if np.linalg.norm(obs[OBJECT_OBS] - start) > 0.01:
+        return PARTS[3]
+    return PARTS[1] if np.linalg.norm(obs[:3] - obs[OBJECT_OBS]) < 0.08 else PARTS[2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--data", required=True, help="the dataset the policy was trained on")
+    parser.add_argument("--tasks", nargs="+", default=["reach-v3", "push-v3", "pick-place-v3"])
+    parser.add_argument("--episodes", type=int, default=5, help="closed-loop episodes per task")
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
+    parser.add_argument("--readme", help="rewrite this README's `perception` table")
+    args = parser.parse_args()
+    planner = HybridPlanner.from_pretrained(args.policy, decode_candidates=False)
+    if not planner.policy.action_expert.config.scene_dim:
+        parser.error(f"{args.policy}: its action expert estimates no scene (scene_dim 0)")
+    data = HybridDataModule(
+        args.data, image_size=planner.image_size, val_fraction=args.val_fraction
+    )
+    data.setup("fit")
+    rows = []
+    for task in metaworld.resolve_tasks(args.tasks):
+        rows += open_loop(planner, data, task)
+        rows += closed_loop(planner, task, args.episodes, args.seed, args.max_steps)
+    table = Table(title="the scene estimate against the simulator's positions")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("task", "frames") else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if args.readme:
+        write_figure(args.readme, "perception", markdown_table(COLUMNS, rows))
+
+
+if __name__ == "__main__":
+    main()
