@@ -37,7 +37,6 @@ OBJECT = [i for i, name in enumerate(metaworld.SCENE_NAMES) if name.startswith("
 GOAL = [i for i, name in enumerate(metaworld.SCENE_NAMES) if name.startswith("goal_")]
 COLUMNS = ["task", "frames", "n", "object (cm)", "goal (cm)", "goal estimate to hand (cm)"]
 COLUMNS += ["goal to hand (cm)"]
-OBJECT_OBS = slice(4, 7)  # the object's position in Meta-World's 39-dim observation
 PARTS = ["first chunk", "object still, hand within 8 cm", "object still, hand farther"]
 PARTS += ["object moved"]
 
@@ -98,7 +97,7 @@ def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) ->
         for i in range(episodes):
             obs = env.reset(episode_seed(seed, task, i))
             planner.reset()
-            start = obs[OBJECT_OBS].copy()
+            start = metaworld.scene_state(obs)[OBJECT]
             success, steps, chunk = False, 0, 0
             while steps < max_steps and not success:
                 steps += 1
@@ -108,8 +107,9 @@ def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) ->
                     frames = np.stack(
                         [resize_frames(f[None], planner.image_size)[0] for f in rendered.values()]
                     )
-                    sample = (estimate(planner, frames[None]), metaworld.scene_state(obs)[None])
-                    parts[_closed_loop_part(chunk, obs, start)].append((*sample, obs[None, :3]))
+                    truth, hand = metaworld.scene_state(obs), metaworld.policy_state(obs)[:3]
+                    part = _closed_loop_part(chunk, truth[OBJECT], hand, start)
+                    parts[part].append((estimate(planner, frames[None]), truth[None], hand[None]))
                     chunk += 1
                 state = metaworld.policy_state(obs)
                 action = planner.act(Observation(images, state), language.instruction)
@@ -125,13 +125,14 @@ def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) ->
     ]
 
 
-def _closed_loop_part(chunk: int, obs: np.ndarray, start: np.ndarray) -> str:
-    """Which of PARTS a chunk planned from the 39-dim `obs` belongs to."""
+def _closed_loop_part(chunk: int, obj: np.ndarray, hand: np.ndarray, start: np.ndarray) -> str:
+    """Which of PARTS a chunk belongs to, from the object's position now and at the start and
+    the hand's (m)."""
     if chunk == 0:
         return PARTS[0]
-    if np.linalg.norm(obs[OBJECT_OBS] - start) > 0.01:
+    if np.linalg.norm(obj - start) > 0.01:
         return PARTS[3]
-    return PARTS[1] if np.linalg.norm(obs[:3] - obs[OBJECT_OBS]) < 0.08 else PARTS[2]
+    return PARTS[1] if np.linalg.norm(hand - obj) < 0.08 else PARTS[2]
 
 
 def main() -> None:

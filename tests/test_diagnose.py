@@ -11,13 +11,21 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "diagnose.py"
 
 
-def _diagnose(policy, data, out):
+def _benchmark(script: str, *args) -> subprocess.CompletedProcess:
+    """Run benchmarks/<script> with `args` in a subprocess, one thread, a wide console; it must
+    exit 0."""
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, SCRIPT, "--policy", policy, "--data", data, "--future-offset", "8"]
+    command = [sys.executable, SCRIPT.with_name(script), *args]
+    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _diagnose(policy, data, out):
+    args = ["--policy", policy, "--data", data, "--future-offset", "8"]
     args += ["--val-fraction", "0.5", "--batches", "1", "--batch-size", "8"]
     args += ["--num-candidates", "3", "--out", out]
-    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _benchmark("diagnose.py", *args)
     return json.loads(Path(out).read_text()), done.stdout
 
 
@@ -52,11 +60,9 @@ def test_phase_report_writes_its_readme_table(tiny_policy_dir, tmp_path):
     oracle = "<!-- figure: phases_oracle -->\nold\n<!-- /figure: phases_oracle -->\n"
     phases = "<!-- figure: phases -->\nold\n<!-- /figure: phases -->\n"
     readme.write_text(f"before\n{phases}{oracle}after\n")
-    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, SCRIPT.with_name("phases.py"), "--policy", tiny_policy_dir]
-    args += ["--tasks", "push-v3", "--episodes", "2", "--max-steps", "12", "--readme", readme]
-    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    args = ["--policy", tiny_policy_dir, "--tasks", "push-v3", "--episodes", "2"]
+    args += ["--max-steps", "12", "--readme", readme]
+    _benchmark("phases.py", *args)
     text = readme.read_text()
     assert text.count("old") == 1 and text.startswith("before") and text.rstrip().endswith("after")
     row = next(line for line in text.splitlines() if line.startswith("| push-v3 | failure"))
@@ -65,9 +71,7 @@ def test_phase_report_writes_its_readme_table(tiny_policy_dir, tmp_path):
     shares = [int(c.strip().rstrip("%")) for c in cells[4:]]
     assert 99 <= sum(shares) <= 101, "every chunk is in one column"
     # --oracle: the subgoal is the true phase's in every chunk
-    args += ["--oracle"]
-    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _benchmark("phases.py", *args, "--oracle")
     text = readme.read_text()
     assert "old" not in text
     oracle_rows = text.split("figure: phases_oracle")[1].splitlines()
@@ -81,11 +85,8 @@ def test_sensitivity_writes_one_row_per_task_with_what_moves_the_first_chunk(
 ):
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- figure: sensitivity -->\nold\n<!-- /figure: sensitivity -->\nb\n")
-    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, SCRIPT.with_name("sensitivity.py"), "--data", mt10_dataset[0]]
-    args += ["--policy", tiny_policy_dir, "--readme", readme]
-    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    args = ["--data", mt10_dataset[0], "--policy", tiny_policy_dir, "--readme", readme]
+    _benchmark("sensitivity.py", *args)
     rows = [
         line for line in readme.read_text().splitlines() if line.startswith(f"| {tiny_policy_dir}")
     ]
@@ -106,12 +107,9 @@ def test_perception_reports_the_scene_estimate_open_and_closed_loop(
 ):
     readme = tmp_path / "README.md"
     readme.write_text("before\n<!-- figure: perception -->\nold\n<!-- /figure: perception -->\n")
-    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, SCRIPT.with_name("perception.py"), "--policy", tiny_policy_dir]
-    args += ["--data", mt10_dataset[0], "--val-fraction", "0.5", "--tasks", "push-v3"]
-    args += ["--episodes", "2", "--max-steps", "12", "--readme", readme]
-    done = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    args = ["--policy", tiny_policy_dir, "--data", mt10_dataset[0], "--val-fraction", "0.5"]
+    args += ["--tasks", "push-v3", "--episodes", "2", "--max-steps", "12", "--readme", readme]
+    _benchmark("perception.py", *args)
     rows = [line.strip("|").split("|") for line in readme.read_text().splitlines()]
     rows = {r[1].strip(): r for r in rows if r[0].strip() == "push-v3"}
     assert rows["held-out, first frame"][2].strip() == "1", "one held-out episode, one first frame"
