@@ -407,8 +407,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         visual_keep: torch.Tensor | None = None,
         scene: torch.Tensor | None = None,
         scene_mask: torch.Tensor | None = None,
-        future_images: torch.Tensor | None = None,
-        future_scene: torch.Tensor | None = None,
+        extra_images: torch.Tensor | None = None,
+        extra_scene: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
+        extra_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """{"action": flow-matching loss on normalised actions (B, H, max_action_dim), masked over
         padded steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim);
@@ -417,9 +419,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         scene head and the batch a scene}. `images` (B, N, 3, S, S) in [0, 1] are the current
         frames, randomly shifted here. `visual_keep` (B,) bool drops the visual subgoal for some
         samples (condition dropout), so the expert also learns to act without it.
-        `future_images` (B, N, 3, S, S) and `future_scene` (B, scene_dim), the frames and scene
-        of a later step of the same samples (same `scene_mask`), are more examples for the scene
-        estimator alone, which reads nothing else."""
+        `extra_images` (B', N, 3, S, S), `extra_scene` (B', scene_dim), `extra_mask` (B',
+        scene_dim) and their robots' `extra_ids` (B',) are more examples for the scene estimator
+        alone, which reads nothing else: the frames of a later step of the same samples, frames
+        of other rollouts (the policy's `losses`)."""
         if images is not None:
             images = random_shift(images, self.config.image_shift)
         has_scene = bool(self.config.scene_dim) and scene is not None and bool(scene_mask.any())
@@ -428,10 +431,18 @@ class ActionExpert(ModelMixin, ConfigMixin):
             if images is None:
                 raise ValueError("this action expert sees the current frames: pass `images`")
             frames, ids, targets, masks = images, embodiment_ids, scene, scene_mask
-            if future_images is not None and future_scene is not None:
-                future = random_shift(future_images, self.config.image_shift)
-                frames, ids = torch.cat([images, future]), embodiment_ids.repeat(2)
-                targets, masks = torch.cat([scene, future_scene]), scene_mask.repeat(2, 1)
+            if extra_images is not None:
+                extras = (extra_images, extra_scene, extra_mask, extra_ids)
+                if any(x is None for x in extras) or len({len(x) for x in extras}) > 1:
+                    raise ValueError(
+                        "extra_images, extra_scene, extra_mask and extra_ids go together, one row "
+                        "each"
+                    )
+                extra = random_shift(extra_images, self.config.image_shift)
+                frames = torch.cat([images, extra])
+                ids = torch.cat([embodiment_ids, extra_ids])
+                targets = torch.cat([scene, extra_scene])
+                masks = torch.cat([scene_mask, extra_mask.bool()])
             estimates = self.estimator(frames, ids)
             estimate = estimates[: len(images)]  # the current frames' estimate, read below
             losses["scene"] = ((estimates - targets).square() * masks).sum() / masks.sum()

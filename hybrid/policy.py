@@ -235,7 +235,10 @@ class HybridPolicy(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Every loss of the hierarchy on one batch: lang, fast, world, value, action (+ vae when
         the world model's VAE trains, + scene when the action expert has a scene head and the
-        data a scene). The action and scene losses reach only the action expert.
+        data a scene). The action and scene losses reach only the action expert. With a scene
+        estimator the scene loss also reads each sample's future frame (`future_scene`) and, where
+        the batch has them, frames of other rollouts (`scene_images`, `scene_target`,
+        `scene_target_mask`; `hybrid.data.scene_frames`).
 
         Condition dropout keeps the planner's ablation modes valid: for a `visual_dropout` share
         of samples the action expert acts without the visual subgoal, for a `language_dropout`
@@ -300,7 +303,21 @@ class HybridPolicy(nn.Module):
                 f"the action expert's scene head has {scene_dim}: raise "
                 "`model.experts.action_expert.scene_dim`, or set it to 0 to learn no scene"
             )
-        future_scene = batch.get("future_scene") if scene is not None else None
+        extra = {}  # more frames for the scene estimator alone: the future, other rollouts
+        if scene is not None:
+            sources = [  # (frames, scene, mask); the scene data is of the batch's robot
+                ("future_images", "future_scene", "scene_mask"),
+                ("scene_images", "scene_target", "scene_target_mask"),
+            ]
+            parts = [
+                (batch[i], self._pad(batch[t], scene_dim), self._pad(batch[m], scene_dim), ids)
+                for i, t, m in sources
+                if t in batch
+            ]
+            if parts:
+                keys = ("extra_images", "extra_scene", "extra_mask", "extra_ids")
+                columns = zip(*parts, strict=True)
+                extra = {k: torch.cat(x) for k, x in zip(keys, columns, strict=True)}
         action = self.action_expert.loss(
             self._pad(actions, cfg.max_action_dim),
             batch["action_mask"],
@@ -314,8 +331,7 @@ class HybridPolicy(nn.Module):
             visual_keep,
             None if scene is None else self._pad(scene, scene_dim),
             None if scene is None else self._pad(batch["scene_mask"], scene_dim).bool(),
-            None if future_scene is None else batch["future_images"],
-            None if future_scene is None else self._pad(future_scene, scene_dim),
+            **extra,
         )
         losses = {"lang": out.lang_loss, "fast": out.fast_loss, **action, **world}
         return {k: v for k, v in losses.items() if v is not None}

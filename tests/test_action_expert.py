@@ -383,12 +383,21 @@ def test_scene_estimator_learns_the_scene_on_its_own_eyes_and_the_planner_reads_
         expert.modulation[1].weight.normal_(std=0.1)
     inputs = _inputs()
     inputs["vlm_features"].requires_grad_(True)
-    future = dict(future_images=torch.rand(B, 1, 3, 32, 32), future_scene=torch.randn(B, 5))
+    future = dict(
+        extra_images=torch.rand(B, 1, 3, 32, 32),
+        extra_scene=torch.randn(B, 5),
+        extra_mask=torch.ones(B, 5),
+        extra_ids=torch.zeros(B, dtype=torch.long),
+    )
     targets = dict(scene=scene, scene_mask=scene_mask)
     torch.manual_seed(3)
     losses = expert.loss(actions, action_mask, dim_mask, **inputs, **targets, **future)
     losses["scene"].backward()
     assert expert.estimator.heatmaps.weight.grad.abs().sum() > 0, "the estimator learns"
+    with pytest.raises(ValueError, match="extra_ids go together"):
+        expert.loss(
+            actions, action_mask, dim_mask, **inputs, **targets, **future | {"extra_ids": None}
+        )
     for name, p in expert.named_parameters():
         if not name.startswith("estimator."):
             assert p.grad is None, f"the scene loss reached {name}"

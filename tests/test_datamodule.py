@@ -114,3 +114,37 @@ def test_the_robot_spec_carries_action_limits(datamodule, mt10_dataset):
     assert spec.name == "arm"
     np.testing.assert_allclose(spec.action_low, actions.min(0), atol=1e-6)
     np.testing.assert_allclose(spec.action_high, actions.max(0), atol=1e-6)
+
+
+def test_a_second_dataset_gives_every_training_sample_a_frame_for_the_scene_estimator(
+    mt10_dataset, panda_dataset
+):
+    """`scene_root`: each training sample carries one frame of the scene data, drawn at random,
+    with that frame's scene normalised by the training data's statistics; validation reads the
+    training data alone, and scene data of another robot is refused by name."""
+    root = str(mt10_dataset[0])
+    dm = HybridDataModule(root, image_size=32, batch_size=16, val_fraction=0.5, scene_root=root)
+    dm.setup("fit")
+    extra = dm.scene_frames.images, dm.scene_frames.scene
+    raw = np.concatenate(
+        [
+            dm.dataset.episode(i)["observation.environment_state"]
+            for i in range(dm.dataset.num_episodes)
+        ]
+    )
+    assert len(dm.scene_frames) == len(raw) > len(dm.train_set), "every episode, not the split"
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["scene_images"].shape == (16, 2, 3, 32, 32)
+    targets = dm.normalizer.unnormalize(
+        "observation.environment_state", batch["scene_target"].numpy()
+    )
+    for image, target in zip(batch["scene_images"], targets, strict=True):
+        same = np.abs(raw - target).max(1) < 1e-4  # the frames of that scene
+        assert same.any(), "a target is the scene of one of the scene data's frames"
+        pixels = (image.permute(0, 2, 3, 1) * 255).round().byte().numpy()
+        assert any(np.array_equal(pixels, extra[0][j]) for j in np.flatnonzero(same))
+    assert len({tuple(t) for t in batch["scene_target"].tolist()}) > 8, "drawn at random"
+    assert "scene_images" not in next(iter(dm.val_dataloader()))
+    other = HybridDataModule(root, image_size=32, scene_root=str(panda_dataset[0]))
+    with pytest.raises(DatasetError, match="robot 'panda'.*'sawyer'"):
+        other.setup("fit")

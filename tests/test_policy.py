@@ -451,11 +451,15 @@ def test_representation_reads_world_features_from_one_pass_and_imagines_nothing(
         )
 
 
-def test_a_scene_estimator_trains_on_the_current_and_the_future_frames(mt10_dataset):
+def test_a_scene_estimator_trains_on_the_current_the_future_and_other_rollouts_frames(
+    mt10_dataset,
+):
     """With `scene_estimator` the scene loss also reads each sample's future frame and scene
-    (`future_scene`, padded to the head's width); a batch without them trains on the current
-    frames alone."""
-    dm = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=4)
+    (`future_scene`, padded to the head's width) and the frames of a second dataset
+    (`data.scene_root`: `scene_images`, `scene_target`); a batch without them trains on the
+    current frames alone."""
+    root = str(mt10_dataset[0])
+    dm = HybridDataModule(root, chunk_size=8, future_offset=8, batch_size=4, scene_root=root)
     dm.setup("fit")
     torch.manual_seed(0)
     expert = dict(SMALL["action_expert"], keypoints=0, scene_estimator=4)
@@ -468,12 +472,19 @@ def test_a_scene_estimator_trains_on_the_current_and_the_future_frames(mt10_data
     )
     batch = next(iter(dm.train_dataloader()))
 
-    def scene_loss(batch):
+    def losses(batch):
         torch.manual_seed(1)  # the same random shifts and dropout every time
-        return policy.losses(batch)["scene"]
+        return policy.losses(batch)
+
+    def scene_loss(batch):
+        return losses(batch)["scene"]
 
     base = scene_loss(batch)
     moved = scene_loss(dict(batch, future_scene=batch["future_scene"] + 1.0))
     assert moved > base, "the future frames' scene is a target"
-    current = {k: v for k, v in batch.items() if k != "future_scene"}
+    other = losses(dict(batch, scene_target=batch["scene_target"] + 1.0))
+    assert other["scene"] > base, "the second dataset's scene is a target"
+    assert other["action"] == losses(batch)["action"], "and the estimator's alone"
+    only = {"future_scene", "scene_images", "scene_target", "scene_target_mask"}
+    current = {k: v for k, v in batch.items() if k not in only}
     assert torch.isfinite(scene_loss(current)) and scene_loss(current) != base

@@ -1,15 +1,18 @@
 """The LightningDataModule over one LeRobot v3 dataset: a seeded train/val split by episode,
-normalisation from `meta/stats.json`, and `TrainingWindows` batches (see `windows.py` for shapes).
+normalisation from `meta/stats.json`, and `TrainingWindows` batches (see `windows.py` for shapes);
+optionally a second dataset's frames for the scene estimator alone (`scene_frames.py`).
 """
 
 from __future__ import annotations
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset, require_directory
 from hybrid.data.normalize import Mode, Normalizer
+from hybrid.data.scene_frames import SceneFrames, WithSceneFrames
 from hybrid.data.windows import ACTION_KEY, SCENE_KEY, STATE_KEY, TrainingWindows
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.sim import SIMULATORS, simulator_for
@@ -42,6 +45,10 @@ class HybridDataModule(L.LightningDataModule):
         embodiment: robot name; default the dataset's `robot_type`.
         val_fraction: share of each task's episodes held out for validation.
         state_norm, action_norm: normalisation modes for state and actions.
+        scene_root: a second dataset of the same robot and cameras whose every frame, with its
+            scene, is one more example for the action expert's scene estimator and for nothing
+            else: each training sample carries one, drawn at random (`scene_frames.py`). None:
+            the estimator learns from the training data alone.
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class HybridDataModule(L.LightningDataModule):
         seed: int = 0,
         state_norm: Mode = "mean_std",
         action_norm: Mode = "mean_std",
+        scene_root: str | None = None,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -72,9 +80,12 @@ class HybridDataModule(L.LightningDataModule):
             if value < least:
                 raise ValueError(f"data.{name} must be >= {least}, got {value}")
         require_directory(root)
+        if scene_root is not None:
+            require_directory(scene_root)
         self.save_hyperparameters()
         self.train_set: TrainingWindows | None = None
         self.val_set: TrainingWindows | None = None
+        self.scene_frames: SceneFrames | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -106,6 +117,25 @@ class HybridDataModule(L.LightningDataModule):
 
         self.dataset, self.cameras = dataset, cameras
         self.train_set, self.val_set = windows(train), windows(val)
+        if hp.scene_root is not None:
+            self.scene_frames = self._scene_frames()
+
+    def _scene_frames(self) -> SceneFrames:
+        hp, extra = self.hparams, LeRobotDataset(self.hparams.scene_root)
+        if SCENE_KEY not in self.dataset.features:
+            raise DatasetError(
+                f"data.scene_root {hp.scene_root} trains the scene estimator, but the training "
+                f"data {hp.root} records no scene ({SCENE_KEY}) to learn it from: collect both "
+                "with `hybrid collect`"
+            )
+        if extra.robot_type != self.dataset.robot_type:
+            raise DatasetError(
+                f"data.scene_root {hp.scene_root} is of robot {extra.robot_type!r}, the training "
+                f"data {hp.root} of {self.dataset.robot_type!r}: the scene estimator learns one "
+                "robot's cameras and scene"
+            )
+        width = self.dataset.features[SCENE_KEY]["shape"][0]
+        return SceneFrames(extra, self.cameras, self.normalizer, hp.image_size, width)
 
     def embodiment_spec(self) -> EmbodimentSpec:
         """The robot this data is of: its name, state and action dims, the cameras read, and its
@@ -137,7 +167,7 @@ class HybridDataModule(L.LightningDataModule):
             if key in self.dataset.stats
         }
 
-    def _loader(self, windows: TrainingWindows, shuffle: bool) -> DataLoader:
+    def _loader(self, windows: torch.utils.data.Dataset, shuffle: bool) -> DataLoader:
         hp = self.hparams
         return DataLoader(
             windows,
@@ -149,6 +179,8 @@ class HybridDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.scene_frames is not None:
+            return self._loader(WithSceneFrames(self.train_set, self.scene_frames), shuffle=True)
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,0 +1,89 @@
+"""Frames labelled with the scene alone, more examples for the action expert's scene estimator.
+
+The estimator learns where the objects and the goal are from the frames of the demonstrations,
+which go straight for the object: in closed loop the arm is elsewhere (the policy's own errors),
+and there the estimate drifts (`benchmarks/perception.py`). Any second dataset of the same robot
+and cameras that records the scene teaches it those views, e.g. one collected with large action
+noise and failed episodes kept (`hybrid collect ... --action-noise 0.5 --keep-failures`). Its
+frames train the scene loss only; the actions, the language and the world model learn from the
+training data alone.
+
+`SceneFrames` holds every frame of such a dataset; `WithSceneFrames` adds one of them, drawn at
+random, to every training window:
+    scene_images    (N, 3, S, S) float32 in [0, 1]   the N cameras at that frame
+    scene_target    (E,) float32, normalised with the training data's statistics
+    scene_target_mask (E,) float32 ones
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset
+from hybrid.data.normalize import Normalizer
+from hybrid.data.windows import SCENE_KEY, resize_frames
+
+
+class SceneFrames(torch.utils.data.Dataset):
+    """Every frame of `dataset` as (images, scene), its cameras `cameras` resized to
+    `image_size`, its scene normalised by `normalizer` (the training data's)."""
+
+    def __init__(
+        self,
+        dataset: LeRobotDataset,
+        cameras: list[str],
+        normalizer: Normalizer,
+        image_size: int,
+        scene_dim: int,
+    ):
+        missing = [key for key in (*cameras, SCENE_KEY) if key not in dataset.features]
+        if missing:
+            raise DatasetError(
+                f"scene data {dataset.root} lacks {missing}: it must record the training data's "
+                f"cameras {cameras} and its scene ({SCENE_KEY}); collect it with `hybrid collect` "
+                "and the same --camera"
+            )
+        width = dataset.features[SCENE_KEY]["shape"][0]
+        if width != scene_dim:
+            raise DatasetError(
+                f"scene data {dataset.root} records a scene of {width} dims, the training data "
+                f"{scene_dim}: collect both of the same simulator"
+            )
+        images, scenes = [], []
+        for index in range(dataset.num_episodes):
+            columns = dataset.episode(index)
+            scenes.append(normalizer.normalize(SCENE_KEY, np.asarray(columns[SCENE_KEY])))
+            frames = [resize_frames(dataset.camera_frames(index, k), image_size) for k in cameras]
+            images.append(np.stack(frames, axis=1))  # (T, N, S, S, 3)
+        if not images:
+            raise DatasetError(f"scene data {dataset.root} holds no episode")
+        self.images = np.concatenate(images)
+        self.scene = np.concatenate(scenes).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.scene)
+
+    def __getitem__(self, i: int) -> dict:
+        frames = torch.from_numpy(self.images[i])
+        return {
+            "scene_images": rearrange(frames, "n h w c -> n c h w").float() / 255.0,
+            "scene_target": torch.from_numpy(self.scene[i]),
+            "scene_target_mask": torch.ones(self.scene.shape[1]),
+        }
+
+
+class WithSceneFrames(torch.utils.data.Dataset):
+    """`windows`, each sample with one frame of `frames` drawn at random by torch's generator
+    (seeded by `seed_everything`, and per worker by the DataLoader)."""
+
+    def __init__(self, windows: torch.utils.data.Dataset, frames: SceneFrames):
+        self.windows, self.frames = windows, frames
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(torch.randint(len(self.frames), ()))
+        return self.windows[i] | self.frames[j]
