@@ -180,6 +180,13 @@ class HybridModule(L.LightningModule):
                 "recorded), so its estimate would never learn: collect the data again with "
                 "`hybrid collect`, or train a recipe without scene_input"
             )
+        if dm.hparams.get("scene_root") and not expert.get("scene_estimator"):
+            raise ValueError(
+                f"data.scene_root {dm.hparams.scene_root} trains the action expert's scene "
+                "estimator, but model.experts.action_expert has none (scene_estimator: "
+                f"{expert.get('scene_estimator', 0)}): set scene_estimator > 0 (e.g. "
+                "configs/experiment/scene_estimator.yaml), or drop data.scene_root"
+            )
         self.policy = HybridPolicy.create(
             dm.train_set.texts(),
             dm.train_set.action_chunks(),

@@ -1,11 +1,16 @@
 """Training windows and the DataModule over the real Meta-World collection."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from hybrid.data.datamodule import HybridDataModule, split_episodes
 from hybrid.data.lerobot_dataset import DatasetError
+from hybrid.data.normalize import Normalizer
+from hybrid.data.scene_frames import SCENE_BOUND, SceneFrames
 
 H, K = 8, 5
 
@@ -117,34 +122,51 @@ def test_the_robot_spec_carries_action_limits(datamodule, mt10_dataset):
 
 
 def test_a_second_dataset_gives_every_training_sample_a_frame_for_the_scene_estimator(
-    mt10_dataset, panda_dataset
+    mt10_dataset, panda_dataset, tmp_path
 ):
     """`scene_root`: each training sample carries one frame of the scene data, drawn at random,
     with that frame's scene normalised by the training data's statistics; validation reads the
     training data alone, and scene data of another robot is refused by name."""
     root = str(mt10_dataset[0])
-    dm = HybridDataModule(root, image_size=32, batch_size=16, val_fraction=0.5, scene_root=root)
-    dm.setup("fit")
-    extra = dm.scene_frames.images, dm.scene_frames.scene
-    raw = np.concatenate(
-        [
-            dm.dataset.episode(i)["observation.environment_state"]
-            for i in range(dm.dataset.num_episodes)
-        ]
+    # the same frames under other statistics: the targets must follow the training data's
+    scene_root = tmp_path / "scene"
+    shutil.copytree(root, scene_root)
+    stats = json.loads((scene_root / "meta" / "stats.json").read_text())
+    key = "observation.environment_state"
+    stats[key] = {k: (np.asarray(v) * 3 + 1).tolist() for k, v in stats[key].items()}
+    (scene_root / "meta" / "stats.json").write_text(json.dumps(stats))
+    dm = HybridDataModule(
+        root, image_size=32, batch_size=16, val_fraction=0.5, scene_root=str(scene_root)
     )
+    dm.setup("fit")
+    episodes = range(dm.dataset.num_episodes)
+    raw = np.concatenate([dm.dataset.episode(i)[key] for i in episodes])
+    frames = {  # the training data's own frames, by episode, as its windows hold them
+        ep["episode_index"]: ep["images"] for ep in dm.train_set.episodes + dm.val_set.episodes
+    }
+    pixels_by_frame = np.concatenate([frames[i] for i in episodes])
     assert len(dm.scene_frames) == len(raw) > len(dm.train_set), "every episode, not the split"
     batch = next(iter(dm.train_dataloader()))
     assert batch["scene_images"].shape == (16, 2, 3, 32, 32)
-    targets = dm.normalizer.unnormalize(
-        "observation.environment_state", batch["scene_target"].numpy()
-    )
+    targets = dm.normalizer.unnormalize(key, batch["scene_target"].numpy())
     for image, target in zip(batch["scene_images"], targets, strict=True):
         same = np.abs(raw - target).max(1) < 1e-4  # the frames of that scene
         assert same.any(), "a target is the scene of one of the scene data's frames"
         pixels = (image.permute(0, 2, 3, 1) * 255).round().byte().numpy()
-        assert any(np.array_equal(pixels, extra[0][j]) for j in np.flatnonzero(same))
+        assert any(np.array_equal(pixels, pixels_by_frame[j]) for j in np.flatnonzero(same))
     assert len({tuple(t) for t in batch["scene_target"].tolist()}) > 8, "drawn at random"
+    assert batch["scene_target_mask"].all(), "the training data's own scenes lie within bound"
     assert "scene_images" not in next(iter(dm.val_dataloader()))
+    # measured by narrower statistics, targets beyond SCENE_BOUND deviations carry no weight
+    narrow = {k: {s: np.asarray(v) for s, v in d.items()} for k, d in dm.dataset.stats.items()}
+    narrow[key]["std"] = narrow[key]["std"] / 10
+    normalizer = Normalizer(narrow, {key: "mean_std"})
+    strict = SceneFrames(dm.dataset, dm.cameras, normalizer, 32, len(raw[0]))
+    far = np.abs(normalizer.normalize(key, raw)) > SCENE_BOUND
+    assert far.any() and not far.all()
+    np.testing.assert_array_equal(strict.mask, ~far)
     other = HybridDataModule(root, image_size=32, scene_root=str(panda_dataset[0]))
     with pytest.raises(DatasetError, match="robot 'panda'.*'sawyer'"):
         other.setup("fit")
+    with pytest.raises(DatasetError, match="data.scene_root .*missing.*not a directory"):
+        HybridDataModule(root, scene_root=str(tmp_path / "missing"))

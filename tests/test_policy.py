@@ -462,7 +462,11 @@ def test_a_scene_estimator_trains_on_the_current_the_future_and_other_rollouts_f
     dm = HybridDataModule(root, chunk_size=8, future_offset=8, batch_size=4, scene_root=root)
     dm.setup("fit")
     torch.manual_seed(0)
-    expert = dict(SMALL["action_expert"], keypoints=0, scene_estimator=4)
+    # the action path reads the current frames' estimate (scene_teacher 0): were the other
+    # rollouts' frames mixed into it, the action loss would change with them
+    expert = dict(
+        SMALL["action_expert"], keypoints=0, scene_estimator=4, scene_input=True, scene_teacher=0.0
+    )
     policy = HybridPolicy.create(
         dm.train_set.texts(),
         dm.train_set.action_chunks(),
@@ -484,7 +488,14 @@ def test_a_scene_estimator_trains_on_the_current_the_future_and_other_rollouts_f
     assert moved > base, "the future frames' scene is a target"
     other = losses(dict(batch, scene_target=batch["scene_target"] + 1.0))
     assert other["scene"] > base, "the second dataset's scene is a target"
-    assert other["action"] == losses(batch)["action"], "and the estimator's alone"
+    blank = losses(dict(batch, scene_images=torch.zeros_like(batch["scene_images"])))
+    assert blank["scene"] != base, "its frames are read"
+    assert blank["action"] == losses(batch)["action"], "by the estimator's loss alone"
+    masked = dict(batch, scene_target_mask=batch["scene_target_mask"].clone())
+    masked["scene_target_mask"][:2] = 0.0  # beyond the bound: no target
+    far = dict(masked, scene_target=batch["scene_target"].clone())
+    far["scene_target"][:2] += 100.0
+    assert scene_loss(far) == scene_loss(masked), "a masked target weighs nothing"
     only = {"future_scene", "scene_images", "scene_target", "scene_target_mask"}
     current = {k: v for k, v in batch.items() if k not in only}
     assert torch.isfinite(scene_loss(current)) and scene_loss(current) != base

@@ -5,6 +5,8 @@ optionally a second dataset's frames for the scene estimator alone (`scene_frame
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
@@ -80,8 +82,11 @@ class HybridDataModule(L.LightningDataModule):
             if value < least:
                 raise ValueError(f"data.{name} must be >= {least}, got {value}")
         require_directory(root)
-        if scene_root is not None:
-            require_directory(scene_root)
+        if scene_root is not None and not Path(scene_root).is_dir():
+            raise DatasetError(
+                f"data.scene_root {scene_root} is not a directory: name a dataset collected with "
+                "`hybrid collect`, or drop data.scene_root"
+            )
         self.save_hyperparameters()
         self.train_set: TrainingWindows | None = None
         self.val_set: TrainingWindows | None = None
@@ -117,7 +122,7 @@ class HybridDataModule(L.LightningDataModule):
 
         self.dataset, self.cameras = dataset, cameras
         self.train_set, self.val_set = windows(train), windows(val)
-        if hp.scene_root is not None:
+        if hp.scene_root is not None and stage in (None, "fit"):
             self.scene_frames = self._scene_frames()
 
     def _scene_frames(self) -> SceneFrames:
@@ -132,8 +137,18 @@ class HybridDataModule(L.LightningDataModule):
             raise DatasetError(
                 f"data.scene_root {hp.scene_root} is of robot {extra.robot_type!r}, the training "
                 f"data {hp.root} of {self.dataset.robot_type!r}: the scene estimator learns one "
-                "robot's cameras and scene"
+                "robot's cameras and scene; collect it with the training data's simulator"
             )
+        for key in self.cameras:  # the same view: a moved camera sees another picture
+            ours, theirs = self.dataset.features[key], extra.features.get(key, {})
+            view = {k: v for k, v in ours.get("info", {}).items() if k.startswith("camera.")}
+            other = {k: theirs.get("info", {}).get(k) for k in view}
+            if other != view or theirs.get("shape") != ours["shape"]:
+                raise DatasetError(
+                    f"data.scene_root {hp.scene_root}: camera {key} is {other} at "
+                    f"{theirs.get('shape')}, in the training data {view} at {ours['shape']}: "
+                    "collect the scene data with the same --camera and --image-size"
+                )
         width = self.dataset.features[SCENE_KEY]["shape"][0]
         return SceneFrames(extra, self.cameras, self.normalizer, hp.image_size, width)
 
