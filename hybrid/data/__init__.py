@@ -1,1 +1,2 @@
-"""Datasets: the LeRobot v3 format, training windows, normalisation and the DataModule."""
+"""Datasets: the LeRobot v3 format, training windows, the scene estimator's frames from other
+rollouts, normalisation and the DataModule."""
