@@ -28,7 +28,7 @@ from einops import rearrange
 
 from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset
 from hybrid.data.normalize import Normalizer
-from hybrid.data.windows import SCENE_KEY, resize_frames
+from hybrid.data.windows import SCENE_KEY, episode_frames
 
 SCENE_BOUND = 4.0  # standard deviations of the training data; its own frames lie within 2.1
 
@@ -62,8 +62,7 @@ class SceneFrames(torch.utils.data.Dataset):
         for index in range(dataset.num_episodes):
             columns = dataset.episode(index)
             scenes.append(normalizer.normalize(SCENE_KEY, np.asarray(columns[SCENE_KEY])))
-            frames = [resize_frames(dataset.camera_frames(index, k), image_size) for k in cameras]
-            images.append(np.stack(frames, axis=1))  # (T, N, S, S, 3)
+            images.append(episode_frames(dataset, index, cameras, image_size))
         if not images:
             raise DatasetError(f"scene data {dataset.root} holds no episode")
         self.images = np.concatenate(images)

@@ -39,6 +39,13 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     return rearrange(x.round().clamp(0, 255).byte(), "t c h w -> t h w c").numpy()
 
 
+def episode_frames(
+    dataset: LeRobotDataset, index: int, cameras: list[str], size: int
+) -> np.ndarray:
+    """Episode `index`'s frames from each of `cameras`, resized: (T, N, size, size, 3) uint8."""
+    return np.stack([resize_frames(dataset.camera_frames(index, k), size) for k in cameras], axis=1)
+
+
 class TrainingWindows(torch.utils.data.Dataset):
     """Every frame of the chosen episodes as one training sample (see the module docstring)."""
 
@@ -83,13 +90,7 @@ class TrainingWindows(torch.utils.data.Dataset):
                     "progress": np.asarray(progress, np.float32).reshape(length),
                     "subgoal": columns[SUBGOAL_KEY],
                     "instruction": columns["task"],
-                    "images": np.stack(
-                        [
-                            resize_frames(dataset.camera_frames(index, key), image_size)
-                            for key in cameras
-                        ],
-                        axis=1,
-                    ),  # (T, N, S, S, 3)
+                    "images": episode_frames(dataset, index, cameras, image_size),
                     "episode_index": index,
                 }
             )
