@@ -5,6 +5,7 @@ STAMP := $(VENV)/.hybrid-installed
 export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE := 1
 QUICKSTART_DATA ?= data/quickstart
+QUICKSTART_SCENE_DATA ?= data/quickstart_scene
 QUICKSTART_TASKS ?= reach-v3 push-v3 pick-place-v3 drawer-open-v3 button-press-topdown-v3
 
 PANDA_DATA ?= data/panda
@@ -19,7 +20,9 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 quickstart: setup
 	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 20 --out $(QUICKSTART_DATA)
-	$(BIN)/hybrid fit --config configs/quickstart.yaml --data.root $(QUICKSTART_DATA) --ckpt_path last
+	@# frames where the arm wanders, for the scene estimator alone (data.scene_root)
+	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 10 --action-noise 0.5 --keep-failures --seed 1 --out $(QUICKSTART_SCENE_DATA)
+	$(BIN)/hybrid fit --config configs/quickstart.yaml --data.root $(QUICKSTART_DATA) --data.scene_root $(QUICKSTART_SCENE_DATA) --ckpt_path last
 	$(BIN)/hybrid eval --policy outputs/quickstart/policy --tasks $(QUICKSTART_TASKS) --episodes 5 --out outputs/quickstart/eval --video
 	@echo "quickstart policy: outputs/quickstart/policy (HybridPlanner.from_pretrained); results and videos: outputs/quickstart/eval"
 

@@ -69,6 +69,7 @@ def _config(source: str, out: Path, run: Path, data: Path, steps: int, **model) 
     config = yaml.safe_load(Path(source).read_text())
     config["model"].update(model)
     config["data"]["root"] = str(data)
+    config["data"]["scene_root"] = None  # the quickstart's second collection is the Sawyer's
     trainer = config["trainer"]
     trainer.update(max_steps=steps, default_root_dir=str(run), logger=False)
     trainer["val_check_interval"] = min(trainer["val_check_interval"], steps)

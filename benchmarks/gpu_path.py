@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/gpu_path"))
     parser.add_argument("--base-data", default="data/quickstart")
+    parser.add_argument("--base-scene-data", default="data/quickstart_scene")
     parser.add_argument("--panda-data", default="data/panda")
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--precision", default="bf16-mixed")
@@ -77,7 +78,7 @@ def main() -> None:
     wall = {
         "fit": train(
             "fit", "configs/quickstart.yaml", args.base_data, args.fit_steps,
-            "--model.export_dir", str(base),
+            "--model.export_dir", str(base), "--data.scene_root", args.base_scene_data,
         ),
         "finetune": train(
             "finetune", "configs/finetune/panda.yaml", args.panda_data, args.finetune_steps,

@@ -232,13 +232,14 @@ class HybridPolicy(nn.Module):
         language_dropout: float = 0.0,
         imagined_share: float = 0.0,
         vlm_rows: int | None = None,
+        scene_future: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Every loss of the hierarchy on one batch: lang, fast, world, value, action (+ vae when
         the world model's VAE trains, + scene when the action expert has a scene head and the
         data a scene). The action and scene losses reach only the action expert. With a scene
-        estimator the scene loss also reads each sample's future frame (`future_scene`) and, where
-        the batch has them, frames of other rollouts (`scene_images`, `scene_target`,
-        `scene_target_mask`; `hybrid.data.scene_frames`).
+        estimator the scene loss also reads each sample's future frame (`future_scene`; not with
+        `scene_future` False) and, where the batch has them, frames of other rollouts
+        (`scene_images`, `scene_target`, `scene_target_mask`; `hybrid.data.scene_frames`).
 
         Condition dropout keeps the planner's ablation modes valid: for a `visual_dropout` share
         of samples the action expert acts without the visual subgoal, for a `language_dropout`
@@ -308,7 +309,7 @@ class HybridPolicy(nn.Module):
             sources = [  # (frames, scene, mask); the scene data is of the batch's robot
                 ("future_images", "future_scene", "scene_mask"),
                 ("scene_images", "scene_target", "scene_target_mask"),
-            ]
+            ][0 if scene_future else 1 :]
             parts = [
                 (batch[i], self._pad(batch[t], scene_dim), self._pad(batch[m], scene_dim), ids)
                 for i, t, m in sources

@@ -476,9 +476,9 @@ def test_a_scene_estimator_trains_on_the_current_the_future_and_other_rollouts_f
     )
     batch = next(iter(dm.train_dataloader()))
 
-    def losses(batch):
+    def losses(batch, **options):
         torch.manual_seed(1)  # the same random shifts and dropout every time
-        return policy.losses(batch)
+        return policy.losses(batch, **options)
 
     def scene_loss(batch):
         return losses(batch)["scene"]
@@ -486,6 +486,12 @@ def test_a_scene_estimator_trains_on_the_current_the_future_and_other_rollouts_f
     base = scene_loss(batch)
     moved = scene_loss(dict(batch, future_scene=batch["future_scene"] + 1.0))
     assert moved > base, "the future frames' scene is a target"
+    # scene_future False: the future frames are no target, the second dataset's still are
+    alone = losses(batch, scene_future=False)["scene"]
+    shifted = dict(batch, future_scene=batch["future_scene"] + 1.0)
+    assert losses(shifted, scene_future=False)["scene"] == alone != base
+    rollouts = dict(batch, scene_target=batch["scene_target"] + 1.0)
+    assert losses(rollouts, scene_future=False)["scene"] > alone
     other = losses(dict(batch, scene_target=batch["scene_target"] + 1.0))
     assert other["scene"] > base, "the second dataset's scene is a target"
     blank = losses(dict(batch, scene_images=torch.zeros_like(batch["scene_images"])))

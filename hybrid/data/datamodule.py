@@ -84,8 +84,9 @@ class HybridDataModule(L.LightningDataModule):
         require_directory(root)
         if scene_root is not None and not Path(scene_root).is_dir():
             raise DatasetError(
-                f"data.scene_root {scene_root} is not a directory: name a dataset collected with "
-                "`hybrid collect`, or drop data.scene_root"
+                f"data.scene_root {scene_root} is not a directory: collect it (`hybrid collect "
+                f"<robot> --tasks <the training tasks> --action-noise 0.5 --keep-failures --seed 1 "
+                f"--out {scene_root}`, as `make quickstart` does), or pass --data.scene_root null"
             )
         self.save_hyperparameters()
         self.train_set: TrainingWindows | None = None
