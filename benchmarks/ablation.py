@@ -8,7 +8,7 @@ Modes: full (K candidates scored), K = 1 (no scoring), flat (no visual subgoal f
 expert), no language subgoal (the instruction stands in). Each switch changes one thing: the
 refresh rule is the same in every mode (`planners/schedule.py`). Task configurations come from
 --seed, which differs from the seeds of the training data. `--readme` rewrites the README's
-`ablation` table between its markers.
+table between its `--figure` markers (default `ablation`).
 """
 
 import argparse
@@ -17,7 +17,7 @@ from types import ModuleType
 
 import numpy as np
 from closed_loop import QUICKSTART, rollouts
-from readme import report_successes
+from readme import check_figure, report_successes
 from rich.console import Console
 
 from hybrid.collect import episode_seed
@@ -61,10 +61,13 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--readme", help="rewrite this README's `ablation` table")
+    parser.add_argument("--readme", help="rewrite this README's table named by --figure")
+    parser.add_argument("--figure", default="ablation", help="the README table's marker name")
     parser.add_argument("--out", help="write every count to this JSON file")
     parser.add_argument("--chart", help="draw the modes side by side in this PNG")
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, args.figure)
     console = Console()
     tasks = metaworld.resolve_tasks(args.tasks)
     counts: dict[str, list[int]] = {}  # mode -> successes per task
@@ -85,7 +88,7 @@ def main() -> None:
         zero_action_successes(metaworld, t, args.episodes, args.seed, args.max_steps) for t in tasks
     ]
     table = report_successes(
-        counts, "mode", tasks, args.episodes, args.seed, "ablation", args.readme, args.out
+        counts, "mode", tasks, args.episodes, args.seed, args.figure, args.readme, args.out
     )
     console.print(f"success, {args.episodes} episodes per task (seed {args.seed}), 95% Wilson")
     console.print(table)

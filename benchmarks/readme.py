@@ -21,13 +21,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def check_figure(readme: str | Path, name: str) -> None:
+    """Fail now, before a long benchmark runs, where `readme` lacks the `figure: name` markers."""
+    text = Path(readme).read_text()
+    begin, end = f"<!-- figure: {name} -->", f"<!-- /figure: {name} -->"
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{readme} must hold the markers {begin} and {end} exactly once each")
+
+
 def write_figure(readme: str | Path, name: str, markdown: str) -> None:
     """Put `markdown` between the `figure: name` markers of `readme`, atomically."""
     path = Path(readme)
+    check_figure(path, name)
     text = path.read_text()
     begin, end = f"<!-- figure: {name} -->", f"<!-- /figure: {name} -->"
-    if text.count(begin) != 1 or text.count(end) != 1:
-        raise ValueError(f"{path} must hold the markers {begin} and {end} exactly once each")
     head, rest = text.split(begin)
     _, tail = rest.split(end)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -55,9 +62,9 @@ def report_successes(
         for label, per_task in counts.items()
     ]
     table = markdown_table(header, rows)
-    if readme:
-        write_figure(readme, figure, table)
-    if out:
+    if out:  # first: the counts outlive a README that refuses the table
         record = {"episodes": episodes, "seed": seed, "tasks": tasks, "successes": counts}
         Path(out).write_text(json.dumps(record, indent=2))
+    if readme:
+        write_figure(readme, figure, table)
     return table
