@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from readme import markdown_table, write_figure
+from readme import check_figure, markdown_table, write_figure
 from rich.console import Console
 from rich.table import Table
 
@@ -218,6 +218,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the figures to this JSON file")
     parser.add_argument("--readme", help="rewrite this README's `diagnosis` table")
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, "diagnosis")
     torch.manual_seed(0)
     policy = HybridPolicy.from_pretrained(args.policy)
     data = HybridDataModule(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 from ablation import zero_action_successes
-from readme import report_successes
+from readme import check_figure, report_successes
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
@@ -95,6 +95,8 @@ def main() -> None:
         "--reuse", action="store_true", help="evaluate the policies an earlier run left in --out"
     )
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, "finetune")
     console = Console()
     base = args.out / "base"
     demos = len(LeRobotDataset(args.data).episodes)

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from closed_loop import QUICKSTART, rollouts
-from readme import markdown_table, write_figure
+from readme import check_figure, markdown_table, write_figure
 from rich.console import Console
 
 from hybrid.intervals import format_rate
@@ -31,6 +31,8 @@ def main() -> None:
     )
     parser.add_argument("--readme", type=Path, help="regenerate the `flow_steps` table there")
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, "flow_steps")
     console = Console()
     rows = []
     for setting in args.settings:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from closed_loop import QUICKSTART, rollouts
-from readme import markdown_table, write_figure
+from readme import check_figure, markdown_table, write_figure
 from rich.console import Console
 from rich.table import Table
 
@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the replay")
     parser.add_argument("--readme", type=Path, help="regenerate the `latency` table there")
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, "latency")
     console = Console()
     torch.set_num_threads(args.threads)
     dataset = LeRobotDataset(args.dataset)

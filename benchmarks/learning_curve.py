@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from closed_loop import QUICKSTART, rollouts
-from readme import report_successes
+from readme import check_figure, report_successes
 from rich.console import Console
 
 from hybrid.intervals import format_rate
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--readme", help="rewrite this README's `learning_curve` table")
     parser.add_argument("--out", help="write every count to this JSON file")
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, "learning_curve")
     console = Console()
     counts: dict[int, list[int]] = {}
     tasks = args.tasks

@@ -22,7 +22,7 @@ import argparse
 import numpy as np
 import torch
 from einops import rearrange
-from readme import markdown_table, write_figure
+from readme import check_figure, markdown_table, write_figure
 from rich.console import Console
 from rich.table import Table
 
@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="as in training")
     parser.add_argument("--readme", help="rewrite this README's `perception` table")
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, "perception")
     planner = HybridPlanner.from_pretrained(args.policy, decode_candidates=False)
     if not planner.policy.action_expert.config.scene_dim:
         parser.error(f"{args.policy}: its action expert estimates no scene (scene_dim 0)")

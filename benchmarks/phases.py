@@ -17,7 +17,7 @@ tiers below reach with a perfect language tier, i.e. how much of the loss the la
 import argparse
 from collections import Counter
 
-from readme import markdown_table, write_figure
+from readme import check_figure, markdown_table, write_figure
 from rich.console import Console
 from rich.table import Table
 
@@ -74,6 +74,8 @@ def main() -> None:
         "perfect language tier would give the tiers below",
     )
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, "phases_oracle" if args.oracle else "phases")
     console = Console()
     oracle = None
     if args.oracle:

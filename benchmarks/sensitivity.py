@@ -29,7 +29,7 @@ import argparse
 from collections import defaultdict
 
 import torch
-from readme import markdown_table, write_figure
+from readme import check_figure, markdown_table, write_figure
 from rich.console import Console
 from rich.table import Table
 
@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--policy", action="append", required=True, help="one or more policies")
     parser.add_argument("--readme", help="rewrite this README's `sensitivity` table")
     args = parser.parse_args()
+    if args.readme:
+        check_figure(args.readme, "sensitivity")
     lines = []
     for path in args.policy:
         torch.manual_seed(0)

@@ -121,3 +121,25 @@ def test_perception_reports_the_scene_estimate_open_and_closed_loop(
     assert counts.pop("first chunk") == 2 and sum(counts.values()) == 4, "2 x 3 chunks of 4 steps"
     for row in rows.values():
         assert all(0 < float(cell) < 1000 for cell in row[3:]), row
+
+
+MISSING = {  # each script's required inputs, named where nothing exists
+    "ablation.py": ["--policy"],
+    "finetune.py": ["--base", "--data"],
+    "sensitivity.py": ["--policy", "--data"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(MISSING))
+def test_a_benchmark_refuses_a_readme_without_its_markers_before_it_runs(script, tmp_path):
+    """A README that lacks the table's markers stops the benchmark at once, naming them, before
+    minutes of rollouts or training (the inputs named here do not even exist)."""
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    args = [a for flag in MISSING[script] for a in (flag, tmp_path / "none")]
+    command = [sys.executable, SCRIPT.with_name(script), *args, "--readme", readme]
+    done = subprocess.run(list(map(str, command)), capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "must hold the markers" in done.stderr and "figure:" in done.stderr
+    assert readme.read_text() == "no markers here\n"
+    assert not (tmp_path / "none").exists()
