@@ -10,6 +10,7 @@ A table lives between two markers in the README, named after the command that ma
 """
 
 import json
+import sys
 from pathlib import Path
 
 from hybrid.intervals import format_rate
@@ -21,20 +22,36 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def check_figure(readme: str | Path, name: str) -> None:
-    """Fail now, before a long benchmark runs, where `readme` lacks the `figure: name` markers."""
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- figure: {name} -->", f"<!-- /figure: {name} -->"
+
+
+def _markers_error(readme: str | Path, name: str) -> str | None:
     text = Path(readme).read_text()
-    begin, end = f"<!-- figure: {name} -->", f"<!-- /figure: {name} -->"
+    begin, end = _markers(name)
     if text.count(begin) != 1 or text.count(end) != 1:
-        raise ValueError(f"{readme} must hold the markers {begin} and {end} exactly once each")
+        return f"{readme} must hold the markers {begin} and {end} exactly once each"
+    return None
+
+
+def check_figure(readme: str | Path, name: str) -> None:
+    """Stop the script now, in one line, before a long benchmark runs, where `readme` lacks the
+    `figure: name` markers."""
+    if not Path(readme).is_file():
+        sys.exit(f"--readme {readme} is not a file")
+    error = _markers_error(readme, name)
+    if error:
+        sys.exit(f"{error}: add them where the table goes, or drop --readme")
 
 
 def write_figure(readme: str | Path, name: str, markdown: str) -> None:
     """Put `markdown` between the `figure: name` markers of `readme`, atomically."""
     path = Path(readme)
-    check_figure(path, name)
+    error = _markers_error(path, name)
+    if error:
+        raise ValueError(error)
     text = path.read_text()
-    begin, end = f"<!-- figure: {name} -->", f"<!-- /figure: {name} -->"
+    begin, end = _markers(name)
     head, rest = text.split(begin)
     _, tail = rest.split(end)
     tmp = path.with_name(f".{path.name}.tmp")
