@@ -26,8 +26,8 @@ def _markers(name: str) -> tuple[str, str]:
     return f"<!-- figure: {name} -->", f"<!-- /figure: {name} -->"
 
 
-def _markers_error(readme: str | Path, name: str) -> str | None:
-    text = Path(readme).read_text()
+def _markers_error(text: str, readme: str | Path, name: str) -> str | None:
+    """What is wrong with `readme`'s markers of `name`, given its `text`; None if nothing."""
     begin, end = _markers(name)
     if text.count(begin) != 1 or text.count(end) != 1:
         return f"{readme} must hold the markers {begin} and {end} exactly once each"
@@ -39,7 +39,7 @@ def check_figure(readme: str | Path, name: str) -> None:
     `figure: name` markers."""
     if not Path(readme).is_file():
         sys.exit(f"--readme {readme} is not a file")
-    error = _markers_error(readme, name)
+    error = _markers_error(Path(readme).read_text(), readme, name)
     if error:
         sys.exit(f"{error}: add them where the table goes, or drop --readme")
 
@@ -47,10 +47,10 @@ def check_figure(readme: str | Path, name: str) -> None:
 def write_figure(readme: str | Path, name: str, markdown: str) -> None:
     """Put `markdown` between the `figure: name` markers of `readme`, atomically."""
     path = Path(readme)
-    error = _markers_error(path, name)
+    text = path.read_text()
+    error = _markers_error(text, path, name)
     if error:
         raise ValueError(error)
-    text = path.read_text()
     begin, end = _markers(name)
     head, rest = text.split(begin)
     _, tail = rest.split(end)

@@ -306,10 +306,10 @@ class HybridPolicy(nn.Module):
             )
         extra = {}  # more frames for the scene estimator alone: the future, other rollouts
         if scene is not None:
-            sources = [  # (frames, scene, mask); the scene data is of the batch's robot
-                ("future_images", "future_scene", "scene_mask"),
-                ("scene_images", "scene_target", "scene_target_mask"),
-            ][0 if scene_future else 1 :]
+            # (frames, scene, mask); the scene data is of the batch's robot
+            sources = [("scene_images", "scene_target", "scene_target_mask")]
+            if scene_future:
+                sources.insert(0, ("future_images", "future_scene", "scene_mask"))
             parts = [
                 (batch[i], self._pad(batch[t], scene_dim), self._pad(batch[m], scene_dim), ids)
                 for i, t, m in sources
