@@ -30,9 +30,11 @@ class FinetuneModule(HybridModule):
             dims and cameras must match the dataset's.
         lora: `LoraSpec` fields: rank, alpha, dropout, experts (which of vlm, world_model,
             action_expert get LoRA) and targets (per expert, a regex replacing its defaults).
-        loss_weights, lr, weight_decay, warmup_steps, val_imagine_steps, visual_dropout,
-            language_dropout: as for `hybrid fit` (`HybridModule`); weight decay applies to the
-            LoRA weights only, never to the head rows.
+        loss_weights, lr, lr_scale, weight_decay, warmup_steps, val_imagine_steps,
+            visual_dropout, language_dropout, imagined_share, vlm_rows, scene_future: as for
+            `hybrid fit` (`HybridModule`); `lr_scale` keys name modules of the base, and scale
+            the rate of the LoRA weights inside them; weight decay applies to the LoRA weights
+            only, never to the head rows.
         export_dir: where the adapter goes; default `<base_policy>/adapters/<embodiment name>`.
     """
 
@@ -51,6 +53,8 @@ class FinetuneModule(HybridModule):
         language_dropout: float = 0.1,
         imagined_share: float = 0.5,
         vlm_rows: int | None = None,
+        lr_scale: dict[str, float] | None = None,
+        scene_future: bool = True,
     ):
         super().__init__(
             experts=None,
@@ -64,6 +68,8 @@ class FinetuneModule(HybridModule):
             language_dropout=language_dropout,
             imagined_share=imagined_share,
             vlm_rows=vlm_rows,
+            lr_scale=lr_scale,
+            scene_future=scene_future,
             ema_decay=None,  # the adapter saved is the live one
         )
         self.save_hyperparameters()
@@ -125,10 +131,13 @@ class FinetuneModule(HybridModule):
 
     def param_groups(self) -> list[dict]:
         lora, heads = self._trainable
-        return [
-            {"params": lora, "weight_decay": self.hparams.weight_decay},
-            {"params": heads, "weight_decay": 0.0},  # the other robots' rows must not decay
-        ]
+        named = {id(p): n for n, p in self.policy.named_parameters()}
+        return self.scaled_groups(
+            [
+                ({named[id(p)]: p for p in lora}, self.hparams.weight_decay),
+                ({named[id(p)]: p for p in heads}, 0.0),  # other robots' rows must not decay
+            ]
+        )
 
     def export_dir(self) -> Path:
         if self.hparams.export_dir:

@@ -274,13 +274,25 @@ class HybridModule(L.LightningModule):
     # 3. optimisation ------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         """One AdamW group per learning rate (`lr_scale`), each with the weight decay."""
-        scales, groups, matched = self.lr_scale, {}, set()
-        for name, param in self._trained().items():
-            name = name.replace("_fsdp_wrapped_module.", "")  # FSDP's wrappers, if any
-            keys = [k for k in scales if name == k or name.startswith(f"{k}.")]
-            key = max(keys, key=len, default=None)
-            matched.add(key)
-            groups.setdefault(scales.get(key, 1.0), []).append(param)
+        return self.scaled_groups([(self._trained(), self.hparams.weight_decay)])
+
+    def scaled_groups(self, parts: list[tuple[dict[str, torch.Tensor], float]]) -> list[dict]:
+        """AdamW groups: each part (parameters by name in the policy, weight decay) split by
+        learning rate, the longest `lr_scale` key naming a parameter or a module above it
+        winning. A key that names no parameter of any part is an error."""
+        scales, matched, out = self.lr_scale, set(), []
+        for named, decay in parts:
+            groups: dict[float, list] = {}
+            for name, param in named.items():
+                name = name.replace("_fsdp_wrapped_module.", "")  # FSDP's wrappers, if any
+                keys = [k for k in scales if name == k or name.startswith(f"{k}.")]
+                key = max(keys, key=len, default=None)
+                matched.add(key)
+                groups.setdefault(scales.get(key, 1.0), []).append(param)
+            out += [
+                {"params": params, "lr": self.hparams.lr * scale, "weight_decay": decay}
+                for scale, params in groups.items()
+            ]
         unmatched = sorted(set(scales) - matched)
         if unmatched:
             raise ValueError(
@@ -288,11 +300,7 @@ class HybridModule(L.LightningModule):
                 f"dotted module names under it, e.g. {list(self.policy.expert_names)} or "
                 "action_expert.estimator"
             )
-        lr, decay = self.hparams.lr, self.hparams.weight_decay
-        return [
-            {"params": params, "lr": lr * scale, "weight_decay": decay}
-            for scale, params in groups.items()
-        ]
+        return out
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -29,6 +29,8 @@ def _config(tmp_path, base, dataset, max_steps):
             "lora": {"rank": 4, "alpha": 8},
             "warmup_steps": 1,
             "lr": 1e-2,
+            "weight_decay": 0.01,  # on the LoRA weights only: the base's rows must not decay
+            "lr_scale": {"action_expert.image_in": 5.0},
         },
         "data": {"root": str(dataset), "chunk_size": 8, "future_offset": 8, "batch_size": 8},
         "trainer": {
@@ -129,6 +131,24 @@ def test_finetune_resumes_and_changes_only_lora_and_the_new_rows(finetuned, tiny
     # a new robot's cameras: the action expert's eyes and the keypoints' path adapt too
     for module in ("image_in.stem.0", "image_in.heatmaps", "keypoint_cond.0", "modulation.1"):
         assert any(k.startswith(f"action_expert.{module}.lora_B") for k in trained), module
+
+
+def test_lr_scale_and_weight_decay_reach_the_lora_weights_as_named(finetuned):
+    _, run = finetuned
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    eyes = sum("lora_" in k and ".action_expert.image_in." in k for k in checkpoint["state_dict"])
+    groups = [
+        (g["lr"], g["weight_decay"], len(g["params"]))
+        for g in checkpoint["optimizer_states"][0]["param_groups"]
+    ]
+    assert len(groups) == 3 and eyes > 0, groups
+    (base_lr, _, _), (eyes_lr, _, eyes_count), (heads_lr, heads_decay, heads_count) = sorted(
+        groups, key=lambda g: (g[1] == 0.0, g[0])
+    )
+    assert eyes_count == eyes and eyes_lr == pytest.approx(5.0 * base_lr)
+    # the head rows (weight and bias of the state encoder, action in/out and the scene readout)
+    # at the base rate and never decayed
+    assert (heads_count, heads_decay, heads_lr) == (8, 0.0, pytest.approx(base_lr))
 
 
 def test_adapter_registry_holds_peft_format_and_loads_with_plain_peft(finetuned):
