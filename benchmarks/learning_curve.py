@@ -7,8 +7,11 @@ eval`, with 95% Wilson intervals. Prints numbers; asserts nothing.
 
 `--run` is the fit's output directory: its exported `policy/` (which supplies the tokenizer, the
 FAST tokenizer and the normalisation, all fixed by the data) and `checkpoints/step=N.ckpt`
-(Lightning names them `epoch=E-step=N.ckpt`). `--readme` rewrites the README's
-`learning_curve` table.
+(Lightning names them `epoch=E-step=N.ckpt`). `--readme` rewrites the README's table between its
+`--figure` markers (default `learning_curve`); the MT10 run's is `mt10_curve`:
+
+    python benchmarks/learning_curve.py --run outputs/mt10 --steps 1000 2000 --tasks mt10 \
+        --episodes 20 --readme README.md --figure mt10_curve
 """
 
 import argparse
@@ -49,11 +52,12 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--readme", help="rewrite this README's `learning_curve` table")
+    parser.add_argument("--readme", help="rewrite this README's table named by --figure")
+    parser.add_argument("--figure", default="learning_curve", help="the README table's marker name")
     parser.add_argument("--out", help="write every count to this JSON file")
     args = parser.parse_args()
     if args.readme:
-        check_figure(args.readme, "learning_curve")
+        check_figure(args.readme, args.figure)
     console = Console()
     counts: dict[int, list[int]] = {}
     tasks = args.tasks
@@ -74,7 +78,7 @@ def main() -> None:
         tasks,
         args.episodes,
         args.seed,
-        "learning_curve",
+        args.figure,
         args.readme,
         args.out,
     )

@@ -126,8 +126,10 @@ def test_perception_reports_the_scene_estimate_open_and_closed_loop(
 MISSING = {  # each script's required inputs, named where nothing exists
     "ablation.py": ["--policy"],
     "finetune.py": ["--base", "--data"],
+    "learning_curve.py": ["--run"],
     "sensitivity.py": ["--policy", "--data"],
 }
+OTHER_ARGS = {"learning_curve.py": ["--steps", "1000", "--figure", "mt10_curve"]}
 
 
 @pytest.mark.parametrize("script", sorted(MISSING))
@@ -137,9 +139,12 @@ def test_a_benchmark_refuses_a_readme_without_its_markers_before_it_runs(script,
     readme = tmp_path / "README.md"
     readme.write_text("no markers here\n")
     args = [a for flag in MISSING[script] for a in (flag, tmp_path / "none")]
+    args += OTHER_ARGS.get(script, [])
     command = [sys.executable, SCRIPT.with_name(script), *args, "--readme", readme]
     done = subprocess.run(list(map(str, command)), capture_output=True, text=True)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "must hold the markers" in done.stderr and "figure:" in done.stderr
+    if "--figure" in args:
+        assert f"figure: {args[args.index('--figure') + 1]}" in done.stderr
     assert readme.read_text() == "no markers here\n"
     assert not (tmp_path / "none").exists()
