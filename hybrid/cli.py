@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -151,16 +152,19 @@ def _lightning_cli_class():
     return HybridCLI
 
 
-class _DropLitLoggerTip(logging.Filter):
+class _DropLightningNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return "litlogger" not in message and not re.match(r"[GTH]PU available: ", message)
 
 
 def _quiet_lightning() -> None:
-    """Two messages of Lightning's that a user can neither act on nor avoid, each filtered by its
-    own text and source, nothing else: the advertisement for its cloud logger (logged at INFO on
-    every fit), and a deprecation inside Lightning's own pytree helper (its fix is Lightning's)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
+    """Messages of Lightning's that a user can neither act on nor avoid, each filtered by its own
+    text and source, nothing else: the advertisement for its cloud logger and the accelerators it
+    found (GPU, TPU, HPU available: ..., logged at INFO on every run; the accelerator a run uses
+    is in its config, and Lightning's warning for an idle GPU stays), and a deprecation inside
+    Lightning's own pytree helper (its fix is Lightning's)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningNoise())
     warnings.filterwarnings(
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
