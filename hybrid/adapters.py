@@ -142,23 +142,29 @@ class EmbodimentAdapters:
         else:
             self.peft.add_adapter(name, config)
 
-    def trainable_parameters(self, name: str) -> tuple[list[torch.nn.Parameter], list]:
-        """(LoRA parameters of adapter `name`, head parameters) with requires_grad set: every other
+    def trainable_parameters(
+        self, name: str
+    ) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
+        """(LoRA parameters of adapter `name`, head parameters), each by name in the policy, with
+        requires_grad set: every other
         parameter is frozen, and a gradient hook keeps the other robots' head rows at exactly
         zero gradient (give the heads no weight decay, so their rows stay bit-identical)."""
         self.policy.requires_grad_(False)
-        lora = [p for n, p in self.policy.named_parameters() if f".{name}." in n and "lora_" in n]
+        lora = {
+            n: p for n, p in self.policy.named_parameters() if f".{name}." in n and "lora_" in n
+        }
         (row,) = self.policy.embodiment_ids([name]).tolist()
-        rows = []
-        for head in heads(self.policy.action_expert).values():
-            for param in (head.weight, head.bias):
+        rows = {}
+        for path, head in heads(self.policy.action_expert).items():
+            for kind in ("weight", "bias"):
+                param = getattr(head, kind)
                 param.requires_grad_(True)
                 mask = torch.zeros(param.shape[0], *[1] * (param.dim() - 1))
                 mask[row] = 1
                 # called before Lightning moves the model to its device: follow the gradient's
                 param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
-                rows.append(param)
-        for param in lora:
+                rows[f"action_expert.{path}.{kind}"] = param
+        for param in lora.values():
             param.requires_grad_(True)
         return lora, rows
 

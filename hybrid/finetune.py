@@ -122,8 +122,8 @@ class FinetuneModule(HybridModule):
         self.policy = policy.train()  # from_pretrained leaves the backbones in eval mode
         lora, heads = self._trainable = self.adapters.trainable_parameters(spec.name)
         total = sum(p.numel() for p in policy.parameters())
-        head_rows = sum(p[0].numel() for p in heads)
-        trainable = sum(p.numel() for p in lora) + head_rows
+        head_rows = sum(p[0].numel() for p in heads.values())
+        trainable = sum(p.numel() for p in lora.values()) + head_rows
         rank_zero_info(
             f"fine-tuning {spec.name!r}: {trainable:,} of {total:,} parameters train "
             f"({trainable / total:.2%}: LoRA {trainable - head_rows:,}, head rows {head_rows:,})"
@@ -131,13 +131,8 @@ class FinetuneModule(HybridModule):
 
     def param_groups(self) -> list[dict]:
         lora, heads = self._trainable
-        named = {id(p): n for n, p in self.policy.named_parameters()}
-        return self.scaled_groups(
-            [
-                ({named[id(p)]: p for p in lora}, self.hparams.weight_decay),
-                ({named[id(p)]: p for p in heads}, 0.0),  # other robots' rows must not decay
-            ]
-        )
+        # the other robots' rows must not decay
+        return self.scaled_groups([(lora, self.hparams.weight_decay), (heads, 0.0)])
 
     def export_dir(self) -> Path:
         if self.hparams.export_dir:
