@@ -1,9 +1,12 @@
 """Where the policy's eyes put the object and the goal, against where they are: the action
 expert's scene estimate, in cm, per task, open loop on held-out frames and in closed loop at
-every planned chunk. Prints numbers; asserts nothing.
+every planned chunk, for any simulated robot of the policy (its adapter active). Prints numbers;
+asserts nothing.
 
     python benchmarks/perception.py --policy outputs/scene_estimator/policy --data data/quickstart \
         --tasks reach-v3 push-v3 pick-place-v3 --episodes 5 --readme README.md
+    python benchmarks/perception.py --policy outputs/quickstart/policy --embodiment panda \
+        --data data/panda --tasks all --episodes 5
 
 Open loop: every frame of the task's held-out episodes (the validation split `hybrid fit` used),
 by where it lies in its episode: the first frame, the next five, the rest. Closed loop: the
@@ -29,16 +32,22 @@ from rich.table import Table
 from hybrid.collect import episode_seed
 from hybrid.data.datamodule import HybridDataModule
 from hybrid.data.windows import SCENE_KEY, STATE_KEY, resize_frames
-from hybrid.sim import metaworld
+from hybrid.sim import simulator_for
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
 
-OBJECT = [i for i, name in enumerate(metaworld.SCENE_NAMES) if name.startswith("object_")]
-GOAL = [i for i, name in enumerate(metaworld.SCENE_NAMES) if name.startswith("goal_")]
 COLUMNS = ["task", "frames", "n", "object (cm)", "goal (cm)", "goal estimate to hand (cm)"]
 COLUMNS += ["goal to hand (cm)"]
 PARTS = ["first chunk", "object still, hand within 8 cm", "object still, hand farther"]
 PARTS += ["object moved"]
+
+
+def scene_parts(sim) -> tuple[list[int], list[int]]:
+    """Where the object's and the goal's xyz lie in the simulator's scene vector."""
+    names = sim.SCENE_NAMES
+    return [i for i, n in enumerate(names) if n.startswith("object_")], [
+        i for i, n in enumerate(names) if n.startswith("goal_")
+    ]
 
 
 @torch.no_grad()
@@ -49,12 +58,15 @@ def estimate(planner: HybridPlanner, frames: np.ndarray) -> np.ndarray:
     images = rearrange(torch.from_numpy(frames), "t n h w c -> t n c h w").float() / 255
     ids = policy.embodiment_ids([planner.embodiment] * len(frames))
     scene = policy.action_expert.estimate_scene(images.to(planner.device), ids)
-    width = len(metaworld.SCENE_NAMES)
+    width = len(simulator_for(planner.embodiment).SCENE_NAMES)
     normalizer = policy.normalizers[planner.embodiment]
     return normalizer.unnormalize(SCENE_KEY, scene[:, :width].cpu().numpy())
 
 
-def _row(task: str, label: str, est: np.ndarray, truth: np.ndarray, hand: np.ndarray) -> list:
+def _row(sim, task: str, label: str, est, truth, hand) -> list:
+    """One table row from estimates, true scenes (n, width) and hand positions (n, 3)."""
+    OBJECT, GOAL = scene_parts(sim)
+
     def cm(a: np.ndarray, b: np.ndarray) -> str:
         return f"{100 * np.linalg.norm(a - b, axis=1).mean():.1f}"
 
@@ -65,7 +77,8 @@ def _row(task: str, label: str, est: np.ndarray, truth: np.ndarray, hand: np.nda
 
 def open_loop(planner: HybridPlanner, data: HybridDataModule, task: str) -> list[list[str]]:
     """Rows for the held-out episodes of `task`: the first frame, the next five, the rest."""
-    instruction = metaworld.task_language()[task].instruction
+    sim = simulator_for(planner.embodiment)
+    instruction = sim.task_language()[task].instruction
     episodes = [e for e in data.val_set.episodes if e["instruction"] == instruction]
     if not episodes:
         return []
@@ -80,7 +93,7 @@ def open_loop(planner: HybridPlanner, data: HybridDataModule, task: str) -> list
         ):
             rows.append((est[part], truth[part], hand[part]))
     return [
-        _row(task, label, *(np.concatenate(column) for column in zip(*rows, strict=True)))
+        _row(sim, task, label, *(np.concatenate(column) for column in zip(*rows, strict=True)))
         for label, rows in parts.items()
         if sum(len(r[0]) for r in rows)
     ]
@@ -88,16 +101,18 @@ def open_loop(planner: HybridPlanner, data: HybridDataModule, task: str) -> list
 
 def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) -> list[list[str]]:
     """Rows for `episodes` rollouts of `task`, one per part of PARTS any chunk fell in."""
-    language = metaworld.task_language()[task]
+    sim = simulator_for(planner.embodiment)
+    object_dims = scene_parts(sim)[0]
+    language = sim.task_language()[task]
     cameras = {key.rsplit(".", 1)[-1]: key for key in planner.spec.cameras}
-    env = metaworld.make_env(task, tuple(cameras), planner.image_size, seed)
+    env = sim.make_env(task, tuple(cameras), planner.image_size, seed)
     parts = {label: [] for label in PARTS}
     successes = 0
     try:
         for i in range(episodes):
             obs = env.reset(episode_seed(seed, task, i))
             planner.reset()
-            start = metaworld.scene_state(obs)[OBJECT]
+            start = sim.scene_state(obs)[object_dims]
             success, steps, chunk = False, 0, 0
             while steps < max_steps and not success:
                 steps += 1
@@ -107,11 +122,11 @@ def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) ->
                     frames = np.stack(
                         [resize_frames(f[None], planner.image_size)[0] for f in rendered.values()]
                     )
-                    truth, hand = metaworld.scene_state(obs), metaworld.policy_state(obs)[:3]
-                    part = _closed_loop_part(chunk, truth[OBJECT], hand, start)
+                    truth, hand = sim.scene_state(obs), sim.policy_state(obs)[:3]
+                    part = _closed_loop_part(chunk, truth[object_dims], hand, start)
                     parts[part].append((estimate(planner, frames[None]), truth[None], hand[None]))
                     chunk += 1
-                state = metaworld.policy_state(obs)
+                state = sim.policy_state(obs)
                 action = planner.act(Observation(images, state), language.instruction)
                 obs, success = env.step(action)
             successes += success
@@ -119,7 +134,7 @@ def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) ->
         env.close()
     label = f"closed loop ({successes}/{episodes} succeeded)"
     return [
-        _row(task, f"{label}, {which}", *(np.concatenate(c) for c in zip(*rows, strict=True)))
+        _row(sim, task, f"{label}, {which}", *(np.concatenate(c) for c in zip(*rows, strict=True)))
         for which, rows in parts.items()
         if rows
     ]
@@ -138,7 +153,8 @@ def _closed_loop_part(chunk: int, obj: np.ndarray, hand: np.ndarray, start: np.n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", required=True)
-    parser.add_argument("--data", required=True, help="the dataset the policy was trained on")
+    parser.add_argument("--embodiment", help="the robot to run (default: the policy's first)")
+    parser.add_argument("--data", required=True, help="the robot's dataset the policy trained on")
     parser.add_argument("--tasks", nargs="+", default=["reach-v3", "push-v3", "pick-place-v3"])
     parser.add_argument("--episodes", type=int, default=5, help="closed-loop episodes per task")
     parser.add_argument("--seed", type=int, default=1000)
@@ -148,7 +164,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.readme:
         check_figure(args.readme, "perception")
-    planner = HybridPlanner.from_pretrained(args.policy, decode_candidates=False)
+    planner = HybridPlanner.from_pretrained(
+        args.policy, embodiment=args.embodiment, decode_candidates=False
+    )
     if not planner.policy.action_expert.config.scene_dim:
         parser.error(f"{args.policy}: its action expert estimates no scene (scene_dim 0)")
     data = HybridDataModule(
@@ -156,7 +174,7 @@ def main() -> None:
     )
     data.setup("fit")
     rows = []
-    for task in metaworld.resolve_tasks(args.tasks):
+    for task in simulator_for(planner.embodiment).resolve_tasks(args.tasks):
         rows += open_loop(planner, data, task)
         rows += closed_loop(planner, task, args.episodes, args.seed, args.max_steps)
     table = Table(title="the scene estimate against the simulator's positions")
