@@ -1,4 +1,5 @@
-"""benchmarks/diagnose.py on a small trained policy and its real held-out episodes."""
+"""The benchmarks' scripts (diagnose, phases, sensitivity, perception, formulations) on small
+trained policies and real episodes, and their refusal of a README without their markers."""
 
 import json
 import os
@@ -123,9 +124,33 @@ def test_perception_reports_the_scene_estimate_open_and_closed_loop(
         assert all(0 < float(cell) < 1000 for cell in row[3:]), row
 
 
+@pytest.mark.slow
+def test_formulations_train_evaluate_and_fill_one_row_each(mt10_dataset, tmp_path):
+    """Each formulation named is fitted from its config on the same data and steps, evaluated
+    on the same tasks, and written as one row of the README table and of formulations.json."""
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- figure: formulations -->\nold\n<!-- /figure: formulations -->\n")
+    out = tmp_path / "runs"
+    args = ["--formulations", "flat_vla", "representation", "--data", mt10_dataset[0]]
+    args += ["--steps", "2", "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "3"]
+    args += ["--workers", "1", "--out", out, "--readme", readme]
+    _benchmark("formulations.py", *args)
+    runs = json.loads((out / "formulations.json").read_text())["runs"]
+    assert list(runs) == ["flat_vla", "representation"]
+    for name, run in runs.items():
+        assert (out / name / "policy" / "policy_config.json").is_file()
+        assert run["successes"]["reach-v3"] in (0, 1)
+        assert run["ms_per_chunk"] > 0 and run["s_per_step"] > 0
+    assert runs["flat_vla"]["parameters"] < runs["representation"]["parameters"], "no world model"
+    table = readme.read_text()
+    assert "| `flat_vla` | actions only |" in table and "| `representation` |" in table
+    assert "old" not in table
+
+
 MISSING = {  # each script's required inputs, named where nothing exists
     "ablation.py": ["--policy"],
     "finetune.py": ["--base", "--data"],
+    "formulations.py": ["--data"],
     "learning_curve.py": ["--run"],
     "sensitivity.py": ["--policy", "--data"],
 }
