@@ -24,9 +24,8 @@ from pathlib import Path
 
 import yaml
 from closed_loop import QUICKSTART, rollouts
-from readme import check_figure, markdown_table, write_figure
+from readme import check_figure, show_table
 from rich.console import Console
-from rich.table import Table
 from timed_cli import run_hybrid
 
 from hybrid.intervals import format_rate
@@ -143,15 +142,8 @@ def main() -> None:
             + [f"{result['ms_per_chunk']:.1f}", f"{result['s_per_step']:.2f}"]
             + [f"{result['parameters'] / 1e6:.2f} M"]
         )
-    table = Table(title=f"formulations, {args.steps} steps each, {args.episodes} episodes per task")
-    for column in header:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    if args.readme:
-        write_figure(args.readme, "formulations", markdown_table(header, rows))
-        console.print(f"updated the `formulations` table in {args.readme}")
+    title = f"formulations, {args.steps} steps each, {args.episodes} episodes per task"
+    show_table(console, title, header, rows, left=3, readme=args.readme, figure="formulations")
 
 
 if __name__ == "__main__":

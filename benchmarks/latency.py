@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from closed_loop import QUICKSTART, rollouts
-from readme import check_figure, markdown_table, write_figure
+from readme import check_figure, show_table
 from rich.console import Console
-from rich.table import Table
 
 from hybrid.data.lerobot_dataset import LeRobotDataset
 from hybrid.intervals import format_rate
@@ -119,29 +118,24 @@ def main() -> None:
         f"success ({args.episodes} per task)",
     ]
     cells_per_mode = []
-    table = Table(title=f"latency, {args.threads} torch thread(s) in replay, batch 1")
-    for column in header:
-        table.add_column(column, justify="left" if column == "mode" else "right")
     for mode, row in rows.items():
         closed = row.get("closed")
         ratio = closed / flat["closed"] if closed and flat.get("closed") else None
         step = row.get("step")
-        cells = [
-            mode,
-            f"{row['replay']:.1f}",
-            f"{closed:.1f}" if closed else "-",
-            f"{ratio:.2f}x" if ratio else "-",
-            f"{row['imagine']:.1f}" if row["imagine"] else "-",
-            f"{row['refresh']:.2f}" if "refresh" in row else "-",
-            f"{step['p50_ms']:.1f} / {step['p99_ms']:.1f}" if step else "-",
-            row.get("success", "-"),
-        ]
-        table.add_row(*cells)
-        cells_per_mode.append(cells)
-    console.print(table)
-    if args.readme:
-        write_figure(args.readme, "latency", markdown_table(header, cells_per_mode))
-        console.print(f"updated the `latency` table in {args.readme}")
+        cells_per_mode.append(
+            [
+                mode,
+                f"{row['replay']:.1f}",
+                f"{closed:.1f}" if closed else "-",
+                f"{ratio:.2f}x" if ratio else "-",
+                f"{row['imagine']:.1f}" if row["imagine"] else "-",
+                f"{row['refresh']:.2f}" if "refresh" in row else "-",
+                f"{step['p50_ms']:.1f} / {step['p99_ms']:.1f}" if step else "-",
+                row.get("success", "-"),
+            ]
+        )
+    title = f"latency, {args.threads} torch thread(s) in replay, batch 1"
+    show_table(console, title, header, cells_per_mode, readme=args.readme, figure="latency")
 
 
 if __name__ == "__main__":

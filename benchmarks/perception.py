@@ -25,9 +25,8 @@ import argparse
 import numpy as np
 import torch
 from einops import rearrange
-from readme import check_figure, markdown_table, write_figure
+from readme import check_figure, show_table
 from rich.console import Console
-from rich.table import Table
 
 from hybrid.collect import episode_seed
 from hybrid.data.datamodule import HybridDataModule
@@ -177,14 +176,8 @@ def main() -> None:
     for task in simulator_for(planner.embodiment).resolve_tasks(args.tasks):
         rows += open_loop(planner, data, task)
         rows += closed_loop(planner, task, args.episodes, args.seed, args.max_steps)
-    table = Table(title="the scene estimate against the simulator's positions")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("task", "frames") else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-    if args.readme:
-        write_figure(args.readme, "perception", markdown_table(COLUMNS, rows))
+    title = "the scene estimate against the simulator's positions"
+    show_table(Console(), title, COLUMNS, rows, left=2, readme=args.readme, figure="perception")
 
 
 if __name__ == "__main__":

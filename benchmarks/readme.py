@@ -13,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from hybrid.intervals import format_rate
 
 
@@ -20,6 +23,28 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def show_table(
+    console: Console,
+    title: str,
+    header: list[str],
+    rows: list[list[str]],
+    left: int = 1,
+    readme: str | Path | None = None,
+    figure: str | None = None,
+) -> None:
+    """Print `rows` under `header` (the first `left` columns aligned left, the figures right)
+    and, given `readme`, write them there as its `figure` table."""
+    table = Table(title=title)
+    for i, column in enumerate(header):
+        table.add_column(column, justify="left" if i < left else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if readme:
+        write_figure(readme, figure, markdown_table(header, rows))
+        console.print(f"updated the `{figure}` table in {readme}")
 
 
 def _markers(name: str) -> tuple[str, str]:
