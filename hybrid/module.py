@@ -94,6 +94,9 @@ class HybridModule(L.LightningModule):
             frame (False: from the current frame, and the frames of `data.scene_root`, alone).
             The future frame is a demonstration frame like the current one; dropping it saves a
             third of the estimator's images per step where a second dataset gives it others.
+        channels_last: keep the policy's 4-D weights in channels-last memory order, which the
+            CPU's convolution kernels (oneDNN) run faster: 11% off a quickstart step on the
+            2-core machine (README). The exported weights are the same numbers either way.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class HybridModule(L.LightningModule):
         clip_per_expert: bool = False,
         lr_scale: dict[str, float] | None = None,
         scene_future: bool = True,
+        channels_last: bool = False,
     ):
         super().__init__()
         if not lr > 0:
@@ -158,6 +162,7 @@ class HybridModule(L.LightningModule):
             "scene_future": scene_future,
         }
         self.ema_decay = ema_decay
+        self.channels_last = channels_last
         self.clip_per_expert = clip_per_expert
         self.lr_scale = dict(lr_scale or {})
         self.ema: dict[str, torch.Tensor] | None = None  # parameter name -> averaged value
@@ -200,6 +205,8 @@ class HybridModule(L.LightningModule):
             {spec.name: stats},
             **(self.hparams.experts or {}),
         )
+        if self.channels_last:
+            self.policy.to(memory_format=torch.channels_last)
         sizes = ", ".join(
             f"{name.replace('_', ' ')} {get_human_readable_count(count)}"
             for name, count in self.policy.parameter_counts().items()

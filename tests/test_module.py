@@ -34,8 +34,14 @@ def _datamodule(root):
     )
 
 
-def test_fast_dev_run_trains_validates_and_exports(mt10_dataset, tmp_path):
-    module = HybridModule(experts=SMALL, export_dir=str(tmp_path / "policy"), warmup_steps=1)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_dev_run_trains_validates_and_exports(mt10_dataset, tmp_path, channels_last):
+    module = HybridModule(
+        experts=SMALL,
+        export_dir=str(tmp_path / "policy"),
+        warmup_steps=1,
+        channels_last=channels_last,
+    )
     trainer = _trainer(tmp_path, fast_dev_run=2)
     trainer.fit(module, _datamodule(mt10_dataset[0]))
     logged = trainer.callback_metrics
@@ -44,6 +50,9 @@ def test_fast_dev_run_trains_validates_and_exports(mt10_dataset, tmp_path):
         assert torch.isfinite(logged[f"val/loss_{name}"]), name
     for name in ("val/world_mse", "val/copy_mse", "val/value_spearman"):
         assert torch.isfinite(logged[name]), name
+    conv = module.policy.world_model.vae.encoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert conv.is_contiguous() != channels_last
     loaded = HybridPolicy.from_pretrained(tmp_path / "policy")
     # the weights' moving average is what is exported; the live weights stay in the module
     exported = {**module.policy.state_dict(), **module.ema}
