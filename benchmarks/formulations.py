@@ -14,7 +14,12 @@ steps, start-up, validation and export included, one process on this machine); p
 the exported policy. Each fit stacks the formulation's file on `--base-configs` (the quickstart's,
 as the README's commands do; add configs/experiment/mt10.yaml and `--tasks mt10` for the
 benchmark tier), then this run's data, steps and folders; runs, policies and `formulations.json`
-go to `--out`, and `--readme` rewrites the README's `formulations` table.
+go to `--out`, and `--readme` rewrites the README's `formulations` table. Rows of formulations
+not named in `--formulations` stay as an earlier run of the same comparison (same steps, episodes,
+seed and tasks) left them in `--out`'s `formulations.json`, so a new formulation adds its row:
+
+    python benchmarks/formulations.py --formulations joint --data data/quickstart \
+        --scene-data data/quickstart_scene --steps 1000 --episodes 20 --readme README.md
 """
 
 import argparse
@@ -48,6 +53,10 @@ AXES = {
     "representation": (
         "the future in training only",
         "tokens conditioned on the world model's features",
+    ),
+    "joint": (
+        "K (future, actions) pairs denoised together, scored",
+        "tokens beside noisy future tokens in one transformer",
     ),
 }
 
@@ -107,7 +116,13 @@ def main() -> None:
             parser.error(f"{path} is not a dataset (no meta/info.json); collect it first")
     tasks = metaworld.resolve_tasks(args.tasks)
     console = Console()
+    record = {"steps": args.steps, "episodes": args.episodes, "seed": args.seed, "tasks": tasks}
+    saved = args.out / "formulations.json"
     results = {}
+    if saved.is_file():  # the rows of an earlier run of the same comparison stay
+        earlier = json.loads(saved.read_text())
+        if {key: earlier.get(key) for key in record} == record:
+            results = {k: v for k, v in earlier["runs"].items() if k not in args.formulations}
     for name in args.formulations:
         run = args.out / name
         shutil.rmtree(run, ignore_errors=True)
@@ -127,8 +142,7 @@ def main() -> None:
             "parameters": sum(p.numel() for p in HybridPolicy.from_pretrained(policy).parameters()),
         }
         console.print(f"{name}: {results[name]}")
-        record = {"steps": args.steps, "episodes": args.episodes, "seed": args.seed}
-        (args.out / "formulations.json").write_text(json.dumps(record | {"runs": results}))
+        saved.write_text(json.dumps(record | {"runs": results}))
     header = ["formulation", "predicts", "actions enter as"]
     header += [t.removesuffix("-v3") for t in tasks]
     header += ["mean", "ms per chunk", "s per training step", "parameters"]

@@ -10,6 +10,13 @@ Tokens, in the order they are attended:
     suffix   [state token, H noisy action tokens]                       (B, 1 + H, hidden)
 Without a world model (`latent_channels` 0, the flat VLA) there are no visual-subgoal patches;
 with `read_vlm` False (inverse dynamics) no VLM features.
+With `joint` (the joint formulation, as in UVA and DreamZero) the future latent's patches are not
+context but noisy suffix tokens after the actions, (B, 1 + H + P, hidden): one transformer
+denoises the future and the action chunk together, under one flow time per sample, and returns
+the velocity of both. One time, not one per modality: planning integrates the two in one Euler
+loop from noise to (future, chunk), which visits equal times only; separate times would also
+teach pairs of noise levels (a clean future with noisy actions: inverse dynamics; the reverse:
+prediction from actions) that this planner never asks for.
 The suffix attends to the context and to itself (bidirectionally); the context attends to nothing
 here, so its keys and values are computed once per sample and reused at every flow step.
 Knowledge insulation: the VLM features pass through a stop-gradient here, so the action loss never
@@ -94,7 +101,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
     # modulation).
     LORA_TARGETS = (
         r"blocks\.\d+\.(qkv|context_kv_proj|attn_out|mlp\.0|mlp\.2)"
-        r"|vlm_in|visual_in|state_in\.out\.1|keypoint_cond\.[02]|modulation\.1"
+        r"|vlm_in|visual_in|future_out|state_in\.out\.1|keypoint_cond\.[02]|modulation\.1"
         rf"|image_in\.(?:{ImageEncoder.LORA_TARGETS})"
         rf"|estimator\.(?:{SceneEstimator.LORA_TARGETS})"
     )
@@ -130,6 +137,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         world_features: int = 0,
         scene_conditioning: bool = False,
         scene_estimator: int = 0,
+        joint: bool = False,
     ):
         """`latent_channels` 0 makes an expert that reads no visual subgoal (a policy without a
         world model: the flat VLA); `read_vlm` False one that reads no VLM features, only the
@@ -170,7 +178,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         almost no attention. `scene_estimator` K > 0 gives the scene head eyes of its own
         (`experts.scene_estimator`: a small CNN and K keypoints per camera, trained by the scene
         loss alone, on the current and the future frames of every sample) in place of the
-        shared eyes' keypoints, which the action loss also shapes."""
+        shared eyes' keypoints, which the action loss also shapes.
+        `joint` makes the expert denoise the future latent (B, latent_channels, latent_size,
+        latent_size) with the actions instead of reading it (module docstring): `loss` takes the
+        true future as `visual_latent` and adds a `world` loss; `sample_joint` draws both."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
@@ -202,6 +213,11 @@ class ActionExpert(ModelMixin, ConfigMixin):
             raise ValueError(
                 "read_vlm False needs something else to read: an image_size or latent_channels"
             )
+        if joint and (not latent_channels or world_features):
+            raise ValueError(
+                "joint denoises the future latent with the actions: it needs latent_channels > 0 "
+                "(a world model's latent space) and no world_features"
+            )
         if latent_channels and latent_size % latent_patch:
             raise ValueError(f"latent_size {latent_size} not divisible by patch {latent_patch}")
         num_patches = (latent_size // latent_patch) ** 2 if latent_channels else 0
@@ -215,6 +231,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         width = world_features or latent_channels * latent_patch**2
         self.visual_in = nn.Linear(width, hidden) if latent_channels else None
         self.visual_pos = nn.Parameter(torch.zeros(1, num_patches, hidden))
+        self.future_out = nn.Linear(hidden, width) if joint else None
         self.image_in = (
             None
             if image_size is None
@@ -327,15 +344,30 @@ class ActionExpert(ModelMixin, ConfigMixin):
             if self.config.world_features:  # already tokens (B, P, world_features)
                 patches = visual_latent
             else:
-                p = self.config.latent_patch
-                patches = rearrange(visual_latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
+                patches = self._patches(visual_latent)
             tokens.append(self.visual_in(patches) + self.visual_pos)
             keep = vlm_mask.new_ones(patches.shape[:2])
             masks.append(keep if visual_keep is None else keep & visual_keep[:, None])
         context = torch.cat(tokens, 1)
         kv = [block.context_kv(context) for block in self.blocks]
-        masks.append(vlm_mask.new_ones(vlm_mask.shape[0], 1 + self.config.chunk_size))
+        masks.append(vlm_mask.new_ones(vlm_mask.shape[0], self._suffix_length))
         return kv, torch.cat(masks, 1)[:, None, None, :], estimate, cond
+
+    @property
+    def _suffix_length(self) -> int:
+        """State + H actions [+ P future patches with `joint`]."""
+        patches = self.visual_pos.shape[1] if self.future_out is not None else 0
+        return 1 + self.config.chunk_size + patches
+
+    def _patches(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latent (B, C, h, w) -> patch rows (B, P, C p p)."""
+        p = self.config.latent_patch
+        return rearrange(latent, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
+
+    def _unpatch(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch rows (B, P, C p p) -> latent (B, C, h, w)."""
+        p, side = self.config.latent_patch, self.config.latent_size // self.config.latent_patch
+        return rearrange(patches, "b (h w) (c p q) -> b c (h p) (w q)", h=side, p=p, q=p)
 
     def _flat_points(self, points: torch.Tensor) -> torch.Tensor:
         """Keypoints (B, N, K, 2) -> (B, num_cameras * K * 2); a robot with fewer cameras than
@@ -371,8 +403,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         context_mask,
         state_keep=None,
         cond=None,
+        noisy_future=None,
     ):
-        """Predicted velocity (B, H, max_action_dim) for noisy actions at flow times t (B,);
+        """Predicted velocities at flow times t (B,): of the noisy actions (B, H,
+        max_action_dim), and with `joint` of the `noisy_future` latent (B, C, h, w), else None.
         `state_keep` (B,) bool puts the "no state" token where it is False; `cond` (B, hidden)
         joins the flow time in every block's modulation."""
         # 1. suffix tokens: state, then the noisy actions
@@ -381,6 +415,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
             state_token = torch.where(state_keep[:, None, None], state_token, self.no_state)
         x = torch.cat([state_token, self.action_in(noisy_actions, embodiment_ids)], 1)
         x = x + self.suffix_pos
+        if self.future_out is not None:  # joint: the noisy future's patches join the suffix
+            if noisy_future is None:
+                raise ValueError("a joint expert denoises the future too: pass noisy_future")
+            x = torch.cat([x, self.visual_in(self._patches(noisy_future)) + self.visual_pos], 1)
         # 2. time -> every block's modulation
         t_emb = self.time_embed(self.time_proj(t * TIMESTEP_SCALE).to(x.dtype))
         if cond is not None:
@@ -391,7 +429,12 @@ class ActionExpert(ModelMixin, ConfigMixin):
             x = block(x, context_kv[i], context_mask, modulation[:, 6 * i : 6 * i + 6])
         # 4. modulated output norm, per-robot decoder over the action tokens
         shift, scale = modulation[:, -2], modulation[:, -1]
-        return self.action_out(_modulate(self.norm_out(x[:, 1:]), shift, scale), embodiment_ids)
+        out = _modulate(self.norm_out(x[:, 1:]), shift, scale)
+        horizon = self.config.chunk_size
+        actions = self.action_out(out[:, :horizon], embodiment_ids)
+        if self.future_out is None:
+            return actions, None
+        return actions, self._unpatch(self.future_out(out[:, horizon:]))
 
     def loss(
         self,
@@ -422,7 +465,16 @@ class ActionExpert(ModelMixin, ConfigMixin):
         `extra_images` (B', N, 3, S, S), `extra_scene` (B', scene_dim), `extra_mask` (B',
         scene_dim) and their robots' `extra_ids` (B',) are more examples for the scene estimator
         alone, which reads nothing else: the frames of a later step of the same samples, frames
-        of other rollouts (the policy's `losses`)."""
+        of other rollouts (the policy's `losses`). A `joint` expert takes the true future latent
+        (B, C, h, w) as `visual_latent`, denoises it with the actions under the same flow time
+        and adds {"world": flow-matching loss on it}; nothing drops it (`visual_keep` is not
+        read): the future is what it generates."""
+        joint = self.future_out is not None
+        future = visual_latent if joint else None
+        if joint:
+            if future is None:
+                raise ValueError("a joint expert learns the future: pass it as visual_latent")
+            visual_latent, visual_keep = None, None
         if images is not None:
             images = random_shift(images, self.config.image_shift)
         has_scene = bool(self.config.scene_dim) and scene is not None and bool(scene_mask.any())
@@ -474,6 +526,8 @@ class ActionExpert(ModelMixin, ConfigMixin):
             repeat(x, "b ... -> (b n) ...", n=n)
             for x in (context_mask, state, embodiment_ids, actions, action_mask, dim_mask)
         )
+        if joint:
+            future = repeat(future, "b ... -> (b n) ...", n=n)
         if state_keep is not None:
             state_keep = repeat(state_keep, "b -> (b n)", n=n)
         if cond is not None:
@@ -485,7 +539,8 @@ class ActionExpert(ModelMixin, ConfigMixin):
         t = sample_time(
             actions.shape[0], actions.device, distribution=self.config.time_distribution
         )
-        v = self.velocity(
+        future_noise = torch.randn_like(future) if joint else None
+        v, v_future = self.velocity(
             interpolate(actions, noise, t),
             t,
             state,
@@ -494,7 +549,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
             context_mask,
             state_keep,
             cond,
+            interpolate(future, future_noise, t) if joint else None,
         )
+        if joint:
+            losses["world"] = flow_loss(v_future, future, future_noise)
         return {"action": flow_loss(v, actions, noise, mask), **losses}
 
     @torch.no_grad()
@@ -522,6 +580,41 @@ class ActionExpert(ModelMixin, ConfigMixin):
         already committed, for asynchronous execution): they follow their own straight path from
         the noise to themselves (velocity noise - prefix), so at every step the model reads them
         at the noise level of the rest, and the rest is denoised to continue them (inpainting)."""
+        if self.future_out is not None:
+            raise ValueError("a joint expert samples the future with the actions: sample_joint")
+        return self._sample(
+            state, embodiment_ids, vlm_features, vlm_mask, images, visual_latent, dim_mask,
+            steps, generator, prefix, scene,
+        )[0]  # fmt: skip
+
+    @torch.no_grad()
+    def sample_joint(
+        self,
+        state: torch.Tensor,
+        embodiment_ids: torch.Tensor,
+        vlm_features: torch.Tensor,
+        vlm_mask: torch.Tensor,
+        images: torch.Tensor | None,
+        dim_mask: torch.Tensor | None = None,
+        steps: int = 10,
+        generator: torch.Generator | None = None,
+        prefix: torch.Tensor | None = None,
+        scene: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`joint`: an action chunk (B, H, max_action_dim), normalised, and the future latent
+        (B, C, h, w) it leads to, integrated together from noise in one Euler loop; the other
+        arguments as in `sample`."""
+        if self.future_out is None:
+            raise ValueError("this expert reads its visual subgoal (joint: false): sample")
+        return self._sample(
+            state, embodiment_ids, vlm_features, vlm_mask, images, None, dim_mask, steps,
+            generator, prefix, scene,
+        )  # fmt: skip
+
+    def _sample(
+        self, state, embodiment_ids, vlm_features, vlm_mask, images, visual_latent, dim_mask,
+        steps, generator, prefix, scene,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         if scene is not None and self.scene_token is None:
             raise ValueError(
                 "scene: this action expert reads no scene (train it with scene_input: true)"
@@ -541,12 +634,29 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if not 0 <= d <= self.config.chunk_size:
             raise ValueError(f"prefix: at most {self.config.chunk_size} actions, got {d}")
 
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v = self.velocity(
-                x, t, state, embodiment_ids, context_kv, context_mask, state_keep, cond
+        # the flow's state, one flat row per sample: the actions, then (joint) the future latent
+        parts = [(noise * dims).flatten(1)]
+        if self.future_out is not None:
+            side = self.config.latent_size
+            future_shape = (len(state), self.config.latent_channels, side, side)
+            parts.append(
+                torch.randn(
+                    future_shape, generator=generator, device=state.device, dtype=state.dtype
+                ).flatten(1)
             )
+        size = parts[0].shape[1]
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            future = x[:, size:].reshape(future_shape) if len(parts) > 1 else None
+            v, v_future = self.velocity(
+                x[:, :size].reshape(shape), t, state, embodiment_ids, context_kv, context_mask,
+                state_keep, cond, future,
+            )  # fmt: skip
             if d:
                 v = torch.cat([noise[:, :d] - prefix, v[:, d:]], 1)
-            return v * dims  # padded dims stay exactly zero along the whole path, as in training
+            v = (v * dims).flatten(1)  # padded dims stay exactly zero, as in training
+            return v if future is None else torch.cat([v, v_future.flatten(1)], 1)
 
-        return euler_sample(velocity, noise * dims, steps)
+        out = euler_sample(velocity, torch.cat(parts, 1), steps)
+        future = out[:, size:].reshape(future_shape) if len(parts) > 1 else None
+        return out[:, :size].reshape(shape), future

@@ -14,6 +14,10 @@ imagines in the same step, so that the head also ranks imagined latents, which a
 at planning time) and, for the tiny VAE trained here, `vae` (reconstruction + a small KL).
 Latents used by `world` and `value` are detached: those losses never reshape the VAE. With a
 pretrained VAE (`vae="<hub name or dir>"`) it is frozen and `vae` is None.
+With `flow=False` there is no transformer: the world model is the latent space and the value head
+only, for the `joint` formulation, whose action expert denoises the future latent together with
+the actions (`experts.action`); there is then no `world` loss here, and `value` reads the current
+and the true future latent.
 The world model sees one camera: the first of the images it is given.
 """
 
@@ -75,6 +79,8 @@ class WorldModel(nn.Module, ConfigMixin):
             full-resolution convolutions dominate a CPU training step).
         train_vae: whether the VAE trains (`vae` loss); default: only the tiny one does.
         value: directory of a saved value head; None builds one.
+        flow: whether the world model predicts the future itself (its transformer); False leaves
+            that to a joint action expert (module docstring).
     """
 
     # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert): the
@@ -104,6 +110,7 @@ class WorldModel(nn.Module, ConfigMixin):
         kl_weight: float = 1e-4,
         vae_batch: int = 8,
         train_vae: bool | None = None,
+        flow: bool = True,
     ):
         super().__init__()
         if vae is None:
@@ -126,7 +133,9 @@ class WorldModel(nn.Module, ConfigMixin):
         self.vae.requires_grad_(self.train_vae)
         channels = self.vae.config.latent_channels
         latent_size = image_size // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if transformer is None:
+        if not flow:
+            self.transformer = None
+        elif transformer is None:
             self.transformer = PixArtTransformer2DModel(
                 sample_size=latent_size,
                 patch_size=patch_size,
@@ -176,9 +185,17 @@ class WorldModel(nn.Module, ConfigMixin):
         return images.reshape(*lead, *images.shape[1:])
 
     # 2. the future-frame flow -------------------------------------------------------------------
+    def _flow(self) -> PixArtTransformer2DModel:
+        if self.transformer is None:
+            raise ValueError(
+                "this world model predicts no future (flow: false, the joint formulation, where "
+                "the action expert denoises the future with the actions)"
+            )
+        return self.transformer
+
     def velocity(self, noisy_future, t, current, context, context_mask):
         """Velocity (B, C, h, w) of the future latent at flow times t (B,)."""
-        return self.transformer(
+        return self._flow()(
             torch.cat([noisy_future, current], dim=1),
             encoder_hidden_states=context,
             encoder_attention_mask=context_mask,
@@ -195,11 +212,11 @@ class WorldModel(nn.Module, ConfigMixin):
         context_mask: torch.Tensor,
         progress: torch.Tensor,
         future_progress: torch.Tensor,
-    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None]:
         """`world`, `value` and `vae` (None with a frozen VAE) for one batch, and the imagined
         future (B, C, h, w), detached: the one-step estimate of the future latent from the noisy
-        one, x_t - t * v. Its quality runs from exact (t near 0) to a blurry mean (t near 1), like
-        the futures the planner samples.
+        one, x_t - t * v, whose quality runs from exact (t near 0) to a blurry mean (t near 1),
+        like the futures the planner samples. Without `flow`: `value` and `vae`, and None.
 
         images (B, N, 3, S, S) in [0, 1], for the VAE's reconstruction; current and future
         (B, C, h, w), the latents of the frames at t and t + k from `encode` (the caller encodes
@@ -216,12 +233,16 @@ class WorldModel(nn.Module, ConfigMixin):
             vae_loss = F.mse_loss(reconstruction, targets) + self.config.kl_weight * kl
         else:
             vae_loss = None
+        pooled = masked_mean(context, context_mask)
+        if self.transformer is None:  # joint: the action expert learns the future
+            values = self.value(torch.stack([current, future], 1), pooled)  # (B, 2)
+            targets = torch.stack([progress, future_progress], 1).to(values.dtype)
+            return {"value": F.mse_loss(values, targets), "vae": vae_loss}, None
         noise = torch.randn_like(future)
         t = sample_time(batch, future.device)
         noisy = interpolate(future, noise, t)
         v = self.velocity(noisy, t, current, context, context_mask)
         imagined = (noisy - t[:, None, None, None] * v).detach()
-        pooled = masked_mean(context, context_mask)
         values = self.value(torch.stack([current, future, imagined], 1), pooled)  # (B, 3)
         targets = torch.stack([progress, future_progress, future_progress], 1).to(values.dtype)
         losses = {
@@ -240,8 +261,10 @@ class WorldModel(nn.Module, ConfigMixin):
         representation and never sampled or decoded (the `representation` formulation).
         Deterministic, so training and planning read the same thing."""
         captured = []
-        hook = self.transformer.transformer_blocks[-1].register_forward_hook(
-            lambda module, inputs, output: captured.append(output)
+        hook = (
+            self._flow()
+            .transformer_blocks[-1]
+            .register_forward_hook(lambda module, inputs, output: captured.append(output))
         )
         try:
             t = torch.ones(len(current), device=current.device, dtype=current.dtype)
@@ -253,7 +276,7 @@ class WorldModel(nn.Module, ConfigMixin):
     @property
     def feature_dim(self) -> int:
         """Width of `features`' tokens."""
-        return self.transformer.inner_dim
+        return self._flow().inner_dim
 
     # 3. planning --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -297,13 +320,15 @@ class WorldModel(nn.Module, ConfigMixin):
         saved one; loading reads the parts' weights from these folders."""
         directory = Path(directory)
         for part in self.PARTS:
-            getattr(self, part).save_pretrained(directory / part)
+            if getattr(self, part) is not None:
+                getattr(self, part).save_pretrained(directory / part)
         self.save_config(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> WorldModel:
         directory = Path(directory)
         config = cls.load_config(directory)
-        model = cls.from_config(config, **{part: str(directory / part) for part in cls.PARTS})
+        parts = [p for p in cls.PARTS if p != "transformer" or config.get("flow", True)]
+        model = cls.from_config(config, **{part: str(directory / part) for part in parts})
         model.register_to_config(**{part: config.get(part) for part in cls.PARTS})  # sources
         return model

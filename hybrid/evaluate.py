@@ -36,7 +36,7 @@ VIDEO_FPS = 20
 # "subgoal" is the VLM pass that generates a new subgoal (and gives its features), "features" the
 # one that reads the subgoal in force; a chunk runs one of them. "imagine" includes the scores;
 # "world_features" is the world model's one pass of the representation formulation.
-TIERS = ("encode", "subgoal", "features", "imagine", "world_features", "decode", "action")
+TIERS = ("encode", "subgoal", "features", "imagine", "world_features", "joint", "decode", "action")
 
 
 @dataclass(frozen=True)

@@ -253,9 +253,9 @@ class HybridModule(L.LightningModule):
             batch["images"], list(batch["instruction"]), list(batch["subgoal"])
         )
         current, future = wm.encode(batch["images"]), wm.encode(batch["future_images"])
-        imagined = wm.imagine(
-            current, features, mask, num_candidates=1, steps=self.hparams.val_imagine_steps
-        )[:, 0]
+        imagined = self.policy.imagine_batch(
+            batch, current, features, mask, self.hparams.val_imagine_steps
+        )
         for name, error in (("world_mse", imagined - future), ("copy_mse", current - future)):
             self.log(f"{stage}/{name}", error.square().mean(), batch_size=size, sync_dist=True)
         values = wm.score(current[:, None], features, mask)[:, 0]

@@ -17,6 +17,9 @@ dim masks and normalisation:
     encode_frames(images)                          -> current latents (B, C, h, w)
     imagine(current, features, mask, K, steps)     -> candidates (B, K, C, h, w), scores (B, K)
     world_features(current, features, mask)        -> (B, P, D_wm), one pass (representation)
+    imagine_and_act(state, robot, features, mask, images, K, steps[, committed])
+                                                   -> K (chunk, future) pairs denoised together
+                                                      and the futures' scores (joint)
     sample_actions(state, robot, features, mask, images, visual[, committed, scene])
                                                    -> (B, H, action_dim) robot units, clipped
 Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_dim) and actions
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from experts.action import ActionExpert
@@ -154,7 +158,9 @@ class HybridPolicy(nn.Module):
         dicts are each expert's keyword arguments; `vlm={"backbone": <hub name or dir>}` loads a
         pretrained VLM and its tokenizer. `world_model=False` builds no world model: the action
         expert reads the VLM's features, the frames and the state, and no visual subgoal (the
-        flat VLA of `configs/formulation/flat_vla.yaml`)."""
+        flat VLA of `configs/formulation/flat_vla.yaml`). `action_expert={"joint": True}` with
+        `world_model={"flow": False}` makes the action expert denoise the future latent with the
+        actions (`configs/formulation/joint.yaml`); each needs the other."""
         vlm = dict(vlm or {})
         horizon, action_dim = action_chunks.shape[1:]
         fast_tokenizer = FastTokenizer(horizon, action_dim, **(fast or {})).fit(action_chunks)
@@ -173,6 +179,14 @@ class HybridPolicy(nn.Module):
             wm = WorldModel(context_dim=vlm_model.hidden_size, **settings)
             channels, size, _ = wm.latent_shape
         action_expert = dict(action_expert or {})
+        flow = wm is None or wm.config.flow
+        if bool(action_expert.get("joint")) == flow:
+            raise ValueError(
+                "action_expert.joint and world_model.flow: false go together (the joint "
+                "formulation: the action expert denoises the future the world model no longer "
+                f"predicts), got joint {action_expert.get('joint', False)} with "
+                + ("no world model" if wm is None else f"world_model.flow {flow}")
+            )
         if action_expert.get("world_features"):  # `true` in YAML: the world model's own width
             if wm is None:
                 raise ValueError(
@@ -283,6 +297,8 @@ class HybridPolicy(nn.Module):
             if cfg.world_features:  # representation: what the world model expects, one pass
                 with torch.no_grad():  # the world model learns from its own objective only
                     visual = self.world_model.features(current, features, feature_mask)
+            elif cfg.joint:  # the true future: the target the expert denoises with the actions
+                visual, visual_keep = future, None
             else:
                 use_imagined = torch.rand(size, device=actions.device) < imagined_share
                 visual = torch.where(use_imagined[:, None, None, None], imagined, future)
@@ -391,6 +407,25 @@ class HybridPolicy(nn.Module):
         _finite("world model", candidates)
         return candidates, _finite("value head", wm.score(candidates, features, mask))
 
+    def imagine_batch(
+        self,
+        batch: dict,
+        current: torch.Tensor,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        steps: int,
+    ) -> torch.Tensor:
+        """One imagined future latent (B, C, h, w) per sample of a training batch, from its
+        current latents (B, C, h, w), by whichever expert predicts the future: the world model,
+        or a joint action expert with the sample's state and frames (for validation metrics)."""
+        if not self.action_expert.config.joint:
+            return self.imagine(current, features, mask, 1, steps)[0][:, 0]
+        names = list(batch["embodiment"])
+        state = self._pad(batch["state"], self.action_expert.config.max_state_dim)
+        ids, dims = self.embodiment_ids(names), self.dim_mask(names)
+        expert = self.action_expert
+        return expert.sample_joint(state, ids, features, mask, batch["images"], dims, steps)[1]
+
     def world_features(
         self, current: torch.Tensor, features: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
@@ -434,15 +469,7 @@ class HybridPolicy(nn.Module):
         `scene_state`), is privileged: the true object and goal positions, read by an expert
         trained with `scene_input` in place of its own estimate, to measure what perfect
         perception would give."""
-        spec = self.embodiments[embodiment]
-        normalizer = self.normalizers[embodiment]
         names = [embodiment] * len(state)
-        true_scene = None if scene is None else self._scene(scene, embodiment)
-        prefix = None
-        if committed is not None:
-            prefix = normalizer.normalize(ACTION_KEY, np.asarray(committed, np.float32))
-            prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.device)
-            prefix = self._pad(prefix, self.action_expert.config.max_action_dim)
         normalised = self.action_expert.sample(
             state,
             self.embodiment_ids(names),
@@ -453,11 +480,74 @@ class HybridPolicy(nn.Module):
             self.dim_mask(names),
             steps=steps,
             generator=generator,
-            prefix=prefix,
+            prefix=self._prefix(committed, embodiment),
+            scene=None if scene is None else self._scene(scene, embodiment),
+        )
+        return self._robot_actions(normalised, embodiment, committed)
+
+    def imagine_and_act(
+        self,
+        state: torch.Tensor,
+        embodiment: str,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        images: torch.Tensor | None,
+        num_candidates: int,
+        steps: int = 10,
+        generator: torch.Generator | None = None,
+        committed: np.ndarray | None = None,
+        scene: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """The joint formulation's planning step: K action chunks (B, K, H, action_dim) in the
+        robot's units, clipped, each denoised together with the future latent it leads to
+        (B, K, C, h, w) from its own noise, and the value head's score of each future (B, K).
+        The arguments are `sample_actions`'."""
+        wm, k = self._world_model("score futures"), num_candidates
+        if not self.action_expert.config.joint:
+            raise ValueError("imagine_and_act: this policy's action expert is not joint; imagine")
+        names = [embodiment] * len(state) * k
+        prefix, true_scene = self._prefix(committed, embodiment), None
+        if scene is not None:
+            true_scene = self._scene(scene, embodiment).repeat_interleave(k, 0)
+        normalised, futures = self.action_expert.sample_joint(
+            state.repeat_interleave(k, 0),
+            self.embodiment_ids(names),
+            features.repeat_interleave(k, 0),
+            mask.repeat_interleave(k, 0),
+            None if images is None else images.repeat_interleave(k, 0),
+            self.dim_mask(names),
+            steps=steps,
+            generator=generator,
+            prefix=None if prefix is None else prefix.repeat_interleave(k, 0),
             scene=true_scene,
-        )[..., : spec.action_dim]
-        _finite("action expert", normalised)
-        actions = normalizer.unnormalize(ACTION_KEY, normalised.float().cpu().numpy())
+        )
+        repeated = None if committed is None else np.repeat(committed, k, 0)
+        actions = self._robot_actions(normalised, embodiment, repeated)
+        futures = rearrange(_finite("action expert", futures), "(b k) ... -> b k ...", k=k)
+        scores = _finite("value head", wm.score(futures, features, mask))
+        return rearrange(actions, "(b k) h a -> b k h a", k=k), futures, scores
+
+    def _prefix(self, committed: np.ndarray | None, embodiment: str) -> torch.Tensor | None:
+        """Committed actions (B, d, action_dim) in the robot's units -> (B, d, max_action_dim),
+        normalised and padded, the flow's fixed prefix."""
+        if committed is None:
+            return None
+        normalised = self.normalizers[embodiment].normalize(
+            ACTION_KEY, np.asarray(committed, np.float32)
+        )
+        prefix = torch.as_tensor(normalised, dtype=torch.float32, device=self.device)
+        return self._pad(prefix, self.action_expert.config.max_action_dim)
+
+    def _robot_actions(
+        self, normalised: torch.Tensor, embodiment: str, committed: np.ndarray | None
+    ) -> np.ndarray:
+        """The expert's chunks (B, H, max_action_dim), normalised -> (B, H, action_dim) in the
+        robot's units, clipped to its limits, the committed actions (B, d, action_dim) in place."""
+        spec = self.embodiments[embodiment]
+        normalised = _finite("action expert", normalised[..., : spec.action_dim])
+        actions = self.normalizers[embodiment].unnormalize(
+            ACTION_KEY, normalised.float().cpu().numpy()
+        )
         if spec.action_low:
             actions = np.clip(actions, spec.action_low, spec.action_high)
         if committed is not None:

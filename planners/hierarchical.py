@@ -4,6 +4,8 @@
       -> VLM: language subgoal (generated; reused while the schedule allows) + prefix features
       -> world model: K candidate visual subgoals, one batched call -> value scores -> best one
       -> action expert: action chunk, unnormalised to the robot's units and clipped to its limits
+(A joint policy, `configs/formulation/joint.yaml`, draws K (chunk, future) pairs from its action
+expert in one call and executes the chunk of the best-scored future.)
 `act` keeps a queue: it executes `execute_steps` of each chunk of H, then plans again. With
 `async_delay` d > 0 it plans the next chunk in a background thread while the robot executes the
 last d actions of the queue: the plan starts from the observation of the step at which d actions
@@ -112,6 +114,11 @@ class HybridPlanner:
             raise ValueError(
                 "visual_subgoal: this policy has no world model (the flat VLA), so there is no "
                 "visual subgoal to imagine; plan with visual_subgoal=False"
+            )
+        if visual_subgoal is False and policy.action_expert.config.joint:
+            raise ValueError(
+                "visual_subgoal=False: this policy's action expert denoises its future with its "
+                "actions (the joint formulation) and cannot act without it; plan with it on"
             )
         self.language_subgoal = language_subgoal
         self.visual_subgoal = has_world_model if visual_subgoal is None else visual_subgoal
@@ -233,11 +240,27 @@ class HybridPlanner:
             self.chunks_since_subgoal = 0
         # 3. imagine K futures and keep the best; a new subgoal also takes it as its target
         latents = candidate_images = scores = np.zeros((0,), np.float32)
-        chosen = 0
+        chosen, candidates, chunks = 0, None, None
+        committed = None if committed is None else np.asarray(committed, np.float32)[None]
+        scene = None if obs.scene is None else np.asarray(obs.scene, np.float32)[None]
         # a policy that reads the world model's features (representation) imagines nothing: one
         # pass of the world model gives what its action expert reads, every chunk
         due = (self.visual_subgoal or refresh) and self.schedule.visual_due(refresh)
-        if current is not None and policy.reads_world_features:
+        if policy.action_expert.config.joint:  # K (chunk, future) pairs denoised together
+            with timer("joint"):
+                chunks, candidates, candidate_scores = policy.imagine_and_act(
+                    state,
+                    self.embodiment,
+                    features,
+                    mask,
+                    images,
+                    self.num_candidates,
+                    self.action_steps,
+                    self.generator,
+                    committed,
+                    scene,
+                )
+        elif current is not None and policy.reads_world_features:
             if self.visual_subgoal:
                 with timer("world_features"):
                     self.visual_latent = policy.world_features(current, features, mask)
@@ -246,7 +269,8 @@ class HybridPlanner:
                 candidates, candidate_scores = policy.imagine(
                     current, features, mask, self.num_candidates, self.imagine_steps, self.generator
                 )
-                chosen = int(best_of_k(candidate_scores)[0])
+        if candidates is not None:
+            chosen = int(best_of_k(candidate_scores)[0])
             self.visual_latent = candidates[:, chosen]
             if refresh:
                 self.target = (
@@ -257,20 +281,23 @@ class HybridPlanner:
             if self.decode_candidates:
                 with timer("decode"):
                     candidate_images = self._decode(candidates[0])
-        # 4. the action chunk, in the robot's units, clipped to its limits
-        with timer("action"):
-            actions = policy.sample_actions(
-                state,
-                self.embodiment,
-                features,
-                mask,
-                images,
-                self.visual_latent if self.visual_subgoal else None,
-                self.action_steps,
-                self.generator,
-                None if committed is None else np.asarray(committed, np.float32)[None],
-                None if obs.scene is None else np.asarray(obs.scene, np.float32)[None],
-            )[0]
+        # 4. the action chunk, in the robot's units, clipped to its limits (joint: the chosen one)
+        if chunks is not None:
+            actions = chunks[0, chosen]
+        else:
+            with timer("action"):
+                actions = policy.sample_actions(
+                    state,
+                    self.embodiment,
+                    features,
+                    mask,
+                    images,
+                    self.visual_latent if self.visual_subgoal else None,
+                    self.action_steps,
+                    self.generator,
+                    committed,
+                    scene,
+                )[0]
         self.chunks_since_subgoal += 1
         self.last_plan = Plan(
             subgoal=self.subgoal,

@@ -433,3 +433,50 @@ def test_scene_estimator_learns_the_scene_on_its_own_eyes_and_the_planner_reads_
     assert not torch.allclose(a, b), "planning reads the estimator's scene"
     with pytest.raises(ValueError, match="scene_estimator 4 needs a scene_dim"):
         _expert(scene_estimator=4)
+
+
+def test_a_joint_expert_denoises_the_future_with_the_actions(tmp_path):
+    """`joint`: the future latent is a target, not an input. Its loss adds `world`, which moves
+    with the true future; sampling draws a chunk and a future of the latent's shape together,
+    keeps a committed prefix, and survives save/load; it refuses to read a visual subgoal."""
+    torch.manual_seed(0)
+    expert = _expert(joint=True)
+    with torch.no_grad():  # adaLN-zero passes nothing between tokens yet
+        expert.modulation[1].weight.normal_(std=0.1)
+    inputs = _inputs()
+    mask = torch.ones(B, H, dtype=torch.bool)
+    dims = torch.ones(B, 3, dtype=torch.bool)
+    actions = torch.randn(B, H, 3)
+
+    def loss(**changes):
+        torch.manual_seed(1)  # the same shifts, noise and times
+        args = {k: v for k, v in inputs.items() if k != "state"} | changes
+        return expert.loss(actions, mask, dims, inputs["state"], **args)
+
+    base = loss()
+    assert set(base) == {"action", "world"}
+    moved = loss(visual_latent=inputs["visual_latent"] + 1.0)
+    # the future is the world loss's target, and the actions attend to its noisy tokens
+    assert moved["world"] > base["world"] and not torch.equal(moved["action"], base["action"])
+    base["world"].backward()
+    assert expert.future_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="learns the future"):
+        loss(visual_latent=None)
+
+    expert.eval()
+    sample = {k: v for k, v in inputs.items() if k != "visual_latent"}
+    prefix = torch.randn(B, 2, 3)
+    chunk, future = expert.sample_joint(
+        **sample, steps=3, generator=torch.Generator().manual_seed(5), prefix=prefix
+    )
+    assert chunk.shape == (B, H, 3) and future.shape == (B, 4, 8, 8)
+    torch.testing.assert_close(chunk[:, :2], prefix)
+    expert.save_pretrained(tmp_path / "joint")
+    loaded = ActionExpert.from_pretrained(tmp_path / "joint").eval()
+    again = loaded.sample_joint(**sample, steps=3, generator=torch.Generator().manual_seed(5))
+    first = expert.sample_joint(**sample, steps=3, generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    with pytest.raises(ValueError, match="sample_joint"):
+        expert.sample(**inputs, steps=1)
+    with pytest.raises(ValueError, match="needs latent_channels > 0"):
+        _expert(joint=True, latent_channels=0)

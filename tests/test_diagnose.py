@@ -145,6 +145,12 @@ def test_formulations_train_evaluate_and_fill_one_row_each(mt10_dataset, tmp_pat
     table = readme.read_text()
     assert "| `flat_vla` | actions only |" in table and "| `representation` |" in table
     assert "old" not in table
+    # a formulation run alone adds its row; the others stay as the same comparison left them
+    _benchmark("formulations.py", *(["--formulations", "joint"] + args[3:]))
+    again = json.loads((out / "formulations.json").read_text())["runs"]
+    assert list(again) == ["flat_vla", "representation", "joint"]
+    assert {k: again[k] for k in runs} == runs and again["joint"]["ms_per_chunk"] > 0
+    assert "| `representation` |" in readme.read_text() and "| `joint` |" in readme.read_text()
 
 
 MISSING = {  # each script's required inputs, named where nothing exists

@@ -378,6 +378,10 @@ FORMULATIONS = {  # what each configs/formulation/*.yaml changes, on the small e
     "flat_vla": {"world_model": False},
     "inverse_dynamics": {"action_expert": dict(SMALL["action_expert"], read_vlm=False)},
     "representation": {"action_expert": dict(SMALL["action_expert"], world_features=True)},
+    "joint": {
+        "world_model": dict(SMALL["world_model"], flow=False),
+        "action_expert": dict(SMALL["action_expert"], joint=True),
+    },
 }
 
 
@@ -449,6 +453,60 @@ def test_representation_reads_world_features_from_one_pass_and_imagines_nothing(
             {EMBODIMENT.name: dm.norm_stats()},
             **(SMALL | FORMULATIONS["representation"] | {"world_model": False}),
         )
+
+
+def test_joint_plans_k_chunk_and_future_pairs_and_keeps_the_best(mt10_dataset, tmp_path):
+    """`action_expert.joint` with `world_model.flow: false` (configs/formulation/joint.yaml): the
+    world model keeps its latent space and value head and predicts nothing; the action expert
+    learns the future beside the actions; the planner draws K (chunk, future) pairs in one call,
+    executes the chunk of the future the value head scores best, and imagines nothing else."""
+    policy, dm = _formulation_policy("joint", mt10_dataset)
+    assert policy.world_model.transformer is None
+    batch = next(iter(dm.train_dataloader()))
+    losses = policy.losses(batch)
+    assert {"world", "value", "vae", "action"} <= set(losses)
+    losses["world"].backward()
+    assert policy.action_expert.future_out.weight.grad.abs().sum() > 0
+    current = policy.world_model.encode(batch["images"])
+    features, mask = policy.prefix_features(
+        batch["images"], list(batch["instruction"]), list(batch["subgoal"])
+    )
+    with pytest.raises(ValueError, match="predicts no future"):
+        policy.imagine(current, features, mask, 2, 1)
+    assert policy.imagine_batch(batch, current, features, mask, 1).shape == current.shape
+
+    policy.eval().save_pretrained(tmp_path / "joint")
+    assert not (tmp_path / "joint" / "world_model" / "transformer").exists()
+    planner = HybridPlanner.from_pretrained(tmp_path / "joint", num_candidates=4)
+    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    state = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
+    obs = Observation(dict(zip(dm.cameras, frames, strict=True)), state)
+    plan = planner.plan(obs, batch["instruction"][0])
+    assert "joint" in plan.timings_ms and not {"imagine", "action"} & set(plan.timings_ms)
+    assert plan.candidate_latents.shape == (4, *current.shape[1:]) and plan.actions.shape == (8, 4)
+    assert plan.chosen == int(np.argmax(plan.scores))
+    spec = policy.embodiments["sawyer"]
+    assert (plan.actions >= spec.action_low).all() and (plan.actions <= spec.action_high).all()
+    # the chunk executed is the chosen pair's: the same draw from the planner's seed
+    images = planner._check(obs, batch["instruction"][0])
+    _, features, mask = planner.policy.propose_subgoals(images, [batch["instruction"][0]])
+    chunks, _, scores = planner.policy.imagine_and_act(
+        planner.policy.normalize_state(state[None], "sawyer"), "sawyer", features, mask, images,
+        4, planner.action_steps, torch.Generator().manual_seed(planner.seed),
+    )  # fmt: skip
+    np.testing.assert_allclose(scores[0].numpy(), plan.scores, rtol=1e-5)
+    np.testing.assert_allclose(chunks[0, plan.chosen], plan.actions, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot act without it"):
+        HybridPlanner.from_pretrained(tmp_path / "joint", visual_subgoal=False)
+    for changes in ({"world_model": SMALL["world_model"]}, {"world_model": False}):
+        with pytest.raises(ValueError, match="go together"):
+            HybridPolicy.create(
+                dm.train_set.texts(),
+                dm.train_set.action_chunks(),
+                [EMBODIMENT],
+                {EMBODIMENT.name: dm.norm_stats()},
+                **(SMALL | FORMULATIONS["joint"] | changes),
+            )
 
 
 def test_a_scene_estimator_trains_on_the_current_the_future_and_other_rollouts_frames(
