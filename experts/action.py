@@ -600,20 +600,23 @@ class ActionExpert(ModelMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         prefix: torch.Tensor | None = None,
         scene: torch.Tensor | None = None,
+        num_candidates: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`joint`: an action chunk (B, H, max_action_dim), normalised, and the future latent
-        (B, C, h, w) it leads to, integrated together from noise in one Euler loop; the other
-        arguments as in `sample`."""
+        """`joint`: K = `num_candidates` action chunks (B K, H, max_action_dim), normalised,
+        and the future latents (B K, C, h, w) they lead to, each pair integrated together from
+        its own noise in one Euler loop (rows b K + k). The context (the VLM's features, the
+        frames through the expert's eyes, the scene) is read once per sample and shared by its K
+        pairs. The other arguments as in `sample`, one row per sample."""
         if self.future_out is None:
             raise ValueError("this expert reads its visual subgoal (joint: false): sample")
         return self._sample(
             state, embodiment_ids, vlm_features, vlm_mask, images, None, dim_mask, steps,
-            generator, prefix, scene,
+            generator, prefix, scene, num_candidates,
         )  # fmt: skip
 
     def _sample(
         self, state, embodiment_ids, vlm_features, vlm_mask, images, visual_latent, dim_mask,
-        steps, generator, prefix, scene,
+        steps, generator, prefix, scene, num_candidates=1,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         if scene is not None and self.scene_token is None:
             raise ValueError(
@@ -622,6 +625,15 @@ class ActionExpert(ModelMixin, ConfigMixin):
         context_kv, context_mask, _, cond = self._context(
             vlm_features, vlm_mask, images, visual_latent, embodiment_ids, true_scene=scene
         )
+        k = num_candidates
+        if k > 1:  # every sample's context serves its K draws: (B, ...) -> (B K, ...)
+            context_kv = [tuple(x.repeat_interleave(k, 0) for x in kv) for kv in context_kv]
+            context_mask, state, embodiment_ids = (
+                x.repeat_interleave(k, 0) for x in (context_mask, state, embodiment_ids)
+            )
+            cond = None if cond is None else cond.repeat_interleave(k, 0)
+            dim_mask = None if dim_mask is None else dim_mask.repeat_interleave(k, 0)
+            prefix = None if prefix is None else prefix.repeat_interleave(k, 0)
         shape = (state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         noise = torch.randn(shape, generator=generator, device=state.device, dtype=state.dtype)
         dims = torch.ones_like(noise[:, :1]) if dim_mask is None else dim_mask[:, None, :]

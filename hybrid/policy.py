@@ -505,21 +505,19 @@ class HybridPolicy(nn.Module):
         wm, k = self._world_model("score futures"), num_candidates
         if not self.action_expert.config.joint:
             raise ValueError("imagine_and_act: this policy's action expert is not joint; imagine")
-        names = [embodiment] * len(state) * k
-        prefix, true_scene = self._prefix(committed, embodiment), None
-        if scene is not None:
-            true_scene = self._scene(scene, embodiment).repeat_interleave(k, 0)
+        names = [embodiment] * len(state)
         normalised, futures = self.action_expert.sample_joint(
-            state.repeat_interleave(k, 0),
+            state,
             self.embodiment_ids(names),
-            features.repeat_interleave(k, 0),
-            mask.repeat_interleave(k, 0),
-            None if images is None else images.repeat_interleave(k, 0),
+            features,
+            mask,
+            images,
             self.dim_mask(names),
             steps=steps,
             generator=generator,
-            prefix=None if prefix is None else prefix.repeat_interleave(k, 0),
-            scene=true_scene,
+            prefix=self._prefix(committed, embodiment),
+            scene=None if scene is None else self._scene(scene, embodiment),
+            num_candidates=k,
         )
         repeated = None if committed is None else np.repeat(committed, k, 0)
         actions = self._robot_actions(normalised, embodiment, repeated)

@@ -476,6 +476,16 @@ def test_a_joint_expert_denoises_the_future_with_the_actions(tmp_path):
     again = loaded.sample_joint(**sample, steps=3, generator=torch.Generator().manual_seed(5))
     first = expert.sample_joint(**sample, steps=3, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    # K draws per sample share its context: the same pairs as K copies of each sample's inputs
+    shared = expert.sample_joint(
+        **sample, steps=2, generator=torch.Generator().manual_seed(7), num_candidates=3
+    )
+    copies = {k: v.repeat_interleave(3, 0) for k, v in sample.items()}
+    each = expert.sample_joint(**copies, steps=2, generator=torch.Generator().manual_seed(7))
+    assert shared[0].shape == (3 * B, H, 3) and shared[1].shape == (3 * B, 4, 8, 8)
+    for a, b in zip(shared, each, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(shared[0][0], shared[0][1]), "each draw from its own noise"
     with pytest.raises(ValueError, match="sample_joint"):
         expert.sample(**inputs, steps=1)
     with pytest.raises(ValueError, match="needs latent_channels > 0"):

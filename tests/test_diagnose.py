@@ -151,6 +151,12 @@ def test_formulations_train_evaluate_and_fill_one_row_each(mt10_dataset, tmp_pat
     assert list(again) == ["flat_vla", "representation", "joint"]
     assert {k: again[k] for k in runs} == runs and again["joint"]["ms_per_chunk"] > 0
     assert "| `representation` |" in readme.read_text() and "| `joint` |" in readme.read_text()
+    # --reuse-fits evaluates the saved policy again and keeps its training time
+    fitted = (out / "joint" / "policy" / "policy_config.json").stat().st_mtime_ns
+    _benchmark("formulations.py", *(["--formulations", "joint", "--reuse-fits"] + args[3:]))
+    third = json.loads((out / "formulations.json").read_text())["runs"]
+    assert third["joint"]["s_per_step"] == again["joint"]["s_per_step"]
+    assert (out / "joint" / "policy" / "policy_config.json").stat().st_mtime_ns == fitted
 
 
 MISSING = {  # each script's required inputs, named where nothing exists
