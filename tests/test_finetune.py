@@ -300,3 +300,19 @@ def test_eval_runs_the_panda_through_its_adapter(finetuned, tmp_path, hybrid_cli
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["embodiment"] == "panda" and set(results["tasks"]) == {"reach"}
     assert 1 <= results["episodes"][0]["steps"] <= 10
+
+
+def test_scene_teacher_is_checked_and_needs_a_base_that_reads_a_scene(
+    tiny_policy_dir, panda_dataset, tmp_path, hybrid_cli
+):
+    """`model.scene_teacher` overrides the base's share for the fine-tune: a value outside [0, 1]
+    and a base whose action expert reads no scene are refused in one line, before training."""
+    with pytest.raises(ValueError, match=r"scene_teacher must be in \[0, 1\]"):
+        FinetuneModule(str(tiny_policy_dir), PANDA_SPEC, scene_teacher=2)
+    base = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, base)
+    config = _config(tmp_path, base, panda_dataset[0], 1)
+    run = hybrid_cli("finetune", "--config", config, "--model.scene_teacher", "0.0")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "scene_teacher 0.0: the base's action expert reads no scene" in run.stderr
+    assert not (base / "adapters").exists()
