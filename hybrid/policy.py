@@ -418,8 +418,8 @@ class HybridPolicy(nn.Module):
         """One imagined future latent (B, C, h, w) per sample of a training batch, from its
         current latents (B, C, h, w), by whichever expert predicts the future: the world model,
         or a joint action expert with the sample's state and frames (for validation metrics)."""
-        if not self.action_expert.config.joint:
-            return self.imagine(current, features, mask, 1, steps)[0][:, 0]
+        if not self.action_expert.config.joint:  # nothing to score: the world model alone
+            return self._world_model("imagine").imagine(current, features, mask, 1, steps)[:, 0]
         names = list(batch["embodiment"])
         state = self._pad(batch["state"], self.action_expert.config.max_state_dim)
         ids, dims = self.embodiment_ids(names), self.dim_mask(names)
@@ -469,19 +469,15 @@ class HybridPolicy(nn.Module):
         `scene_state`), is privileged: the true object and goal positions, read by an expert
         trained with `scene_input` in place of its own estimate, to measure what perfect
         perception would give."""
-        names = [embodiment] * len(state)
         normalised = self.action_expert.sample(
             state,
-            self.embodiment_ids(names),
-            features,
-            mask,
-            images,
-            visual_latent,
-            self.dim_mask(names),
+            vlm_features=features,
+            vlm_mask=mask,
+            images=images,
+            visual_latent=visual_latent,
             steps=steps,
             generator=generator,
-            prefix=self._prefix(committed, embodiment),
-            scene=None if scene is None else self._scene(scene, embodiment),
+            **self._robot_inputs(len(state), embodiment, committed, scene),
         )
         return self._robot_actions(normalised, embodiment, committed)
 
@@ -505,19 +501,15 @@ class HybridPolicy(nn.Module):
         wm, k = self._world_model("score futures"), num_candidates
         if not self.action_expert.config.joint:
             raise ValueError("imagine_and_act: this policy's action expert is not joint; imagine")
-        names = [embodiment] * len(state)
         normalised, futures = self.action_expert.sample_joint(
             state,
-            self.embodiment_ids(names),
-            features,
-            mask,
-            images,
-            self.dim_mask(names),
+            vlm_features=features,
+            vlm_mask=mask,
+            images=images,
             steps=steps,
             generator=generator,
-            prefix=self._prefix(committed, embodiment),
-            scene=None if scene is None else self._scene(scene, embodiment),
             num_candidates=k,
+            **self._robot_inputs(len(state), embodiment, committed, scene),
         )
         repeated = None if committed is None else np.repeat(committed, k, 0)
         actions = self._robot_actions(normalised, embodiment, repeated)
@@ -525,16 +517,26 @@ class HybridPolicy(nn.Module):
         scores = _finite("value head", wm.score(futures, features, mask))
         return rearrange(actions, "(b k) h a -> b k h a", k=k), futures, scores
 
-    def _prefix(self, committed: np.ndarray | None, embodiment: str) -> torch.Tensor | None:
-        """Committed actions (B, d, action_dim) in the robot's units -> (B, d, max_action_dim),
-        normalised and padded, the flow's fixed prefix."""
-        if committed is None:
-            return None
-        normalised = self.normalizers[embodiment].normalize(
-            ACTION_KEY, np.asarray(committed, np.float32)
-        )
-        prefix = torch.as_tensor(normalised, dtype=torch.float32, device=self.device)
-        return self._pad(prefix, self.action_expert.config.max_action_dim)
+    def _robot_inputs(
+        self, size: int, embodiment: str, committed: np.ndarray | None, scene: np.ndarray | None
+    ) -> dict:
+        """What the action expert's samplers read of the robot, for `size` samples of it: its
+        rows, its real action dims, the committed actions (B, d, action_dim) in its units as
+        the flow's fixed prefix (normalised and padded), the true scene (`_scene`)."""
+        names = [embodiment] * size
+        prefix = None
+        if committed is not None:
+            normalised = self.normalizers[embodiment].normalize(
+                ACTION_KEY, np.asarray(committed, np.float32)
+            )
+            prefix = torch.as_tensor(normalised, dtype=torch.float32, device=self.device)
+            prefix = self._pad(prefix, self.action_expert.config.max_action_dim)
+        return {
+            "embodiment_ids": self.embodiment_ids(names),
+            "dim_mask": self.dim_mask(names),
+            "prefix": prefix,
+            "scene": None if scene is None else self._scene(scene, embodiment),
+        }
 
     def _robot_actions(
         self, normalised: torch.Tensor, embodiment: str, committed: np.ndarray | None
