@@ -61,6 +61,14 @@ AXES = {
         "K (future, actions) pairs denoised together, scored",
         "tokens beside noisy future tokens in one transformer",
     ),
+    "latent_plan": (
+        "a latent plan of the window, never decoded",
+        "tokens conditioned on plan tokens from a prior",
+    ),
+    "latent_frame_actions": (
+        "K (future, actions) pairs denoised together, scored",
+        "latent frames of the world model, one step per patch",
+    ),
 }
 
 
@@ -139,7 +147,10 @@ def main() -> None:
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir(parents=True)
             configs = [*args.base_configs, FORMULATIONS / f"{name}.yaml"]
-            configs.append(run_config(run, args.data, args.scene_data, args.steps))
+            # the scene data trains an action expert's scene estimator: none without one
+            experts = yaml.safe_load(configs[-1].read_text())["model"].get("experts", {})
+            scene = None if experts.get("action_expert") is False else args.scene_data
+            configs.append(run_config(run, args.data, scene, args.steps))
             wall = run_hybrid("fit", *(a for path in configs for a in ("--config", path)))
         summary = rollouts(
             policy, tasks, args.episodes, seed=args.seed, max_steps=args.max_steps,

@@ -18,11 +18,19 @@ With `flow=False` there is no transformer: the world model is the latent space a
 only, for the `joint` formulation, whose action expert denoises the future latent together with
 the actions (`experts.action`); there is then no `world` loss here, and `value` reads the current
 and the true future latent.
+With `action_frames=True` the world model is also the policy's only actor (the
+`latent_frame_actions` formulation): the action chunk (B, H, A), normalised, is packed into extra
+latent frames laid beside the future frame, one action step per patch (its A values in the
+patch's C p p slots, zero-padded), and the transformer denoises the strip (B, C, h, w + n w)
+under one flow time; the conditioning channels hold the current latent under the future frame
+and the robot state (in every patch) under the action frames. The `action` loss is flow matching
+on the unpacked actions, masked over padded steps and dims. No action-specific layer exists.
 The world model sees one camera: the first of the images it is given.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -81,6 +89,10 @@ class WorldModel(nn.Module, ConfigMixin):
         value: directory of a saved value head; None builds one.
         flow: whether the world model predicts the future itself (its transformer); False leaves
             that to a joint action expert (module docstring).
+        action_frames: whether the transformer also denoises the action chunk, packed into latent
+            frames beside the future (module docstring); chunk_size, max_action_dim and
+            max_state_dim are then the chunk's length and the padded action and state widths
+            (each at most latent_channels * patch_size^2).
     """
 
     # Modules a per-embodiment LoRA adapts by default (regex on names inside this expert): the
@@ -111,6 +123,10 @@ class WorldModel(nn.Module, ConfigMixin):
         vae_batch: int = 8,
         train_vae: bool | None = None,
         flow: bool = True,
+        action_frames: bool = False,
+        chunk_size: int = 16,
+        max_action_dim: int = 8,
+        max_state_dim: int = 8,
     ):
         super().__init__()
         if vae is None:
@@ -158,6 +174,18 @@ class WorldModel(nn.Module, ConfigMixin):
         else:
             self.value = ValueHead.from_pretrained(value)
         self.latent_shape = (channels, latent_size, latent_size)
+        self.num_action_frames = 0
+        if action_frames:
+            slots = channels * patch_size**2
+            if not flow:
+                raise ValueError("action_frames: the transformer denoises them; set flow: true")
+            if max(max_action_dim, max_state_dim) > slots:
+                raise ValueError(
+                    f"action_frames: a patch holds {slots} values (latent_channels x patch_size^2)"
+                    f", fewer than max_action_dim {max_action_dim} or max_state_dim "
+                    f"{max_state_dim}"
+                )
+            self.num_action_frames = math.ceil(chunk_size / (latent_size // patch_size) ** 2)
 
     # 1. latent space --------------------------------------------------------------------------
     def _first_camera(self, images: torch.Tensor) -> torch.Tensor:
@@ -203,6 +231,88 @@ class WorldModel(nn.Module, ConfigMixin):
             added_cond_kwargs=_NO_EXTRA_CONDITIONS,
         ).sample
 
+    # 2b. actions as latent frames (`action_frames`) ----------------------------------------------
+    def _strip(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (B, T, F), F <= C p^2, one per patch of the action frames in raster order over
+        their strip -> the frames side by side (B, C, h, n w), zero-padded."""
+        channels, side, _ = self.latent_shape
+        p, grid = self.config.patch_size, side // self.config.patch_size
+        tokens = self.num_action_frames * grid**2
+        rows = F.pad(rows, (0, channels * p * p - rows.shape[-1], 0, tokens - rows.shape[1]))
+        return rearrange(
+            rows, "b (gh gw) (c ph pw) -> b c (gh ph) (gw pw)", gh=grid, ph=p, pw=p
+        ).contiguous()
+
+    def _rows(self, strip: torch.Tensor) -> torch.Tensor:
+        """`_strip`'s inverse: (B, C, h, n w) -> (B, chunk_size, max_action_dim)."""
+        p = self.config.patch_size
+        rows = rearrange(strip, "b c (gh ph) (gw pw) -> b (gh gw) (c ph pw)", ph=p, pw=p)
+        return rows[:, : self.config.chunk_size, : self.config.max_action_dim]
+
+    def _strip_velocity(self, x, t, current, state, context, context_mask):
+        """Velocity (B, C, h, w + n w) of the noisy strip x: the future, then the action frames.
+        The state (B, max_state_dim), normalised, conditions every action patch."""
+        tokens = self.num_action_frames * (self.latent_shape[1] // self.config.patch_size) ** 2
+        states = self._strip(repeat(state, "b s -> b t s", t=tokens))
+        return self.velocity(x, t, torch.cat([current, states], -1), context, context_mask)
+
+    def _need_actions(self) -> None:
+        if not self.num_action_frames:
+            raise ValueError(
+                "this world model denoises no actions (action_frames: false); the policy's "
+                "action expert acts"
+            )
+
+    @torch.no_grad()
+    def imagine_and_act(
+        self,
+        current: torch.Tensor,
+        state: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        dim_mask: torch.Tensor,
+        num_candidates: int = 8,
+        steps: int = 4,
+        generator: torch.Generator | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`action_frames`: K = `num_candidates` action chunks (B K, H, max_action_dim),
+        normalised, zero on the padded dims of `dim_mask` (B, max_action_dim), and the future
+        latents (B K, C, h, w) they were denoised with, each pair from its own noise in one Euler
+        loop (rows b K + k). current (B, C, h, w); state (B, max_state_dim), normalised; context
+        (B, L, D) with mask (B, L). `prefix` (B, d, max_action_dim), normalised, fixes the
+        chunk's first d actions (committed ones) by the action expert's inpainting rule: they
+        follow their own straight path from the noise (velocity noise - prefix)."""
+        self._need_actions()
+        k, horizon = num_candidates, self.config.chunk_size
+        current, state, context, context_mask, dim_mask = (
+            x.repeat_interleave(k, 0) for x in (current, state, context, context_mask, dim_mask)
+        )
+        d = 0 if prefix is None else prefix.shape[1]
+        if not 0 <= d <= horizon:
+            raise ValueError(f"prefix: at most {horizon} actions, got {d}")
+        prefix = None if prefix is None else prefix.repeat_interleave(k, 0)
+        dims = dim_mask[:, None, :].to(current.dtype)
+        shape = (len(current), horizon, self.config.max_action_dim)
+        action_noise = (
+            torch.randn(shape, generator=generator, device=current.device, dtype=current.dtype)
+            * dims
+        )
+        noise = torch.randn(
+            current.shape, generator=generator, device=current.device, dtype=current.dtype
+        )
+        width = current.shape[-1]
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v = self._strip_velocity(x, t, current, state, context, context_mask)
+            v_actions = self._rows(v[..., width:]) * dims  # padding stays exactly zero
+            if d:
+                v_actions = torch.cat([action_noise[:, :d] - prefix, v_actions[:, d:]], 1)
+            return torch.cat([v[..., :width], self._strip(v_actions)], -1)
+
+        strip = euler_sample(velocity, torch.cat([noise, self._strip(action_noise)], -1), steps)
+        return self._rows(strip[..., width:]), strip[..., :width]
+
     def losses(
         self,
         images: torch.Tensor,
@@ -212,6 +322,10 @@ class WorldModel(nn.Module, ConfigMixin):
         context_mask: torch.Tensor,
         progress: torch.Tensor,
         future_progress: torch.Tensor,
+        actions: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
+        dim_mask: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None]:
         """`world`, `value` and `vae` (None with a frozen VAE) for one batch, and the imagined
         future (B, C, h, w), detached: the one-step estimate of the future latent from the noisy
@@ -221,7 +335,9 @@ class WorldModel(nn.Module, ConfigMixin):
         images (B, N, 3, S, S) in [0, 1], for the VAE's reconstruction; current and future
         (B, C, h, w), the latents of the frames at t and t + k from `encode` (the caller encodes
         once and reuses them); context (B, L, D), context_mask (B, L); progress and
-        future_progress (B,).
+        future_progress (B,). With `action_frames` also `action`, from actions (B, H,
+        max_action_dim), normalised, action_mask (B, H), dim_mask (B, max_action_dim) and state
+        (B, max_state_dim), normalised.
         """
         context, current, future = context.detach(), current.detach(), future.detach()
         batch = images.shape[0]
@@ -241,7 +357,22 @@ class WorldModel(nn.Module, ConfigMixin):
         noise = torch.randn_like(future)
         t = sample_time(batch, future.device)
         noisy = interpolate(future, noise, t)
-        v = self.velocity(noisy, t, current, context, context_mask)
+        acting = {}
+        if self.num_action_frames:
+            if actions is None or action_mask is None or dim_mask is None or state is None:
+                raise ValueError("action_frames: losses need actions, action_mask, dim_mask, state")
+            mask = action_mask[:, :, None] & dim_mask[:, None, :]
+            actions = actions * mask  # the model sees zeros on padded dims and steps
+            action_noise = torch.randn_like(actions) * dim_mask[:, None, :]
+            strip = self._strip(interpolate(actions, action_noise, t))
+            v = self._strip_velocity(
+                torch.cat([noisy, strip], -1), t, current, state, context, context_mask
+            )
+            width = future.shape[-1]
+            acting = {"action": flow_loss(self._rows(v[..., width:]), actions, action_noise, mask)}
+            v = v[..., :width]
+        else:
+            v = self.velocity(noisy, t, current, context, context_mask)
         imagined = (noisy - t[:, None, None, None] * v).detach()
         values = self.value(torch.stack([current, future, imagined], 1), pooled)  # (B, 3)
         targets = torch.stack([progress, future_progress, future_progress], 1).to(values.dtype)
@@ -249,6 +380,7 @@ class WorldModel(nn.Module, ConfigMixin):
             "world": flow_loss(v, future, noise),
             "value": F.mse_loss(values, targets),
             "vae": vae_loss,
+            **acting,
         }
         return losses, imagined
 
@@ -292,6 +424,11 @@ class WorldModel(nn.Module, ConfigMixin):
         """K candidate future latents (B, K, C, h, w) from independent noise, in one batched call.
         current (B, C, h, w), the latent of the current frame (`encode`); context (B, L, D) with
         mask (B, L)."""
+        if self.num_action_frames:
+            raise ValueError(
+                "this world model denoises its futures with the actions (action_frames): "
+                "imagine_and_act"
+            )
         k = num_candidates
         current = repeat(current, "b c h w -> (b k) c h w", k=k)
         context = repeat(context, "b l d -> (b k) l d", k=k)

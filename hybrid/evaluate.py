@@ -36,7 +36,10 @@ VIDEO_FPS = 20
 # "subgoal" is the VLM pass that generates a new subgoal (and gives its features), "features" the
 # one that reads the subgoal in force; a chunk runs one of them. "imagine" includes the scores;
 # "world_features" is the world model's one pass of the representation formulation.
-TIERS = ("encode", "subgoal", "features", "imagine", "world_features", "joint", "decode", "action")
+TIERS = (
+    "encode", "subgoal", "features", "imagine", "world_features", "plan", "joint", "decode",
+    "action",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,8 @@ def evaluate(
         privileged_scene=privileged_scene,
     )
     planner = _preflight(config)
-    if privileged_scene and not planner.policy.action_expert.config.scene_input:
+    expert = planner.policy.action_expert
+    if privileged_scene and (expert is None or not expert.config.scene_input):
         raise ValueError(
             f"--privileged-scene: the action expert of {policy} reads no scene; train one with "
             "configs/experiment/privileged_scene.yaml (action_expert.scene_input: true)"

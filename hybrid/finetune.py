@@ -109,7 +109,7 @@ class FinetuneModule(HybridModule):
             )
         policy = HybridPolicy.from_pretrained(self.hparams.base_policy)
         for key, base_value in (
-            ("chunk_size", policy.action_expert.config.chunk_size),
+            ("chunk_size", policy.action_config.chunk_size),
             ("image_size", policy.frame_size),
         ):
             if dm.hparams[key] != base_value:
@@ -129,7 +129,8 @@ class FinetuneModule(HybridModule):
             policy.world_model.train_vae = False  # the VAE is shared and frozen
         teacher = self.hparams.scene_teacher
         if teacher is not None:
-            if not policy.action_expert.config.scene_input:
+            expert = policy.action_expert
+            if expert is None or not expert.config.scene_input:
                 raise ValueError(
                     f"model.scene_teacher {teacher}: the base's action expert reads no scene "
                     "(scene_input false); drop the setting"

@@ -50,12 +50,15 @@ class Experts:
     """Each expert's constructor arguments (`HybridPolicy.create`), as `model.experts` in YAML.
     Config files stacked on the command line merge per entry: a later file that gives
     `action_expert` replaces that whole entry and keeps the others. `world_model: false` builds
-    no world model (the flat VLA)."""
+    no world model (the flat VLA); `action_expert: false`, with `world_model.action_frames:
+    true`, no action expert (`latent_frame_actions`); `latent_plan` builds the plan expert
+    (`configs/formulation/latent_plan.yaml`)."""
 
     vlm: dict | None = None
     world_model: dict | bool | None = None
-    action_expert: dict | None = None
+    action_expert: dict | bool | None = None
     fast: dict | None = None
+    latent_plan: dict | None = None
 
 
 class HybridModule(L.LightningModule):
@@ -253,11 +256,13 @@ class HybridModule(L.LightningModule):
             batch["images"], list(batch["instruction"]), list(batch["subgoal"])
         )
         current, future = wm.encode(batch["images"]), wm.encode(batch["future_images"])
-        imagined = self.policy.imagine_batch(
-            batch, current, features, mask, self.hparams.val_imagine_steps
-        )
-        for name, error in (("world_mse", imagined - future), ("copy_mse", current - future)):
-            self.log(f"{stage}/{name}", error.square().mean(), batch_size=size, sync_dist=True)
+        if wm.transformer is not None or self.policy.joint:  # something imagines the future
+            imagined = self.policy.imagine_batch(
+                batch, current, features, mask, self.hparams.val_imagine_steps
+            )
+            errors = (("world_mse", imagined - future), ("copy_mse", current - future))
+            for name, error in errors:
+                self.log(f"{stage}/{name}", error.square().mean(), batch_size=size, sync_dist=True)
         values = wm.score(current[:, None], features, mask)[:, 0]
         self._val_values.append(torch.stack([values, batch["progress"].to(values.dtype)]))
 

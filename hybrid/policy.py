@@ -5,7 +5,11 @@ object that trains from a batch and saves to / loads from one directory, offline
     <dir>/vlm/                 HighLevelVLM (transformers backbone + tokenizer)
     <dir>/world_model/         WorldModel (diffusers VAE + transformer, value head); absent in a
                                policy made without one (`world_model=False`: the flat VLA)
-    <dir>/action_expert/       ActionExpert (diffusers config.json + safetensors)
+    <dir>/latent_plan/         LatentPlan (posterior and prior over plan tokens); only in a
+                               `latent_plan` policy
+    <dir>/action_expert/       ActionExpert (diffusers config.json + safetensors); absent in a
+                               policy whose world model denoises the actions as latent frames
+                               (`action_expert=False`: `latent_frame_actions`)
     <dir>/fast/                FastTokenizer
 
 Training (`losses`) and inference sit side by side, with one set of conventions for padding,
@@ -17,9 +21,11 @@ dim masks and normalisation:
     encode_frames(images)                          -> current latents (B, C, h, w)
     imagine(current, features, mask, K, steps)     -> candidates (B, K, C, h, w), scores (B, K)
     world_features(current, features, mask)        -> (B, P, D_wm), one pass (representation)
+    sample_plan(current, state, features, mask)    -> (B, P, d), the prior's plan (latent_plan)
     imagine_and_act(state, robot, features, mask, images, K, steps[, committed])
                                                    -> K (chunk, future) pairs denoised together
-                                                      and the futures' scores (joint)
+                                                      and the futures' scores (joint, or
+                                                      latent frame actions)
     sample_actions(state, robot, features, mask, images, visual[, committed, scene])
                                                    -> (B, H, action_dim) robot units, clipped
 Batches are what `hybrid.data.windows.TrainingWindows` yields: state (B, state_dim) and actions
@@ -41,6 +47,7 @@ from torch import nn
 
 from experts.action import ActionExpert
 from experts.fast import FastTokenizer
+from experts.latent_plan import LatentPlan
 from experts.vlm import HighLevelVLM, train_tokenizer
 from experts.world_model import WorldModel
 from hybrid.data.normalize import Normalizer
@@ -54,7 +61,13 @@ ADAPTERS_DIR = "adapters"  # per-robot LoRA adapters, see hybrid.adapters
 # A state further than this from the training data, in normalised units, is refused (see
 # `HybridPolicy.normalize_state`).
 STATE_BOUND = 1e4
-EXPERT_DIRS = ("vlm", "world_model", "action_expert", "fast")  # one folder per expert, its name
+EXPERT_DIRS = (
+    "vlm",
+    "world_model",
+    "latent_plan",
+    "action_expert",
+    "fast",
+)  # one folder per expert, its name
 
 
 class HybridPolicy(nn.Module):
@@ -65,11 +78,12 @@ class HybridPolicy(nn.Module):
         self,
         vlm: HighLevelVLM,
         world_model: WorldModel | None,
-        action_expert: ActionExpert,
+        action_expert: ActionExpert | None,
         fast: FastTokenizer,
         embodiments: list[EmbodimentSpec],
         norm_stats: dict[str, dict[str, dict[str, list[float]]]],
         norm_modes: dict[str, str] | None = None,
+        latent_plan: LatentPlan | None = None,
     ):
         super().__init__()
         self.vlm, self.world_model, self.action_expert, self.fast = (
@@ -78,8 +92,14 @@ class HybridPolicy(nn.Module):
             action_expert,
             fast,
         )
+        self.latent_plan = latent_plan
         self.robots = Robots(norm_modes)
-        if action_expert.config.num_embodiments < len(embodiments):
+        if action_expert is None and (world_model is None or not world_model.num_action_frames):
+            raise ValueError(
+                "a policy without an action expert needs a world model that denoises the "
+                "actions (world_model.action_frames: true)"
+            )
+        if action_expert is not None and action_expert.config.num_embodiments < len(embodiments):
             raise ValueError(
                 f"the action expert has rows for {action_expert.config.num_embodiments} "
                 f"embodiments, but {len(embodiments)} are given"
@@ -104,8 +124,22 @@ class HybridPolicy(nn.Module):
     def normalizers(self) -> dict[str, Normalizer]:
         return self.robots.normalizers
 
+    @property
+    def action_config(self):
+        """The config holding the action chunk's sizes (chunk_size, max_action_dim,
+        max_state_dim): the action expert's, or that of a world model that denoises the actions
+        as latent frames where there is no action expert."""
+        return (self.world_model if self.action_expert is None else self.action_expert).config
+
+    @property
+    def joint(self) -> bool:
+        """Whether the actions are drawn together with the futures they lead to
+        (`imagine_and_act`: a joint action expert, or actions as latent frames), not
+        conditioned on an imagined future chosen before (`sample_actions`)."""
+        return self.action_expert is None or bool(self.action_expert.config.joint)
+
     def _register(self, spec: EmbodimentSpec, stats: dict) -> None:
-        cfg = self.action_expert.config
+        cfg = self.action_config
         self.robots.add(
             spec, stats, cfg.max_state_dim, cfg.max_action_dim, self.fast.config.action_dim
         )
@@ -119,7 +153,8 @@ class HybridPolicy(nn.Module):
         self._register(spec, norm_stats)
         for head in heads(self.action_expert).values():
             head.add_row()
-        self.action_expert.register_to_config(num_embodiments=len(self.embodiments))
+        if self.action_expert is not None:
+            self.action_expert.register_to_config(num_embodiments=len(self.embodiments))
 
     def embodiment_rows(self, name: str) -> dict[str, torch.Tensor]:
         """The robot's own row of each per-embodiment parameter, by parameter name."""
@@ -134,7 +169,8 @@ class HybridPolicy(nn.Module):
         for head in heads(self.action_expert).values():
             head.keep_rows(rows)
         self.robots.keep(names)
-        self.action_expert.register_to_config(num_embodiments=len(names))
+        if self.action_expert is not None:
+            self.action_expert.register_to_config(num_embodiments=len(names))
 
     def compute_fingerprint(self) -> str:
         """sha256 of every weight and the robots' specs (`hybrid.robots.fingerprint`)."""
@@ -149,9 +185,10 @@ class HybridPolicy(nn.Module):
         norm_stats: dict,
         vlm: dict | None = None,
         world_model: dict | bool | None = None,
-        action_expert: dict | None = None,
+        action_expert: dict | bool | None = None,
         fast: dict | None = None,
         text_vocab_size: int = 512,
+        latent_plan: dict | None = None,
     ) -> HybridPolicy:
         """Build fresh experts with consistent sizes. `texts` (instructions and subgoals) train
         the tiny VLM's tokenizer, `action_chunks` (N, H, action_dim), normalised, fit FAST. The
@@ -160,7 +197,13 @@ class HybridPolicy(nn.Module):
         expert reads the VLM's features, the frames and the state, and no visual subgoal (the
         flat VLA of `configs/formulation/flat_vla.yaml`). `action_expert={"joint": True}` with
         `world_model={"flow": False}` makes the action expert denoise the future latent with the
-        actions (`configs/formulation/joint.yaml`); each needs the other."""
+        actions (`configs/formulation/joint.yaml`); each needs the other. `action_expert=False`
+        with `world_model={"action_frames": True}` builds no action expert: the world model's
+        transformer denoises the actions as latent frames beside the future
+        (`configs/formulation/latent_frame_actions.yaml`); each needs the other. `latent_plan`
+        (the LatentPlan's keyword arguments) with `world_model={"flow": False}` makes the action
+        expert read plan tokens in place of an imagined future
+        (`configs/formulation/latent_plan.yaml`)."""
         vlm = dict(vlm or {})
         horizon, action_dim = action_chunks.shape[1:]
         fast_tokenizer = FastTokenizer(horizon, action_dim, **(fast or {})).fit(action_chunks)
@@ -173,14 +216,45 @@ class HybridPolicy(nn.Module):
         vlm_model = HighLevelVLM(
             tokenizer=tokenizer, num_action_tokens=fast_tokenizer.vocab_size, **vlm
         )
+        # The YAML may leave room for robots added later (`hybrid finetune`); never less than now.
+        needs = {
+            "max_state_dim": max(s.state_dim for s in embodiments),
+            "max_action_dim": max(s.action_dim for s in embodiments),
+        }
         wm, channels, size = None, 0, 8
         if world_model is not False:  # None or True: the defaults
-            settings = world_model if isinstance(world_model, dict) else {}
+            settings = dict(world_model) if isinstance(world_model, dict) else {}
+            if settings.get("action_frames"):  # the world model holds the chunk's sizes
+                settings["chunk_size"] = horizon
+                for key, need in needs.items():
+                    settings[key] = max(settings.get(key, need), need)
             wm = WorldModel(context_dim=vlm_model.hidden_size, **settings)
             channels, size, _ = wm.latent_shape
+        acts = wm is not None and bool(wm.num_action_frames)
+        if (action_expert is False) != acts:
+            raise ValueError(
+                "action_expert: false and world_model.action_frames: true go together (the "
+                "latent_frame_actions formulation: the world model denoises the actions), got "
+                f"action_expert {'false' if action_expert is False else 'set'} with "
+                f"world_model.action_frames {acts}"
+            )
+        if action_expert is False:
+            return cls(vlm_model, wm, None, fast_tokenizer, embodiments, norm_stats)
         action_expert = dict(action_expert or {})
         flow = wm is None or wm.config.flow
-        if bool(action_expert.get("joint")) == flow:
+        if latent_plan is not None:
+            if (
+                wm is None
+                or flow
+                or action_expert.get("joint")
+                or action_expert.get("world_features")
+            ):
+                raise ValueError(
+                    "latent_plan reads the world model's latent space and replaces its futures: "
+                    "set world_model.flow: false, and neither action_expert.joint nor "
+                    "world_features"
+                )
+        elif bool(action_expert.get("joint")) == flow:
             raise ValueError(
                 "action_expert.joint and world_model.flow: false go together (the joint "
                 "formulation: the action expert denoises the future the world model no longer "
@@ -196,12 +270,23 @@ class HybridPolicy(nn.Module):
             action_expert["world_features"] = wm.feature_dim
             action_expert["latent_patch"] = wm.config.patch_size  # one token per its patches
         action_expert.setdefault("num_cameras", max(len(s.cameras) for s in embodiments) or 1)
-        # The YAML may leave room for robots added later (`hybrid finetune`); never less than now.
-        for key, need in (
-            ("max_state_dim", max(s.state_dim for s in embodiments)),
-            ("max_action_dim", max(s.action_dim for s in embodiments)),
-        ):
+        for key, need in needs.items():
             action_expert[key] = max(action_expert.get(key, need), need)
+        plan = None
+        if latent_plan is not None:  # the expert reads P plan tokens as a side x side grid
+            plan = LatentPlan(
+                latent_channels=channels,
+                latent_size=size,
+                chunk_size=horizon,
+                max_action_dim=action_expert["max_action_dim"],
+                max_state_dim=action_expert["max_state_dim"],
+                context_dim=vlm_model.hidden_size,
+                patch_size=wm.config.patch_size,
+                **latent_plan,
+            )
+            action_expert["world_features"] = plan.config.plan_dim
+            action_expert["latent_patch"] = 1
+            size = round(plan.config.plan_tokens**0.5)
         expert = ActionExpert(
             vlm_dim=vlm_model.hidden_size,
             latent_channels=channels,
@@ -210,17 +295,17 @@ class HybridPolicy(nn.Module):
             num_embodiments=len(embodiments),
             **action_expert,
         )
-        return cls(vlm_model, wm, expert, fast_tokenizer, embodiments, norm_stats)
+        return cls(vlm_model, wm, expert, fast_tokenizer, embodiments, norm_stats, latent_plan=plan)
 
     @property
     def device(self) -> torch.device:
-        return self.action_expert.device
+        return next(self.parameters()).device
 
     @property
     def frame_size(self) -> int:
         """The side of the camera frames this policy trains and plans on: what its action expert
         sees (the VLM and the world model resize to their own sides)."""
-        if self.action_expert.config.image_size:
+        if self.action_expert is not None and self.action_expert.config.image_size:
             return self.action_expert.config.image_size
         if self.world_model is not None:
             return self.world_model.config.image_size
@@ -236,7 +321,7 @@ class HybridPolicy(nn.Module):
 
     def dim_mask(self, names: list[str]) -> torch.Tensor:
         """(B, max_action_dim) bool: True on each robot's real action dims."""
-        return self.robots.dim_mask(names, self.action_expert.config.max_action_dim).to(self.device)
+        return self.robots.dim_mask(names, self.action_config.max_action_dim).to(self.device)
 
     # 2. training ------------------------------------------------------------------------------
     def losses(
@@ -262,8 +347,9 @@ class HybridPolicy(nn.Module):
         future from this step (as at planning time, where the future is imagined), for the rest
         the true future frame. The VLM's own losses train on the first `vlm_rows` samples (None:
         all); the other samples' features come from a pass without gradient, which no loss
-        below the VLM needs (knowledge insulation)."""
-        cfg = self.action_expert.config
+        below the VLM needs (knowledge insulation). Without an action expert, the world model's
+        losses include `action` (`WorldModel.losses` with `action_frames`), and the switches
+        and the scene have nothing to act on."""
         names = list(batch["embodiment"])
         ids = self.embodiment_ids(names)
         actions = batch["actions"]
@@ -280,10 +366,20 @@ class HybridPolicy(nn.Module):
             rest = self.vlm.prefix_features(images[rows:], instructions[rows:], subgoals[rows:])
             features, feature_mask = _cat_rows((features, feature_mask), rest)
         world, visual, visual_keep = {}, None, None
+        cfg = self.action_config
         if self.world_model is not None:
             with torch.no_grad():  # one encoding serves the world model and the action expert
                 frames = torch.cat([images, batch["future_images"]])
                 current, future = self.world_model.encode(frames).chunk(2)
+            acting = {}
+            if self.action_expert is None:  # the world model denoises the actions
+                sizes = self.action_config
+                acting = {
+                    "actions": self._pad(actions, sizes.max_action_dim),
+                    "action_mask": batch["action_mask"],
+                    "dim_mask": self.dim_mask(names),
+                    "state": self._pad(batch["state"], sizes.max_state_dim),
+                }
             world, imagined = self.world_model.losses(
                 images,
                 current,
@@ -292,9 +388,24 @@ class HybridPolicy(nn.Module):
                 feature_mask,
                 batch["progress"],
                 batch["future_progress"],
+                **acting,
             )
+            if self.action_expert is None:
+                losses = {"lang": out.lang_loss, "fast": out.fast_loss, **world}
+                return {k: v for k, v in losses.items() if v is not None}
             visual_keep = torch.rand(size, device=actions.device) >= visual_dropout
-            if cfg.world_features:  # representation: what the world model expects, one pass
+            if self.latent_plan is not None:  # a plan drawn from the posterior of the window
+                visual, kl = self.latent_plan.loss(
+                    current,
+                    future,
+                    self._pad(actions, cfg.max_action_dim),
+                    batch["action_mask"],
+                    self._pad(batch["state"], cfg.max_state_dim),
+                    features,
+                    feature_mask,
+                )
+                world = {**world, **kl}
+            elif cfg.world_features:  # representation: what the world model expects, one pass
                 with torch.no_grad():  # the world model learns from its own objective only
                     visual = self.world_model.features(current, features, feature_mask)
             elif cfg.joint:  # the true future: the target the expert denoises with the actions
@@ -370,7 +481,7 @@ class HybridPolicy(nn.Module):
                     f"({embodiment})?"
                 )
         normalised = torch.as_tensor(normalizer.normalize(STATE_KEY, raw), device=self.device)
-        return self._pad(normalised.float(), self.action_expert.config.max_state_dim)
+        return self._pad(normalised.float(), self.action_config.max_state_dim)
 
     def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
         """Camera frames (B, N, 3, S, S) in [0, 1] -> the world model's latents (B, C, h, w)."""
@@ -418,11 +529,14 @@ class HybridPolicy(nn.Module):
         """One imagined future latent (B, C, h, w) per sample of a training batch, from its
         current latents (B, C, h, w), by whichever expert predicts the future: the world model,
         or a joint action expert with the sample's state and frames (for validation metrics)."""
-        if not self.action_expert.config.joint:  # nothing to score: the world model alone
+        if not self.joint:  # nothing to score: the world model alone
             return self._world_model("imagine").imagine(current, features, mask, 1, steps)[:, 0]
         names = list(batch["embodiment"])
-        state = self._pad(batch["state"], self.action_expert.config.max_state_dim)
+        state = self._pad(batch["state"], self.action_config.max_state_dim)
         ids, dims = self.embodiment_ids(names), self.dim_mask(names)
+        if self.action_expert is None:  # actions as latent frames
+            wm = self.world_model
+            return wm.imagine_and_act(current, state, features, mask, dims, 1, steps)[1]
         expert = self.action_expert
         return expert.sample_joint(state, ids, features, mask, batch["images"], dims, steps)[1]
 
@@ -435,10 +549,26 @@ class HybridPolicy(nn.Module):
         wm = self._world_model("read world features")
         return _finite("world model", wm.features(current, features, mask))
 
+    def sample_plan(
+        self,
+        current: torch.Tensor,
+        state: torch.Tensor,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """A plan (B, P, d) from the prior (`LatentPlan.sample`), given the current latents (B,
+        C, h, w), the state (B, max_state_dim) of `normalize_state` and the prefix features:
+        what a `latent_plan` policy's action expert reads in place of an imagined future."""
+        if self.latent_plan is None:
+            raise ValueError("sample_plan: this policy has no latent plan (configs/formulation)")
+        plan = self.latent_plan.sample(current, state, features, mask, generator)
+        return _finite("latent plan", plan)
+
     @property
     def reads_world_features(self) -> bool:
         """Whether the action expert reads world-model features, not imagined futures."""
-        return bool(self.action_expert.config.world_features)
+        return self.action_expert is not None and bool(self.action_expert.config.world_features)
 
     def _world_model(self, what: str) -> WorldModel:
         if self.world_model is None:
@@ -469,6 +599,10 @@ class HybridPolicy(nn.Module):
         `scene_state`), is privileged: the true object and goal positions, read by an expert
         trained with `scene_input` in place of its own estimate, to measure what perfect
         perception would give."""
+        if self.joint:
+            raise ValueError(
+                "sample_actions: this policy draws its actions with their futures (imagine_and_act)"
+            )
         normalised = self.action_expert.sample(
             state,
             vlm_features=features,
@@ -493,24 +627,35 @@ class HybridPolicy(nn.Module):
         generator: torch.Generator | None = None,
         committed: np.ndarray | None = None,
         scene: np.ndarray | None = None,
+        current: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """The joint formulation's planning step: K action chunks (B, K, H, action_dim) in the
         robot's units, clipped, each denoised together with the future latent it leads to
         (B, K, C, h, w) from its own noise, and the value head's score of each future (B, K).
-        The arguments are `sample_actions`'."""
+        The arguments are `sample_actions`'; `current` (B, C, h, w), the frames' latents where
+        the caller has them (`encode_frames`), saves encoding them again when the world model
+        denoises the actions (no action expert)."""
         wm, k = self._world_model("score futures"), num_candidates
-        if not self.action_expert.config.joint:
+        if not self.joint:
             raise ValueError("imagine_and_act: this policy's action expert is not joint; imagine")
-        normalised, futures = self.action_expert.sample_joint(
-            state,
-            vlm_features=features,
-            vlm_mask=mask,
-            images=images,
-            steps=steps,
-            generator=generator,
-            num_candidates=k,
-            **self._robot_inputs(len(state), embodiment, committed, scene),
-        )
+        robot = self._robot_inputs(len(state), embodiment, committed, scene)
+        if self.action_expert is None:  # actions as latent frames of the world model
+            current = wm.encode(images) if current is None else current
+            normalised, futures = wm.imagine_and_act(
+                current, state, features, mask, robot["dim_mask"], k, steps, generator,
+                robot["prefix"],
+            )  # fmt: skip
+        else:
+            normalised, futures = self.action_expert.sample_joint(
+                state,
+                vlm_features=features,
+                vlm_mask=mask,
+                images=images,
+                steps=steps,
+                generator=generator,
+                num_candidates=k,
+                **robot,
+            )
         repeated = None if committed is None else np.repeat(committed, k, 0)
         actions = self._robot_actions(normalised, embodiment, repeated)
         futures = rearrange(_finite("action expert", futures), "(b k) ... -> b k ...", k=k)
@@ -530,7 +675,7 @@ class HybridPolicy(nn.Module):
                 ACTION_KEY, np.asarray(committed, np.float32)
             )
             prefix = torch.as_tensor(normalised, dtype=torch.float32, device=self.device)
-            prefix = self._pad(prefix, self.action_expert.config.max_action_dim)
+            prefix = self._pad(prefix, self.action_config.max_action_dim)
         return {
             "embodiment_ids": self.embodiment_ids(names),
             "dim_mask": self.dim_mask(names),
@@ -557,12 +702,12 @@ class HybridPolicy(nn.Module):
     def _scene(self, scene: np.ndarray, embodiment: str) -> torch.Tensor:
         """A true scene (B, E) in the simulator's units -> (B, scene_dim), normalised as the
         training windows normalise it, and padded."""
-        width = self.action_expert.config.scene_dim
-        if not self.action_expert.config.scene_input:
+        if self.action_expert is None or not self.action_expert.config.scene_input:
             raise ValueError(
                 "scene: this policy's action expert reads no scene (train it with "
                 "`action_expert.scene_input: true`, e.g. configs/experiment/privileged_scene.yaml)"
             )
+        width = self.action_expert.config.scene_dim
         raw = np.asarray(scene, np.float32)
         if SCENE_KEY not in self.normalizers[embodiment].params:
             raise ValueError(
@@ -640,7 +785,12 @@ class HybridPolicy(nn.Module):
                 world_model=WorldModel.from_pretrained(directory / "world_model")
                 if "world_model" in experts
                 else None,
-                action_expert=ActionExpert.from_pretrained(directory / "action_expert"),
+                latent_plan=LatentPlan.from_pretrained(directory / "latent_plan")
+                if "latent_plan" in experts
+                else None,
+                action_expert=ActionExpert.from_pretrained(directory / "action_expert")
+                if "action_expert" in experts
+                else None,
                 fast=FastTokenizer.from_pretrained(directory / "fast"),
                 embodiments=[EmbodimentSpec(**s) for s in config["embodiments"]],
                 norm_stats=config["norm_stats"],

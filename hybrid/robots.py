@@ -76,8 +76,10 @@ class Robots:
         return torch.arange(max_action_dim)[None] < dims[:, None]
 
 
-def heads(module: nn.Module) -> dict[str, EmbodimentLinear]:
-    """Every per-embodiment layer inside `module`, by name."""
+def heads(module: nn.Module | None) -> dict[str, EmbodimentLinear]:
+    """Every per-embodiment layer inside `module` (none in None), by name."""
+    if module is None:
+        return {}
     return {name: m for name, m in module.named_modules() if isinstance(m, EmbodimentLinear)}
 
 

@@ -5,7 +5,9 @@
       -> world model: K candidate visual subgoals, one batched call -> value scores -> best one
       -> action expert: action chunk, unnormalised to the robot's units and clipped to its limits
 (A joint policy, `configs/formulation/joint.yaml`, draws K (chunk, future) pairs from its action
-expert in one call and executes the chunk of the best-scored future.)
+expert in one call and executes the chunk of the best-scored future; a `latent_frame_actions`
+policy draws them from its world model alike; a `latent_plan` policy draws plan tokens from its
+prior, which its action expert reads in place of a visual subgoal, and imagines nothing.)
 `act` keeps a queue: it executes `execute_steps` of each chunk of H, then plans again. With
 `async_delay` d > 0 it plans the next chunk in a background thread while the robot executes the
 last d actions of the queue: the plan starts from the observation of the step at which d actions
@@ -96,7 +98,7 @@ class HybridPlanner:
         if self.embodiment not in policy.embodiments:
             raise ValueError(f"unknown embodiment {self.embodiment!r}; this policy knows {names}")
         self.adapters.activate(self.embodiment)
-        horizon = policy.action_expert.config.chunk_size
+        horizon = policy.action_config.chunk_size
         if not 1 <= execute_steps <= horizon:
             raise ValueError(f"execute_steps must be in [1, {horizon}], got {execute_steps}")
         if not 0 <= async_delay <= min(execute_steps, horizon - execute_steps):
@@ -115,10 +117,11 @@ class HybridPlanner:
                 "visual_subgoal: this policy has no world model (the flat VLA), so there is no "
                 "visual subgoal to imagine; plan with visual_subgoal=False"
             )
-        if visual_subgoal is False and policy.action_expert.config.joint:
+        if visual_subgoal is False and policy.joint:
             raise ValueError(
-                "visual_subgoal=False: this policy's action expert denoises its future with its "
-                "actions (the joint formulation) and cannot act without it; plan with it on"
+                "visual_subgoal=False: this policy denoises its actions with their future (the "
+                "joint or latent_frame_actions formulation) and cannot act without it; plan with "
+                "it on"
             )
         self.language_subgoal = language_subgoal
         self.visual_subgoal = has_world_model if visual_subgoal is None else visual_subgoal
@@ -157,7 +160,7 @@ class HybridPlanner:
 
     @property
     def device(self) -> torch.device:
-        return self.policy.action_expert.device
+        return self.policy.device
 
     def reset(self) -> None:
         """Forget the episode: cached subgoals, the action queue, the noise generator. A plan still
@@ -246,7 +249,7 @@ class HybridPlanner:
         # a policy that reads the world model's features (representation) imagines nothing: one
         # pass of the world model gives what its action expert reads, every chunk
         due = (self.visual_subgoal or refresh) and self.schedule.visual_due(refresh)
-        if policy.action_expert.config.joint:  # K (chunk, future) pairs denoised together
+        if policy.joint:  # K (chunk, future) pairs denoised together
             with timer("joint"):
                 chunks, candidates, candidate_scores = policy.imagine_and_act(
                     state,
@@ -259,7 +262,14 @@ class HybridPlanner:
                     self.generator,
                     committed,
                     scene,
+                    current,
                 )
+        elif current is not None and policy.latent_plan is not None:
+            if self.visual_subgoal:  # a plan from the prior, every chunk; nothing to score
+                with timer("plan"):
+                    self.visual_latent = policy.sample_plan(
+                        current, state, features, mask, self.generator
+                    )
         elif current is not None and policy.reads_world_features:
             if self.visual_subgoal:
                 with timer("world_features"):

@@ -382,6 +382,14 @@ FORMULATIONS = {  # what each configs/formulation/*.yaml changes, on the small e
         "world_model": dict(SMALL["world_model"], flow=False),
         "action_expert": dict(SMALL["action_expert"], joint=True),
     },
+    "latent_frame_actions": {
+        "world_model": dict(SMALL["world_model"], action_frames=True, max_action_dim=8),
+        "action_expert": False,
+    },
+    "latent_plan": {
+        "world_model": dict(SMALL["world_model"], flow=False),
+        "latent_plan": dict(plan_tokens=4, plan_dim=8, hidden=32, num_layers=1),
+    },
 }
 
 
@@ -408,7 +416,9 @@ def test_knowledge_insulation_per_formulation(formulation, mt10_dataset):
     policy.train()
     losses = policy.losses(next(iter(dm.train_dataloader())), imagined_share=0.5)
     below = [name for name in losses if name not in ("lang", "fast")]
-    assert "action" in below and ("world" in below) == (formulation != "flat_vla")
+    predicts_future = formulation not in ("flat_vla", "latent_plan")
+    assert "action" in below and ("world" in below) == predicts_future
+    assert ("plan" in below) == (formulation == "latent_plan")
     sum(losses[name] for name in below).backward(retain_graph=True)
     for name, p in policy.vlm.named_parameters():
         assert p.grad is None or torch.count_nonzero(p.grad) == 0, f"{below} reached vlm {name}"
@@ -507,6 +517,140 @@ def test_joint_plans_k_chunk_and_future_pairs_and_keeps_the_best(mt10_dataset, t
                 {EMBODIMENT.name: dm.norm_stats()},
                 **(SMALL | FORMULATIONS["joint"] | changes),
             )
+
+
+def test_latent_frame_actions_packs_the_chunk_into_latent_frames_and_plans_without_an_expert(
+    mt10_dataset, tmp_path
+):
+    """`world_model.action_frames` with `action_expert: false`
+    (configs/formulation/latent_frame_actions.yaml): no action expert exists; each action step
+    fills one patch of a latent frame beside the future, and the world model's transformer learns
+    and draws both; the planner executes the actions of the best-scored future, unpacked to the
+    robot's units, and a saved policy plans exactly as the one in memory."""
+    policy, dm = _formulation_policy("latent_frame_actions", mt10_dataset)
+    wm = policy.world_model
+    assert policy.action_expert is None and policy.joint and wm.num_action_frames == 1
+    rows = torch.randn(3, 8, 4)  # chunk 8 of a 4-dim robot, padded to max_action_dim
+    rows = F.pad(rows, (0, wm.config.max_action_dim - 4))
+    strip = wm._strip(rows)
+    assert strip.shape == (3, *wm.latent_shape) and torch.equal(wm._rows(strip), rows)
+    batch = next(iter(dm.train_dataloader()))
+    losses = policy.losses(batch)
+    assert {"world", "value", "vae", "action"} <= set(losses)
+    losses["action"].backward()
+    assert wm.transformer.pos_embed.proj.weight.grad.abs().sum() > 0
+    current = wm.encode(batch["images"])
+    features, mask = policy.prefix_features(
+        batch["images"], list(batch["instruction"]), list(batch["subgoal"])
+    )
+    with pytest.raises(ValueError, match="imagine_and_act"):
+        policy.imagine(current, features, mask, 2, 1)
+    assert policy.imagine_batch(batch, current, features, mask, 1).shape == current.shape
+    # a committed prefix comes back unchanged, and padded dims are exactly zero before unpacking
+    state = policy._pad(batch["state"][:1], wm.config.max_state_dim)
+    dims = policy.dim_mask(["sawyer"])
+    prefix = F.pad(torch.randn(1, 3, 4), (0, wm.config.max_action_dim - 4))
+    chunks, futures = wm.imagine_and_act(
+        current[:1], state, features[:1], mask[:1], dims, 2, 2, prefix=prefix
+    )
+    assert chunks.shape == (2, 8, wm.config.max_action_dim) and futures.shape == (
+        2,
+        *wm.latent_shape,
+    )
+    torch.testing.assert_close(chunks[:, :3], prefix.expand(2, -1, -1))
+    assert not chunks[..., 4:].any()
+
+    policy.eval().save_pretrained(tmp_path / "lfa")
+    assert not (tmp_path / "lfa" / "action_expert").exists()
+    loaded = HybridPolicy.from_pretrained(tmp_path / "lfa")
+    assert loaded.action_expert is None and loaded.compute_fingerprint() == policy.fingerprint
+    planner = HybridPlanner(loaded, num_candidates=4)
+    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    raw = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
+    obs = Observation(dict(zip(dm.cameras, frames, strict=True)), raw)
+    plan = planner.plan(obs, batch["instruction"][0])
+    assert "joint" in plan.timings_ms and not {"imagine", "action"} & set(plan.timings_ms)
+    assert plan.actions.shape == (8, 4) and plan.chosen == int(np.argmax(plan.scores))
+    spec = policy.embodiments["sawyer"]
+    assert (plan.actions >= spec.action_low).all() and (plan.actions <= spec.action_high).all()
+    in_memory = HybridPlanner(policy, num_candidates=4).plan(obs, batch["instruction"][0])
+    np.testing.assert_array_equal(in_memory.actions, plan.actions)
+    with pytest.raises(ValueError, match="cannot act without it"):
+        HybridPlanner(loaded, visual_subgoal=False)
+    for changes in (
+        {"action_expert": SMALL["action_expert"]},
+        {"world_model": SMALL["world_model"]},
+    ):
+        with pytest.raises(ValueError, match="go together"):
+            HybridPolicy.create(
+                dm.train_set.texts(),
+                dm.train_set.action_chunks(),
+                [EMBODIMENT],
+                {EMBODIMENT.name: dm.norm_stats()},
+                **(SMALL | FORMULATIONS["latent_frame_actions"] | changes),
+            )
+
+
+def test_latent_plan_learns_plans_from_the_window_and_plans_from_the_prior(mt10_dataset, tmp_path):
+    """`latent_plan` (configs/formulation/latent_plan.yaml): the action expert reads P plan
+    tokens; in training they come from the posterior of the window's future and actions, and
+    the action loss reaches that posterior; the `plan` loss (KL) pulls the prior towards it; at
+    planning the prior draws the plan each chunk, and nothing is imagined, scored or decoded."""
+    policy, dm = _formulation_policy("latent_plan", mt10_dataset)
+    plan = policy.latent_plan
+    assert policy.world_model.transformer is None and not policy.joint
+    assert (
+        policy.action_expert.config.world_features == 8
+        and policy.action_expert.config.latent_size == 2
+    )
+    batch = next(iter(dm.train_dataloader()))
+    policy.train()
+    # a step opens the action expert's gates (adaLN-zero: at initialisation its context,
+    # where the plan tokens sit, receives no gradient)
+    step = torch.optim.SGD(policy.action_expert.parameters(), lr=0.1)
+    policy.losses(batch)["action"].backward()
+    step.step()
+    policy.zero_grad(set_to_none=True)
+    losses = policy.losses(batch)
+    assert {"plan", "action", "value"} <= set(losses) and "world" not in losses
+    assert losses["plan"] >= 0
+    losses["action"].backward(retain_graph=True)
+    assert plan.posterior_out.weight.grad.abs().sum() > 0  # the actions shape the plan
+    assert plan.prior_out.weight.grad is None  # the prior learns from the KL alone
+    policy.zero_grad(set_to_none=True)
+    losses["plan"].backward()
+    assert plan.prior_out.weight.grad.abs().sum() > 0
+    # the posterior reads the future: another future gives another plan
+    current = policy.world_model.encode(batch["images"])
+    future = policy.world_model.encode(batch["future_images"])
+    actions = F.pad(batch["actions"], (0, policy.action_config.max_action_dim - 4))
+    mean, _ = plan.posterior(future, actions, batch["action_mask"])
+    assert not torch.allclose(mean, plan.posterior(current, actions, batch["action_mask"])[0])
+
+    policy.eval().save_pretrained(tmp_path / "plan")
+    assert (tmp_path / "plan" / "latent_plan").is_dir()
+    assert not (tmp_path / "plan" / "world_model" / "transformer").exists()
+    loaded = HybridPolicy.from_pretrained(tmp_path / "plan")
+    assert loaded.compute_fingerprint() == policy.fingerprint
+    planner = HybridPlanner(loaded, num_candidates=4)
+    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    raw = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
+    obs = Observation(dict(zip(dm.cameras, frames, strict=True)), raw)
+    first = planner.plan(obs, batch["instruction"][0])
+    assert {"plan", "action"} <= set(first.timings_ms)
+    assert not {"imagine", "joint", "decode"} & set(first.timings_ms)
+    assert first.actions.shape == (8, 4) and first.scores.size == 0
+    assert planner.visual_latent.shape == (1, 4, 8)
+    in_memory = HybridPlanner(policy, num_candidates=4).plan(obs, batch["instruction"][0])
+    np.testing.assert_array_equal(in_memory.actions, first.actions)
+    with pytest.raises(ValueError, match="flow: false"):
+        HybridPolicy.create(
+            dm.train_set.texts(),
+            dm.train_set.action_chunks(),
+            [EMBODIMENT],
+            {EMBODIMENT.name: dm.norm_stats()},
+            **(SMALL | FORMULATIONS["latent_plan"] | {"world_model": SMALL["world_model"]}),
+        )
 
 
 def test_a_scene_estimator_trains_on_the_current_the_future_and_other_rollouts_frames(
