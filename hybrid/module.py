@@ -35,6 +35,7 @@ DEFAULT_WEIGHTS = {
     "action": 1.0,
     "vae": 1.0,
     "scene": 1.0,
+    "plan": 1.0,
 }
 
 

@@ -62,6 +62,40 @@ def test_fast_dev_run_trains_validates_and_exports(mt10_dataset, tmp_path, chann
     assert any(not torch.equal(live[k], v) for k, v in module.ema.items()), "an average, not a copy"
 
 
+FORMULATIONS = {  # the formulations whose experts differ from the hierarchy's in what they learn
+    "latent_frame_actions": dict(
+        world_model=dict(SMALL["world_model"], action_frames=True), action_expert=False
+    ),
+    "latent_plan": dict(
+        world_model=dict(SMALL["world_model"], flow=False),
+        latent_plan=dict(plan_tokens=4, plan_dim=8, hidden=32, num_layers=1),
+    ),
+}
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_a_formulation_trains_validates_and_exports_with_the_recipes_weights(
+    mt10_dataset, tmp_path, formulation
+):
+    """Each loss a formulation adds (`plan`) has a weight, also where the recipe names its own
+    (the quickstart's `loss_weights`), and the policy exports and loads."""
+    experts = SMALL | FORMULATIONS[formulation]
+    module = HybridModule(
+        experts=experts,
+        export_dir=str(tmp_path / "policy"),
+        warmup_steps=1,
+        loss_weights={"lang": 1.0, "fast": 0.5, "action": 1.0},
+    )
+    trainer = _trainer(tmp_path, fast_dev_run=1)
+    trainer.fit(module, _datamodule(mt10_dataset[0]))
+    names = {"action", "value"} | ({"plan"} if formulation == "latent_plan" else {"world"})
+    for name in names:
+        assert torch.isfinite(trainer.callback_metrics[f"train/loss_{name}"]), name
+    loaded = HybridPolicy.from_pretrained(tmp_path / "policy")
+    assert (loaded.latent_plan is not None) == (formulation == "latent_plan")
+    assert (loaded.action_expert is None) == (formulation == "latent_frame_actions")
+
+
 class _PoisonBatch(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == 1:
