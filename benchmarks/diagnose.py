@@ -2,7 +2,7 @@
 figures; asserts nothing.
 
     python benchmarks/diagnose.py --policy outputs/quickstart/policy --data data/quickstart \
-        --readme README.md
+        --readme README.md [--figure diagnosis]
 
 The held-out episodes are the validation split `hybrid fit` used (same seed and fraction). Per
 batch of held-out frames:
@@ -216,15 +216,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-candidates", type=int, default=8)
     parser.add_argument("--out", help="also write the figures to this JSON file")
-    parser.add_argument("--readme", help="rewrite this README's `diagnosis` table")
+    parser.add_argument("--readme", help="rewrite this README's table named by --figure")
+    parser.add_argument("--figure", default="diagnosis", help="the README table's marker name")
     args = parser.parse_args()
     if args.readme:
-        check_figure(args.readme, "diagnosis")
+        check_figure(args.readme, args.figure)
     torch.manual_seed(0)
     policy = HybridPolicy.from_pretrained(args.policy)
     data = HybridDataModule(
         args.data,
-        chunk_size=policy.action_expert.config.chunk_size,
+        chunk_size=policy.action_config.chunk_size,
         future_offset=args.future_offset,
         image_size=policy.frame_size,
         val_fraction=args.val_fraction,
@@ -238,7 +239,7 @@ def main() -> None:
         lines = [[tier, label, fmt.format(figures[key])] for tier, label, key, fmt in rows(figures)]
         header = ["tier", f"figure ({figures['samples']} held-out frames)", ""]
         table = markdown_table(header, lines)
-        write_figure(args.readme, "diagnosis", table)
+        write_figure(args.readme, args.figure, table)
 
 
 if __name__ == "__main__":

@@ -161,12 +161,16 @@ def test_formulations_train_evaluate_and_fill_one_row_each(mt10_dataset, tmp_pat
 
 MISSING = {  # each script's required inputs, named where nothing exists
     "ablation.py": ["--policy"],
+    "diagnose.py": ["--policy", "--data"],
     "finetune.py": ["--base", "--data"],
     "formulations.py": ["--data"],
     "learning_curve.py": ["--run"],
     "sensitivity.py": ["--policy", "--data"],
 }
-OTHER_ARGS = {"learning_curve.py": ["--steps", "1000", "--figure", "mt10_curve"]}
+OTHER_ARGS = {
+    "learning_curve.py": ["--steps", "1000", "--figure", "mt10_curve"],
+    "diagnose.py": ["--figure", "diagnosis_quickstart"],
+}
 
 
 @pytest.mark.parametrize("script", sorted(MISSING))
