@@ -36,8 +36,10 @@ def _pyplot():
 
 
 def _save(picture, path: Path) -> Path:
-    """Write a matplotlib figure or a PIL image to `path` atomically (a temporary file renamed)."""
+    """Write a matplotlib figure or a PIL image to `path` atomically (a temporary file renamed),
+    making its folder if need be (a fit's root folder exists only if something wrote there)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     if hasattr(picture, "savefig"):
         picture.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -131,9 +133,13 @@ class LossCurves(Callback):
             if isinstance(logger, CSVLogger):
                 logger.save()
                 metrics = Path(logger.log_dir) / "metrics.csv"
-                if metrics.is_file():
-                    path = loss_curves(metrics, Path(trainer.default_root_dir) / "curves.png")
-                    print(f"loss curves: {path}")
+                if metrics.is_file():  # drawn before the export: a picture must not stop it
+                    try:
+                        path = loss_curves(metrics, Path(trainer.default_root_dir) / "curves.png")
+                    except ValueError as error:  # fewer steps than log_every_n_steps
+                        print(f"loss curves: none ({error})")
+                    else:
+                        print(f"loss curves: {path}")
                 return
 
 

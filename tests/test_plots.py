@@ -30,6 +30,9 @@ def test_loss_curves_read_lightnings_csv_and_refuse_one_without_losses(tmp_path)
     (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
     path = loss_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
     assert _colours(path) > 16
+    # a fit whose root folder nothing else wrote to (its logger saves elsewhere)
+    elsewhere = loss_curves(tmp_path / "metrics.csv", tmp_path / "new" / "run" / "curves.png")
+    assert elsewhere.is_file()
     (tmp_path / "bare.csv").write_text("step,epoch,lr\n0,0,0.001\n")
     with pytest.raises(ValueError, match="holds no train/loss or val/loss column"):
         loss_curves(tmp_path / "bare.csv", tmp_path / "bare.png")
