@@ -41,7 +41,9 @@ from experts.flow_matching import (
     TIMESTEP_SCALE,
     euler_sample,
     flow_loss,
+    inpaint,
     interpolate,
+    prefix_length,
     sample_time,
 )
 from experts.image_encoder import ImageEncoder, random_shift
@@ -642,9 +644,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if self.no_state is not None:
             reads = self.config.state_dropout < 1.0
             state_keep = torch.full((len(state),), reads, device=state.device)
-        d = 0 if prefix is None else prefix.shape[1]
-        if not 0 <= d <= self.config.chunk_size:
-            raise ValueError(f"prefix: at most {self.config.chunk_size} actions, got {d}")
+        prefix_length(prefix, self.config.chunk_size)
 
         # the flow's state, one flat row per sample: the actions, then (joint) the future latent
         parts = [(noise * dims).flatten(1)]
@@ -664,9 +664,9 @@ class ActionExpert(ModelMixin, ConfigMixin):
                 x[:, :size].reshape(shape), t, state, embodiment_ids, context_kv, context_mask,
                 state_keep, cond, future,
             )  # fmt: skip
-            if d:
-                v = torch.cat([noise[:, :d] - prefix, v[:, d:]], 1)
-            v = (v * dims).flatten(1)  # padded dims stay exactly zero, as in training
+            v = (inpaint(v, noise, prefix) * dims).flatten(
+                1
+            )  # padded dims stay exactly zero, as in training
             return v if future is None else torch.cat([v, v_future.flatten(1)], 1)
 
         out = euler_sample(velocity, torch.cat(parts, 1), steps)

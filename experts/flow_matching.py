@@ -65,6 +65,26 @@ def flow_loss(
     return (error * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def prefix_length(prefix: torch.Tensor | None, horizon: int) -> int:
+    """d, the steps a fixed prefix (B, d, ...) of a chunk of `horizon` steps holds (0 for None);
+    a prefix longer than the chunk is an error."""
+    d = 0 if prefix is None else prefix.shape[1]
+    if not 0 <= d <= horizon:
+        raise ValueError(f"prefix: at most {horizon} actions, got {d}")
+    return d
+
+
+def inpaint(velocity: torch.Tensor, noise: torch.Tensor, prefix: torch.Tensor | None):
+    """The velocity (B, H, ...) with its first d steps replaced by the straight path from the
+    initial `noise` (B, H, ...) to the fixed `prefix` (B, d, ...): velocity noise - prefix, so
+    Euler integration from that noise ends exactly on the prefix (actions already committed),
+    and at every step the model reads them at the noise level of the rest. None: unchanged."""
+    if prefix is None or not prefix.shape[1]:
+        return velocity
+    d = prefix.shape[1]
+    return torch.cat([noise[:, :d] - prefix, velocity[:, d:]], 1)
+
+
 def euler_sample(
     velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     noise: torch.Tensor,

@@ -41,7 +41,15 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange, repeat
 from torch import nn
 
-from experts.flow_matching import TIMESTEP_SCALE, euler_sample, flow_loss, interpolate, sample_time
+from experts.flow_matching import (
+    TIMESTEP_SCALE,
+    euler_sample,
+    flow_loss,
+    inpaint,
+    interpolate,
+    prefix_length,
+    sample_time,
+)
 
 _NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
@@ -249,12 +257,12 @@ class WorldModel(nn.Module, ConfigMixin):
         rows = rearrange(strip, "b c (gh ph) (gw pw) -> b (gh gw) (c ph pw)", ph=p, pw=p)
         return rows[:, : self.config.chunk_size, : self.config.max_action_dim]
 
-    def _strip_velocity(self, x, t, current, state, context, context_mask):
-        """Velocity (B, C, h, w + n w) of the noisy strip x: the future, then the action frames.
-        The state (B, max_state_dim), normalised, conditions every action patch."""
+    def _conditioning(self, current: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """What `velocity` reads beside the noisy strip (B, C, h, w + n w): the current latent
+        (B, C, h, w) under the future, the state (B, max_state_dim), normalised, in every patch
+        under the action frames."""
         tokens = self.num_action_frames * (self.latent_shape[1] // self.config.patch_size) ** 2
-        states = self._strip(repeat(state, "b s -> b t s", t=tokens))
-        return self.velocity(x, t, torch.cat([current, states], -1), context, context_mask)
+        return torch.cat([current, self._strip(repeat(state, "b s -> b t s", t=tokens))], -1)
 
     def _need_actions(self) -> None:
         if not self.num_action_frames:
@@ -288,9 +296,7 @@ class WorldModel(nn.Module, ConfigMixin):
         current, state, context, context_mask, dim_mask = (
             x.repeat_interleave(k, 0) for x in (current, state, context, context_mask, dim_mask)
         )
-        d = 0 if prefix is None else prefix.shape[1]
-        if not 0 <= d <= horizon:
-            raise ValueError(f"prefix: at most {horizon} actions, got {d}")
+        prefix_length(prefix, horizon)
         prefix = None if prefix is None else prefix.repeat_interleave(k, 0)
         dims = dim_mask[:, None, :].to(current.dtype)
         shape = (len(current), horizon, self.config.max_action_dim)
@@ -302,12 +308,12 @@ class WorldModel(nn.Module, ConfigMixin):
             current.shape, generator=generator, device=current.device, dtype=current.dtype
         )
         width = current.shape[-1]
+        conditioning = self._conditioning(current, state)  # the same at every step
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v = self._strip_velocity(x, t, current, state, context, context_mask)
+            v = self.velocity(x, t, conditioning, context, context_mask)
             v_actions = self._rows(v[..., width:]) * dims  # padding stays exactly zero
-            if d:
-                v_actions = torch.cat([action_noise[:, :d] - prefix, v_actions[:, d:]], 1)
+            v_actions = inpaint(v_actions, action_noise, prefix)
             return torch.cat([v[..., :width], self._strip(v_actions)], -1)
 
         strip = euler_sample(velocity, torch.cat([noise, self._strip(action_noise)], -1), steps)
@@ -365,9 +371,8 @@ class WorldModel(nn.Module, ConfigMixin):
             actions = actions * mask  # the model sees zeros on padded dims and steps
             action_noise = torch.randn_like(actions) * dim_mask[:, None, :]
             strip = self._strip(interpolate(actions, action_noise, t))
-            v = self._strip_velocity(
-                torch.cat([noisy, strip], -1), t, current, state, context, context_mask
-            )
+            conditioning = self._conditioning(current, state)
+            v = self.velocity(torch.cat([noisy, strip], -1), t, conditioning, context, context_mask)
             width = future.shape[-1]
             acting = {"action": flow_loss(self._rows(v[..., width:]), actions, action_noise, mask)}
             v = v[..., :width]

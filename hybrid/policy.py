@@ -367,18 +367,20 @@ class HybridPolicy(nn.Module):
             features, feature_mask = _cat_rows((features, feature_mask), rest)
         world, visual, visual_keep = {}, None, None
         cfg = self.action_config
+        # padded once, as every expert that acts reads them
+        padded_actions = self._pad(actions, cfg.max_action_dim)
+        state = self._pad(batch["state"], cfg.max_state_dim)
         if self.world_model is not None:
             with torch.no_grad():  # one encoding serves the world model and the action expert
                 frames = torch.cat([images, batch["future_images"]])
                 current, future = self.world_model.encode(frames).chunk(2)
             acting = {}
             if self.action_expert is None:  # the world model denoises the actions
-                sizes = self.action_config
                 acting = {
-                    "actions": self._pad(actions, sizes.max_action_dim),
+                    "actions": padded_actions,
                     "action_mask": batch["action_mask"],
                     "dim_mask": self.dim_mask(names),
-                    "state": self._pad(batch["state"], sizes.max_state_dim),
+                    "state": state,
                 }
             world, imagined = self.world_model.losses(
                 images,
@@ -398,9 +400,9 @@ class HybridPolicy(nn.Module):
                 visual, kl = self.latent_plan.loss(
                     current,
                     future,
-                    self._pad(actions, cfg.max_action_dim),
+                    padded_actions,
                     batch["action_mask"],
-                    self._pad(batch["state"], cfg.max_state_dim),
+                    state,
                     features,
                     feature_mask,
                 )
@@ -447,10 +449,10 @@ class HybridPolicy(nn.Module):
                 columns = zip(*parts, strict=True)
                 extra = {k: torch.cat(x) for k, x in zip(keys, columns, strict=True)}
         action = self.action_expert.loss(
-            self._pad(actions, cfg.max_action_dim),
+            padded_actions,
             batch["action_mask"],
             self.dim_mask(names),
-            self._pad(batch["state"], cfg.max_state_dim),
+            state,
             ids,
             features,
             feature_mask,

@@ -328,6 +328,14 @@ def test_missing_policy_directory_is_named(tmp_path):
         HybridPolicy.from_pretrained(tmp_path)
 
 
+def _first_observation(policy: HybridPolicy, dm: HybridDataModule, batch: dict) -> Observation:
+    """The batch's first sample as the planner receives it: uint8 frames per camera, the state in
+    the robot's units."""
+    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    state = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
+    return Observation(dict(zip(dm.cameras, frames, strict=True)), state)
+
+
 def test_flat_vla_has_no_world_model_and_trains_saves_loads_and_plans(mt10_dataset, tmp_path):
     """`world_model=False` (configs/formulation/flat_vla.yaml): no world model is built, no
     world loss computed or visual subgoal read; the policy saves without a world_model folder,
@@ -361,11 +369,7 @@ def test_flat_vla_has_no_world_model_and_trains_saves_loads_and_plans(mt10_datas
         loaded.imagine(torch.zeros(1, 4, 8, 8), torch.zeros(1, 2, 64), torch.ones(1, 2), 2, 1)
     planner = HybridPlanner.from_pretrained(tmp_path / "flat", num_candidates=2)
     assert planner.visual_subgoal is False
-    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    state = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
-    plan = planner.plan(
-        Observation(dict(zip(dm.cameras, frames, strict=True)), state), batch["instruction"][0]
-    )
+    plan = planner.plan(_first_observation(policy, dm, batch), batch["instruction"][0])
     assert plan.actions.shape == (8, 4) and np.abs(plan.actions).max() <= 1.0
     assert set(plan.timings_ms) == {"subgoal", "action"}, "nothing encoded or imagined"
     assert len(plan.candidate_latents) == 0
@@ -448,9 +452,7 @@ def test_representation_reads_world_features_from_one_pass_and_imagines_nothing(
     assert {"world", "value", "action"} <= set(policy.losses(batch))
     policy.eval().save_pretrained(tmp_path / "representation")
     planner = HybridPlanner.from_pretrained(tmp_path / "representation", num_candidates=4)
-    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    state = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
-    obs = Observation(dict(zip(dm.cameras, frames, strict=True)), state)
+    obs = _first_observation(policy, dm, batch)
     plan = planner.plan(obs, batch["instruction"][0])
     assert "world_features" in plan.timings_ms and "imagine" not in plan.timings_ms
     assert len(plan.candidate_latents) == 0 and plan.actions.shape == (8, 4)
@@ -488,9 +490,7 @@ def test_joint_plans_k_chunk_and_future_pairs_and_keeps_the_best(mt10_dataset, t
     policy.eval().save_pretrained(tmp_path / "joint")
     assert not (tmp_path / "joint" / "world_model" / "transformer").exists()
     planner = HybridPlanner.from_pretrained(tmp_path / "joint", num_candidates=4)
-    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    state = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
-    obs = Observation(dict(zip(dm.cameras, frames, strict=True)), state)
+    obs = _first_observation(policy, dm, batch)
     plan = planner.plan(obs, batch["instruction"][0])
     assert "joint" in plan.timings_ms and not {"imagine", "action"} & set(plan.timings_ms)
     assert plan.candidate_latents.shape == (4, *current.shape[1:]) and plan.actions.shape == (8, 4)
@@ -501,7 +501,7 @@ def test_joint_plans_k_chunk_and_future_pairs_and_keeps_the_best(mt10_dataset, t
     images = planner._check(obs, batch["instruction"][0])
     _, features, mask = planner.policy.propose_subgoals(images, [batch["instruction"][0]])
     chunks, _, scores = planner.policy.imagine_and_act(
-        planner.policy.normalize_state(state[None], "sawyer"), "sawyer", features, mask, images,
+        planner.policy.normalize_state(obs.state[None], "sawyer"), "sawyer", features, mask, images,
         4, planner.action_steps, torch.Generator().manual_seed(planner.seed),
     )  # fmt: skip
     np.testing.assert_allclose(scores[0].numpy(), plan.scores, rtol=1e-5)
@@ -565,9 +565,7 @@ def test_latent_frame_actions_packs_the_chunk_into_latent_frames_and_plans_witho
     loaded = HybridPolicy.from_pretrained(tmp_path / "lfa")
     assert loaded.action_expert is None and loaded.compute_fingerprint() == policy.fingerprint
     planner = HybridPlanner(loaded, num_candidates=4)
-    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    raw = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
-    obs = Observation(dict(zip(dm.cameras, frames, strict=True)), raw)
+    obs = _first_observation(policy, dm, batch)
     plan = planner.plan(obs, batch["instruction"][0])
     assert "joint" in plan.timings_ms and not {"imagine", "action"} & set(plan.timings_ms)
     assert plan.actions.shape == (8, 4) and plan.chosen == int(np.argmax(plan.scores))
@@ -633,9 +631,7 @@ def test_latent_plan_learns_plans_from_the_window_and_plans_from_the_prior(mt10_
     loaded = HybridPolicy.from_pretrained(tmp_path / "plan")
     assert loaded.compute_fingerprint() == policy.fingerprint
     planner = HybridPlanner(loaded, num_candidates=4)
-    frames = (batch["images"][0] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    raw = policy.normalizers["sawyer"].unnormalize("observation.state", batch["state"][0].numpy())
-    obs = Observation(dict(zip(dm.cameras, frames, strict=True)), raw)
+    obs = _first_observation(policy, dm, batch)
     first = planner.plan(obs, batch["instruction"][0])
     assert {"plan", "action"} <= set(first.timings_ms)
     assert not {"imagine", "joint", "decode"} & set(first.timings_ms)
