@@ -25,7 +25,9 @@ patch's C p p slots, zero-padded), and the transformer denoises the strip (B, C,
 under one flow time; the conditioning channels hold the current latent under the future frame
 and the robot state (in every patch) under the action frames. The `action` loss is flow matching
 on the unpacked actions, masked over padded steps and dims. No action-specific layer exists.
-The world model sees one camera: the first of the images it is given.
+The world model sees one camera: the first of the images it is given. `imagine` and
+`imagine_and_act` compute the context's projections once for their K candidates
+(`experts.shared_context`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from experts.flow_matching import (
     prefix_length,
     sample_time,
 )
+from experts.shared_context import shared_context
 
 _NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
@@ -316,7 +319,8 @@ class WorldModel(nn.Module, ConfigMixin):
             v_actions = inpaint(v_actions, action_noise, prefix)
             return torch.cat([v[..., :width], self._strip(v_actions)], -1)
 
-        strip = euler_sample(velocity, torch.cat([noise, self._strip(action_noise)], -1), steps)
+        with shared_context(self._flow(), k):
+            strip = euler_sample(velocity, torch.cat([noise, self._strip(action_noise)], -1), steps)
         return self._rows(strip[..., width:]), strip[..., :width]
 
     def losses(
@@ -441,9 +445,10 @@ class WorldModel(nn.Module, ConfigMixin):
         noise = torch.randn(
             current.shape, generator=generator, device=current.device, dtype=current.dtype
         )
-        futures = euler_sample(
-            lambda x, t: self.velocity(x, t, current, context, context_mask), noise, steps
-        )
+        with shared_context(self._flow(), k):  # the context's projections once, not k times
+            futures = euler_sample(
+                lambda x, t: self.velocity(x, t, current, context, context_mask), noise, steps
+            )
         return rearrange(futures, "(b k) c h w -> b k c h w", k=k)
 
     @torch.no_grad()

@@ -84,3 +84,34 @@ def test_save_load_identical(world_model, tmp_path):
     b = loaded.imagine(loaded.encode(images), context, mask, 2, 2, torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(world_model.score(a, context, mask), loaded.score(b, context, mask))
+
+
+def test_shared_context_is_the_plain_cross_attention(world_model):
+    """Imagination computes the context's projections once per K candidates: the velocities are
+    those of diffusers' own path (rows with different contexts and masks), and the transformer
+    is given back its own caption projection and processors, also when the pass fails."""
+    from einops import repeat
+
+    from experts.shared_context import shared_context
+
+    images, context, mask = _inputs()
+    k = 4
+    current = repeat(world_model.encode(images), "b c h w -> (b k) c h w", k=k)
+    ctx, ctx_mask = repeat(context, "b l d -> (b k) l d", k=k), repeat(mask, "b l -> (b k) l", k=k)
+    noisy = torch.randn(current.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.full((len(noisy),), 0.3)
+    transformer = world_model.transformer
+    projection = transformer.caption_projection
+    processors = transformer.attn_processors
+    with torch.no_grad():
+        plain = world_model.velocity(noisy, t, current, ctx, ctx_mask)
+        with shared_context(transformer, k):
+            assert transformer.caption_projection is not projection
+            shared = world_model.velocity(noisy, t, current, ctx, ctx_mask)
+    torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-5)
+    assert transformer.caption_projection is projection
+    assert transformer.attn_processors == processors
+    with pytest.raises(RuntimeError), shared_context(transformer, k):
+        raise RuntimeError("a failed pass")
+    assert transformer.caption_projection is projection
+    assert transformer.attn_processors == processors
