@@ -13,10 +13,12 @@ Modes, each a planner setting on the same trained policy:
     visual per subgoal  the full hierarchy imagining only with each new language subgoal
                   (`hybrid eval --visual-refresh subgoal`), the action expert keeping its future
 Replay: the frames and states of recorded episodes through `HybridPlanner.act` (no simulator;
-one torch thread by default, as an evaluation worker). Closed loop: `hybrid eval` with one
-worker, no video, on the five quickstart tasks; amortised milliseconds of planning per chunk,
-the time of each call to `act` (what the control loop waits for), and success with its 95%
-interval. Every measurement runs in this one process, one after another.
+one torch thread by default, as an evaluation worker), the modes taking turns episode by
+episode, so that a drift in the machine's speed reaches every mode alike. Closed loop: `hybrid
+eval` with one worker, no video, on the five quickstart tasks (`--tasks`); amortised
+milliseconds of planning per chunk, the time of each call to `act` (what the control loop waits
+for), and success with its 95% interval; the modes take turns task by task. Everything runs in
+this one process. `--episodes 0` measures the replay alone, tier by tier.
 """
 
 import argparse
@@ -44,21 +46,25 @@ MODES = {
 }
 
 
-def replay(planner: HybridPlanner, dataset: LeRobotDataset, episodes: list[int]) -> list[dict]:
-    """The tier timings of every chunk planned while replaying `episodes`."""
-    keys = planner.spec.cameras or dataset.camera_keys
-    timings = []
+def replay(
+    planners: dict[str, HybridPlanner], dataset: LeRobotDataset, episodes: list[int]
+) -> dict[str, list[dict]]:
+    """The tier timings of every chunk each planner planned while replaying `episodes`; the
+    planners take turns on each episode."""
+    timings = {name: [] for name in planners}
     for index in episodes:
         columns = dataset.episode(index)
-        frames = {key: dataset.camera_frames(index, key) for key in keys}
-        planner.reset()
-        for t, state in enumerate(columns["observation.state"]):
-            plans = planner.plans
-            images = {key: frames[key][t] for key in keys}
-            planner.act(Observation(images, state), columns["task"])
-            if planner.plans > plans:
-                timings.append(planner.executing.timings_ms)
-        planner.reset()
+        for name, planner in planners.items():
+            keys = planner.spec.cameras or dataset.camera_keys
+            frames = {key: dataset.camera_frames(index, key) for key in keys}
+            planner.reset()
+            for t, state in enumerate(columns["observation.state"]):
+                plans = planner.plans
+                images = {key: frames[key][t] for key in keys}
+                planner.act(Observation(images, state), columns["task"])
+                if planner.plans > plans:
+                    timings[name].append(planner.executing.timings_ms)
+            planner.reset()
     return timings
 
 
@@ -72,41 +78,73 @@ def main() -> None:
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the replay")
-    parser.add_argument("--readme", type=Path, help="regenerate the `latency` table there")
+    parser.add_argument("--tasks", nargs="+", default=QUICKSTART, help="closed-loop tasks")
+    parser.add_argument("--max-steps", type=int, default=300, help="per closed-loop episode")
+    parser.add_argument("--readme", type=Path, help="regenerate the --figure table there")
+    parser.add_argument("--figure", default="latency", help="the README table's marker name")
     args = parser.parse_args()
     if args.readme:
-        check_figure(args.readme, "latency")
+        check_figure(args.readme, args.figure)
     console = Console()
     torch.set_num_threads(args.threads)
     dataset = LeRobotDataset(args.dataset)
     picks = np.linspace(0, dataset.num_episodes - 1, args.replay_episodes).astype(int).tolist()
+    planners = {
+        mode: HybridPlanner.from_pretrained(args.policy, decode_candidates=False, **MODES[mode])
+        for mode in args.modes
+    }
+    replay(planners, dataset, picks[:1])  # warm-up
+    replayed = replay(planners, dataset, picks)
+    closed = closed_loop(args, args.modes)
     rows = {}
     for mode in args.modes:
-        torch.set_num_threads(args.threads)  # an evaluation below sets 1 for its worker
-        planner = HybridPlanner.from_pretrained(args.policy, decode_candidates=False, **MODES[mode])
-        replay(planner, dataset, picks[:1])  # warm-up
-        timings = replay(planner, dataset, picks)
         tiers = defaultdict(list)
-        for plan in timings:
+        for plan in replayed[mode]:
             for tier, ms in plan.items():
                 tiers[tier].append(ms)
-        row = {
-            "replay": float(np.mean([sum(plan.values()) for plan in timings])),
+        rows[mode] = {
+            "replay": float(np.mean([sum(plan.values()) for plan in replayed[mode]])),
             "imagine": float(np.median(tiers["imagine"])) if tiers["imagine"] else None,
+            **closed.get(mode, {}),
         }
-        if args.episodes:
-            summary = rollouts(
-                args.policy, QUICKSTART, args.episodes, workers=1, planner=MODES[mode]
-            )
-            row |= {
-                "closed": summary["amortised_ms_per_chunk"],
-                "step": summary["control_step_ms"],
-                "refresh": summary["subgoal_refreshes_per_chunk"],
-                "success": format_rate(summary["successes"], summary["episodes_total"]),
-            }
-        rows[mode] = row
-        console.print(f"{mode}: {row}")
+        console.print(f"{mode}: {rows[mode]}")
     flat = rows.get("flat", {})
+    if args.episodes:
+        header, cells_per_mode = closed_loop_table(rows, flat, args.episodes)
+    else:
+        header, cells_per_mode = replay_table(rows, flat, replayed)
+    title = f"latency, {args.threads} torch thread(s) in replay, batch 1"
+    show_table(console, title, header, cells_per_mode, readme=args.readme, figure=args.figure)
+
+
+def closed_loop(args: argparse.Namespace, modes: list[str]) -> dict[str, dict]:
+    """Each mode's closed-loop figures over `args.tasks`, the modes taking turns task by task:
+    planning ms per chunk and refreshes per chunk over all chunks, the worst task's control step
+    p50 and p99, and success with its interval."""
+    runs = defaultdict(list)
+    for task in args.tasks if args.episodes else []:
+        for mode in modes:
+            torch.set_num_threads(args.threads)  # an evaluation sets 1 for its worker
+            options = {"workers": 1, "max_steps": args.max_steps, "planner": MODES[mode]}
+            runs[mode].append(rollouts(args.policy, [task], args.episodes, **options))
+    figures = {}
+    for mode, summaries in runs.items():
+        chunks = sum(s["chunks"] for s in summaries)
+        steps = [s["control_step_ms"] for s in summaries if s["control_step_ms"]]
+        successes = sum(s["successes"] for s in summaries)
+        figures[mode] = {
+            "closed": sum(s["amortised_ms_per_chunk"] * s["chunks"] for s in summaries) / chunks,
+            "refresh": sum(s["subgoal_refreshes_per_chunk"] * s["chunks"] for s in summaries)
+            / chunks,
+            "step": {q: max(step[q] for step in steps) for q in ("p50_ms", "p99_ms")}
+            if steps
+            else None,
+            "success": format_rate(successes, sum(s["episodes_total"] for s in summaries)),
+        }
+    return figures
+
+
+def closed_loop_table(rows: dict, flat: dict, episodes: int) -> tuple[list[str], list[list[str]]]:
     header = [
         "mode",
         "replay ms/chunk",
@@ -114,28 +152,50 @@ def main() -> None:
         "x flat (closed loop)",
         "imagine and score ms (p50)",
         "subgoal refreshes per chunk",
-        "control step p50 / p99 ms",
-        f"success ({args.episodes} per task)",
+        "control step p50 / p99 ms (worst task)",
+        f"success ({episodes} per task)",
     ]
     cells_per_mode = []
     for mode, row in rows.items():
-        closed = row.get("closed")
-        ratio = closed / flat["closed"] if closed and flat.get("closed") else None
-        step = row.get("step")
+        closed = row["closed"]
+        ratio = closed / flat["closed"] if flat.get("closed") else None
+        step = row["step"]
         cells_per_mode.append(
             [
                 mode,
                 f"{row['replay']:.1f}",
-                f"{closed:.1f}" if closed else "-",
+                f"{closed:.1f}",
                 f"{ratio:.2f}x" if ratio else "-",
                 f"{row['imagine']:.1f}" if row["imagine"] else "-",
-                f"{row['refresh']:.2f}" if "refresh" in row else "-",
+                f"{row['refresh']:.2f}",
                 f"{step['p50_ms']:.1f} / {step['p99_ms']:.1f}" if step else "-",
-                row.get("success", "-"),
+                row["success"],
             ]
         )
-    title = f"latency, {args.threads} torch thread(s) in replay, batch 1"
-    show_table(console, title, header, cells_per_mode, readme=args.readme, figure="latency")
+    return header, cells_per_mode
+
+
+TIERS = ["encode", "subgoal", "features", "imagine", "action"]
+
+
+def replay_table(
+    rows: dict, flat: dict, replayed: dict[str, list[dict]]
+) -> tuple[list[str], list[list[str]]]:
+    """Replay alone: each tier's milliseconds averaged over every planned chunk (a tier that runs
+    on a quarter of the chunks counts a quarter of its time), and the share of chunks it ran on."""
+    header = ["mode", "replay ms/chunk", "x flat (replay)", *(f"{t} ms/chunk" for t in TIERS)]
+    cells_per_mode = []
+    for mode, row in rows.items():
+        plans = replayed[mode]
+        ratio = row["replay"] / flat["replay"] if flat else None
+        tiers = []
+        for tier in TIERS:
+            runs = [plan[tier] for plan in plans if tier in plan]
+            share = len(runs) / len(plans)
+            tiers.append(f"{sum(runs) / len(plans):.1f} ({share:.0%})" if runs else "-")
+        ratio_cell = f"{ratio:.2f}x" if ratio else "-"
+        cells_per_mode.append([mode, f"{row['replay']:.1f}", ratio_cell, *tiers])
+    return header, cells_per_mode
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The benchmarks' scripts (diagnose, phases, sensitivity, perception, formulations) on small
-trained policies and real episodes, and their refusal of a README without their markers."""
+"""The benchmarks' scripts (diagnose, phases, sensitivity, perception, formulations, latency) on
+small trained policies and real episodes, and their refusal of a README without their markers."""
 
 import json
 import os
@@ -159,11 +159,46 @@ def test_formulations_train_evaluate_and_fill_one_row_each(mt10_dataset, tmp_pat
     assert (out / "joint" / "policy" / "policy_config.json").stat().st_mtime_ns == fitted
 
 
+def _table(text: str, figure: str) -> dict[str, list[str]]:
+    """The rows of a README table, by their first cell."""
+    body = text.split(f"<!-- figure: {figure} -->")[1].split(f"<!-- /figure: {figure} -->")[0]
+    rows = [line.strip("|").split("|") for line in body.strip().splitlines()[2:]]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+@pytest.mark.slow
+def test_latency_writes_its_replay_and_closed_loop_tables(tiny_policy_dir, mt10_dataset, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- figure: latency -->\nold\n<!-- /figure: latency -->\n"
+        "<!-- figure: latency_replay -->\nold\n<!-- /figure: latency_replay -->\n"
+    )
+    args = ["--policy", tiny_policy_dir, "--dataset", mt10_dataset[0], "--replay-episodes", "2"]
+    args += ["--modes", "full", "flat", "visual per subgoal", "--readme", readme]
+    _benchmark("latency.py", *args, "--episodes", "0", "--figure", "latency_replay")
+    replay = _table(readme.read_text(), "latency_replay")
+    assert list(replay) == ["full", "flat", "visual per subgoal"]
+    # columns: replay ms, x flat, then encode, subgoal, features, imagine, action per chunk
+    assert replay["flat"][1] == "1.00x" and replay["flat"][2] == "-" and replay["flat"][5] == "-"
+    assert replay["full"][5].endswith("(100%)"), "the full hierarchy imagines every chunk"
+    share = replay["visual per subgoal"][3].split("(")[1]
+    assert replay["visual per subgoal"][5].split("(")[1] == share, "imagines with each subgoal"
+    assert share != "100%)", "the tiny policy keeps a subgoal for more than one chunk"
+    _benchmark("latency.py", *args, "--episodes", "1", "--tasks", "reach-v3", "--max-steps", "12")
+    closed = _table(readme.read_text(), "latency")
+    assert "old" not in readme.read_text() and list(closed) == list(replay)
+    # replay, closed loop ms, x flat, imagine p50, refreshes, control step, success
+    assert closed["flat"][2] == "1.00x" and closed["flat"][3] == "-"
+    assert all(float(row[1]) > 0 for row in closed.values())
+    assert all(row[6] in ("0% [0–79%]", "100% [21–100%]") for row in closed.values())
+
+
 MISSING = {  # each script's required inputs, named where nothing exists
     "ablation.py": ["--policy"],
     "diagnose.py": ["--policy", "--data"],
     "finetune.py": ["--base", "--data"],
     "formulations.py": ["--data"],
+    "latency.py": ["--policy", "--dataset"],
     "learning_curve.py": ["--run"],
     "sensitivity.py": ["--policy", "--data"],
 }
