@@ -52,11 +52,12 @@ def replay(
     """The tier timings of every chunk each planner planned while replaying `episodes`; the
     planners take turns on each episode."""
     timings = {name: [] for name in planners}
+    spec = next(iter(planners.values())).spec  # one policy: every planner reads the same cameras
+    keys = spec.cameras or dataset.camera_keys
     for index in episodes:
         columns = dataset.episode(index)
+        frames = {key: dataset.camera_frames(index, key) for key in keys}  # decoded once
         for name, planner in planners.items():
-            keys = planner.spec.cameras or dataset.camera_keys
-            frames = {key: dataset.camera_frames(index, key) for key in keys}
             planner.reset()
             for t, state in enumerate(columns["observation.state"]):
                 plans = planner.plans
@@ -98,13 +99,10 @@ def main() -> None:
     closed = closed_loop(args, args.modes)
     rows = {}
     for mode in args.modes:
-        tiers = defaultdict(list)
-        for plan in replayed[mode]:
-            for tier, ms in plan.items():
-                tiers[tier].append(ms)
+        imagine = [plan["imagine"] for plan in replayed[mode] if "imagine" in plan]
         rows[mode] = {
             "replay": float(np.mean([sum(plan.values()) for plan in replayed[mode]])),
-            "imagine": float(np.median(tiers["imagine"])) if tiers["imagine"] else None,
+            "imagine": float(np.median(imagine)) if imagine else None,
             **closed.get(mode, {}),
         }
         console.print(f"{mode}: {rows[mode]}")
@@ -124,7 +122,6 @@ def closed_loop(args: argparse.Namespace, modes: list[str]) -> dict[str, dict]:
     runs = defaultdict(list)
     for task in args.tasks if args.episodes else []:
         for mode in modes:
-            torch.set_num_threads(args.threads)  # an evaluation sets 1 for its worker
             options = {"workers": 1, "max_steps": args.max_steps, "planner": MODES[mode]}
             runs[mode].append(rollouts(args.policy, [task], args.episodes, **options))
     figures = {}
