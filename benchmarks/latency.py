@@ -12,13 +12,18 @@ Modes, each a planner setting on the same trained policy:
     full, async   the full hierarchy planning each chunk in the background, 2 steps ahead
     visual per subgoal  the full hierarchy imagining only with each new language subgoal
                   (`hybrid eval --visual-refresh subgoal`), the action expert keeping its future
+    full, compiled / flat, compiled  the same with the policy's inference API compiled by
+                  `torch.compile` (`hybrid eval --compile`); its first calls compile, in the
+                  replay's warm-up episode and again in the closed loop's first chunks of a task
 Replay: the frames and states of recorded episodes through `HybridPlanner.act` (no simulator;
 one torch thread by default, as an evaluation worker), the modes taking turns episode by
 episode, so that a drift in the machine's speed reaches every mode alike. Closed loop: `hybrid
 eval` with one worker, no video, on the five quickstart tasks (`--tasks`); amortised
 milliseconds of planning per chunk, the time of each call to `act` (what the control loop waits
 for), and success with its 95% interval; the modes take turns task by task. Everything runs in
-this one process. `--episodes 0` measures the replay alone, tier by tier.
+this one process. `--episodes 0` measures the replay alone, tier by tier, after
+`--warmup-episodes` replayed unmeasured (evenly spread over the dataset's tasks; the compiled
+modes compile there, and the table gives the seconds they took).
 """
 
 import argparse
@@ -43,6 +48,8 @@ MODES = {
     "flat": {"language_subgoal": False, "visual_subgoal": False},
     "full, async": {"async_delay": 2},
     "visual per subgoal": {"schedule": RefreshSchedule(visual="subgoal")},
+    "full, compiled": {"compile": "inductor"},
+    "flat, compiled": {"language_subgoal": False, "visual_subgoal": False, "compile": "inductor"},
 }
 
 
@@ -78,6 +85,12 @@ def main() -> None:
         "--episodes", type=int, default=20, help="closed-loop episodes per task (0: replay only)"
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument(
+        "--warmup-episodes",
+        type=int,
+        default=1,
+        help="episodes replayed before any is measured (the compiled modes compile in them)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the replay")
     parser.add_argument("--tasks", nargs="+", default=QUICKSTART, help="closed-loop tasks")
     parser.add_argument("--max-steps", type=int, default=300, help="per closed-loop episode")
@@ -94,7 +107,8 @@ def main() -> None:
         mode: HybridPlanner.from_pretrained(args.policy, decode_candidates=False, **MODES[mode])
         for mode in args.modes
     }
-    replay(planners, dataset, picks[:1])  # warm-up
+    warmups = np.linspace(0, dataset.num_episodes - 1, args.warmup_episodes).astype(int)
+    warmed = replay(planners, dataset, warmups.tolist())  # compiles, where a mode compiles
     replayed = replay(planners, dataset, picks)
     closed = closed_loop(args, args.modes)
     rows = {}
@@ -103,6 +117,7 @@ def main() -> None:
         rows[mode] = {
             "replay": float(np.mean([sum(plan.values()) for plan in replayed[mode]])),
             "imagine": float(np.median(imagine)) if imagine else None,
+            "warmup": sum(sum(plan.values()) for plan in warmed[mode]) / 1e3,
             **closed.get(mode, {}),
         }
         console.print(f"{mode}: {rows[mode]}")
@@ -178,9 +193,12 @@ TIERS = ["encode", "subgoal", "features", "imagine", "action"]
 def replay_table(
     rows: dict, flat: dict, replayed: dict[str, list[dict]]
 ) -> tuple[list[str], list[list[str]]]:
-    """Replay alone: each tier's milliseconds averaged over every planned chunk (a tier that runs
-    on a quarter of the chunks counts a quarter of its time), and the share of chunks it ran on."""
-    header = ["mode", "replay ms/chunk", "x flat (replay)", *(f"{t} ms/chunk" for t in TIERS)]
+    """Replay alone: the seconds each mode planned in the warm-up episodes (where a compiled mode
+    compiles), each tier's milliseconds averaged over every planned chunk after them (a tier that
+    runs on a quarter of the chunks counts a quarter of its time), and the share of chunks it
+    ran on."""
+    header = ["mode", "warm-up s", "replay ms/chunk", "x flat (replay)"]
+    header += [f"{t} ms/chunk" for t in TIERS]
     cells_per_mode = []
     for mode, row in rows.items():
         plans = replayed[mode]
@@ -191,7 +209,8 @@ def replay_table(
             share = len(runs) / len(plans)
             tiers.append(f"{sum(runs) / len(plans):.1f} ({share:.0%})" if runs else "-")
         ratio_cell = f"{ratio:.2f}x" if ratio else "-"
-        cells_per_mode.append([mode, f"{row['replay']:.1f}", ratio_cell, *tiers])
+        cells = [mode, f"{row['warmup']:.0f}", f"{row['replay']:.1f}", ratio_cell, *tiers]
+        cells_per_mode.append(cells)
     return header, cells_per_mode
 
 

@@ -108,6 +108,12 @@ def _eval_parser(subparsers) -> None:
         default=0,
         help="plan each chunk in the background, this many steps ahead (0: synchronous)",
     )
+    ev.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the policy's inference API with torch.compile: faster chunks after "
+        "minutes of compiling in each worker",
+    )
 
 
 def _export_parser(subparsers) -> None:
@@ -265,6 +271,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
                 "language_subgoal": not args.no_language_subgoal,
                 "async_delay": args.async_delay,
                 "schedule": RefreshSchedule(visual=args.visual_refresh),
+                "compile": "inductor" if args.compile else None,
             }
             | {
                 name: steps

@@ -664,6 +664,7 @@ class HybridPolicy(nn.Module):
         scores = _finite("value head", wm.score(futures, features, mask))
         return rearrange(actions, "(b k) h a -> b k h a", k=k), futures, scores
 
+    @torch.compiler.disable  # NumPy: left to Python under torch.compile
     def _robot_inputs(
         self, size: int, embodiment: str, committed: np.ndarray | None, scene: np.ndarray | None
     ) -> dict:
@@ -685,6 +686,7 @@ class HybridPolicy(nn.Module):
             "scene": None if scene is None else self._scene(scene, embodiment),
         }
 
+    @torch.compiler.disable  # NumPy: left to Python under torch.compile
     def _robot_actions(
         self, normalised: torch.Tensor, embodiment: str, committed: np.ndarray | None
     ) -> np.ndarray:

@@ -41,6 +41,7 @@ from hybrid.adapters import EmbodimentAdapters
 from hybrid.data.windows import resize_frames
 from hybrid.policy import HybridPolicy
 from hybrid.types import Observation, Plan
+from planners.compiled import CompiledInference
 from planners.schedule import RefreshSchedule, latent_distance
 from planners.scoring import best_of_k
 
@@ -71,6 +72,8 @@ class HybridPlanner:
         async_delay: d > 0 plans each chunk in the background, d steps ahead (module docstring);
             0 plans synchronously.
         seed: seeds the flow noise, so a planner's rollouts are reproducible.
+        compile: a `torch.compile` backend ("inductor") for the policy's inference API
+            (`planners/compiled.py`): faster chunks after minutes of compiling; None runs eager.
     """
 
     def __init__(
@@ -88,8 +91,10 @@ class HybridPlanner:
         async_delay: int = 0,
         seed: int = 0,
         adapters: EmbodimentAdapters | None = None,
+        compile: str | None = None,
     ):
         self.policy = policy.eval()
+        self.inference = policy if compile is None else CompiledInference(policy, compile)
         self.adapters = adapters or EmbodimentAdapters(policy)
         names = list(policy.embodiments)
         if embodiment is None and len(names) != 1:
@@ -212,15 +217,21 @@ class HybridPlanner:
         return images.to(self.device)
 
     # 2. planning ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def plan(self, obs: Observation, instruction: str, committed: np.ndarray | None = None) -> Plan:
         """Run the tiers the schedule calls for on this observation; returns the full Plan.
         `committed` (d, action_dim): actions already sent for this chunk's first d steps, which
-        the chunk continues (`HybridPolicy.sample_actions`) and returns unchanged."""
+        the chunk continues (`HybridPolicy.sample_actions`) and returns unchanged. Runs under
+        `torch.inference_mode`, or `torch.no_grad` when compiled (torch.compile's guards on NumPy
+        arguments fail on inference tensors)."""
+        compiled = self.inference is not self.policy
+        with torch.no_grad() if compiled else torch.inference_mode():
+            return self._plan(obs, instruction, committed)
+
+    def _plan(self, obs: Observation, instruction: str, committed: np.ndarray | None) -> Plan:
         images = self._check(obs, instruction)
         state = self.policy.normalize_state(np.asarray(obs.state)[None], self.embodiment)
         timings_ms: dict[str, float] = {}
-        timer, policy = partial(_timed, timings_ms), self.policy
+        timer, policy = partial(_timed, timings_ms), self.inference
 
         # 1. the language subgoal: a new one when its visual target is reached, or its time is out
         # Flat (no language and no visual subgoal) is a VLA: nothing is imagined or encoded; a

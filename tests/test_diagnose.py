@@ -178,11 +178,11 @@ def test_latency_writes_its_replay_and_closed_loop_tables(tiny_policy_dir, mt10_
     _benchmark("latency.py", *args, "--episodes", "0", "--figure", "latency_replay")
     replay = _table(readme.read_text(), "latency_replay")
     assert list(replay) == ["full", "flat", "visual per subgoal"]
-    # columns: replay ms, x flat, then encode, subgoal, features, imagine, action per chunk
-    assert replay["flat"][1] == "1.00x" and replay["flat"][2] == "-" and replay["flat"][5] == "-"
-    assert replay["full"][5].endswith("(100%)"), "the full hierarchy imagines every chunk"
-    share = replay["visual per subgoal"][3].split("(")[1]
-    assert replay["visual per subgoal"][5].split("(")[1] == share, "imagines with each subgoal"
+    # columns: warm-up s, replay ms, x flat, then encode, subgoal, features, imagine, action
+    assert replay["flat"][2] == "1.00x" and replay["flat"][3] == "-" and replay["flat"][6] == "-"
+    assert replay["full"][6].endswith("(100%)"), "the full hierarchy imagines every chunk"
+    share = replay["visual per subgoal"][4].split("(")[1]
+    assert replay["visual per subgoal"][6].split("(")[1] == share, "imagines with each subgoal"
     assert share != "100%)", "the tiny policy keeps a subgoal for more than one chunk"
     _benchmark("latency.py", *args, "--episodes", "1", "--tasks", "reach-v3", "--max-steps", "12")
     closed = _table(readme.read_text(), "latency")

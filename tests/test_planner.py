@@ -191,6 +191,21 @@ def test_sync_rollouts_are_deterministic_under_the_seed(tiny_policy_dir, frames)
     np.testing.assert_array_equal(a, b)
 
 
+def test_compiled_inference_plans_what_the_policy_plans(tiny_policy_dir, frames):
+    """`compile` runs the policy's inference API through torch.compile: the same actions, through
+    new subgoals, committed actions and the background thread ("eager" traces the graphs without
+    generating code, so the numbers must be equal; inductor's are benchmarks/latency.py's)."""
+    torch._dynamo.reset()
+    options = {"num_candidates": 2, "execute_steps": 4, "async_delay": 2}
+    options["schedule"] = RefreshSchedule(max_chunks_per_subgoal=2)
+    plain, _ = _rollout(HybridPlanner.from_pretrained(tiny_policy_dir, **options), frames, 14)
+    compiled = HybridPlanner.from_pretrained(tiny_policy_dir, compile="eager", **options)
+    actions, chunks = _rollout(compiled, frames, 14)
+    np.testing.assert_array_equal(actions, plain)
+    assert [chunk.subgoal_refreshed for chunk in chunks] == [True, False, True, False]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+
+
 @pytest.mark.parametrize("delay", [-1, 5, 13])
 def test_async_delay_out_of_range_is_named(tiny_policy_dir, delay):
     with pytest.raises(ValueError, match=rf"async_delay must be in \[0, 4\].*got {delay}"):
