@@ -14,7 +14,7 @@ Modes, each a planner setting on the same trained policy:
                   (`hybrid eval --visual-refresh subgoal`), the action expert keeping its future
     full, compiled / flat, compiled  the same with the policy's inference API compiled by
                   `torch.compile` (`hybrid eval --compile`); its first calls compile, in the
-                  replay's warm-up episode and again in the closed loop's first chunks of a task
+                  replay's warm-up episodes and again in the closed loop's first chunks of a task
 Replay: the frames and states of recorded episodes through `HybridPlanner.act` (no simulator;
 one torch thread by default, as an evaluation worker), the modes taking turns episode by
 episode, so that a drift in the machine's speed reaches every mode alike. Closed loop: `hybrid
