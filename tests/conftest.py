@@ -32,6 +32,26 @@ def hybrid_cli():
     return run
 
 
+@pytest.fixture
+def print_config(capsys):
+    """`print_config(verb, *args)`: the YAML that `hybrid <verb> <args> --print_config` prints,
+    run through the command's own `main` in this process (a fresh interpreter would spend 12-15
+    s importing). A refused configuration fails the test with the command's one-line error."""
+    from hybrid.cli import main
+
+    def run(verb: str, *args) -> str:
+        capsys.readouterr()
+        try:
+            status = main([verb, *map(str, args), "--print_config"])  # refused: 2, one line
+        except SystemExit as done:  # --print_config prints, then exits
+            status = done.code
+        printed = capsys.readouterr()
+        assert status in (0, None), printed.err[-2000:]
+        return printed.out
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def mt10_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "mt10"

@@ -73,27 +73,13 @@ def _hybrid(*args, **kwargs):
     return [sys.executable, "-m", "hybrid.cli", *map(str, args)]
 
 
-def test_print_config_round_trips_with_interpolation_resolved(tmp_path, mt10_dataset):
-    config = _config(tmp_path, mt10_dataset[0])
-    first = subprocess.run(
-        _hybrid("fit", "--config", config, "--print_config"),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=True,
-    ).stdout
+def test_print_config_round_trips_with_interpolation_resolved(tmp_path, mt10_dataset, print_config):
+    first = print_config("fit", "--config", _config(tmp_path, mt10_dataset[0]))
     printed = yaml.safe_load(first)
     assert printed["data"]["image_size"] == 64, "omegaconf interpolation is resolved"
     assert printed["model"]["experts"]["vlm"]["text_hidden"] == 64
     (tmp_path / "printed.yaml").write_text(first)
-    second = subprocess.run(
-        _hybrid("fit", "--config", tmp_path / "printed.yaml", "--print_config"),
-        capture_output=True,
-        text=True,
-        env=ENV,
-        check=True,
-    ).stdout
-    assert second == first
+    assert print_config("fit", "--config", tmp_path / "printed.yaml") == first
 
 
 def _global_step(path) -> int:
