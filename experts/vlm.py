@@ -302,7 +302,7 @@ class HighLevelVLM(nn.Module, ConfigMixin):
         )
 
     # 3. inference -----------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # the caller chooses inference_mode (planners): one kind of tensor
     def propose_subgoal(
         self, images: torch.Tensor, instructions: list[str]
     ) -> tuple[list[str], torch.Tensor, torch.Tensor]:

@@ -811,6 +811,7 @@ class HybridPolicy(nn.Module):
         return policy
 
 
+@torch.compiler.disable  # a check on values: eager, not one graph per tensor rank
 def _finite(tier: str, x: torch.Tensor) -> torch.Tensor:
     """x, or a FloatingPointError naming the tier that produced non-finite values."""
     if not torch.isfinite(x).all():

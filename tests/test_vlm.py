@@ -51,6 +51,21 @@ def test_generated_subgoals_are_text_from_the_vocabulary(vlm):
         assert all(token in vocab for token in vlm.tokenizer.tokenize(text))
 
 
+def test_generation_returns_the_kind_of_tensor_its_caller_asked_for(vlm):
+    """The compiled planner runs under no_grad: generation must not hand it inference tensors on
+    the chunks with a new subgoal (and ordinary ones on the others), or every compiled function
+    below compiles twice; the eager planner's inference_mode still makes inference tensors."""
+    images = _images(1)
+    with torch.no_grad():
+        _, features, mask = vlm.propose_subgoal(images, TEXTS[:1])
+        prefix, _ = vlm.prefix_features(images, TEXTS[:1], ["reach"])
+    assert not features.is_inference() and not mask.is_inference()
+    assert features.is_inference() == prefix.is_inference()
+    assert not features.requires_grad
+    with torch.inference_mode():
+        assert vlm.propose_subgoal(images, TEXTS[:1])[1].is_inference()
+
+
 def test_a_trained_vlm_generates_its_subgoal(vlm):
     """A few steps on one example teach the model to say it: generation really decodes."""
     model = HighLevelVLM(tokenizer=vlm.tokenizer, max_subgoal_tokens=8, **SMALL)
