@@ -222,7 +222,9 @@ class HybridPlanner:
         `committed` (d, action_dim): actions already sent for this chunk's first d steps, which
         the chunk continues (`HybridPolicy.sample_actions`) and returns unchanged. Runs under
         `torch.inference_mode`, or `torch.no_grad` when compiled (torch.compile's guards on NumPy
-        arguments fail on inference tensors)."""
+        arguments fail on inference tensors). The policy's inference API, the subgoal's
+        generation included, leaves the mode to this caller: a compiled function that met both
+        kinds of tensor would compile twice."""
         compiled = self.inference is not self.policy
         with torch.no_grad() if compiled else torch.inference_mode():
             return self._plan(obs, instruction, committed)
