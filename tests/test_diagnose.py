@@ -21,24 +21,30 @@ def _benchmark(script: str, *args) -> str:
     process (runpy), whose imports are already paid (12-15 s a fresh interpreter on the 2-core
     machine): one torch thread, a wide console; it must finish without an error or a non-zero
     exit. Returns what it printed. Its rollout workers are processes of their own, as always."""
-    path = SCRIPT.with_name(script)
     threads, printed = torch.get_num_threads(), io.StringIO()
-    argv = list(map(str, [path, *args]))
-    sys.path.insert(0, str(path.parent))  # the scripts import their neighbours
     try:
         torch.set_num_threads(1)
         with (
-            mock.patch.object(sys, "argv", argv),
             mock.patch.dict(os.environ, {"COLUMNS": "200", "OMP_NUM_THREADS": "1"}),
             contextlib.redirect_stdout(printed),
         ):
-            runpy.run_path(str(path), run_name="__main__")
+            _run_script(script, *args)
     except SystemExit as done:
         assert done.code in (None, 0), f"{script} exited with {done.code!r}"
     finally:
-        sys.path.remove(str(path.parent))
         torch.set_num_threads(threads)
     return printed.getvalue()
+
+
+def _run_script(script: str, *args) -> None:
+    """benchmarks/<script> with `args`, in this process as `python benchmarks/<script>` runs it
+    (runpy); its SystemExit, if any, propagates."""
+    path = SCRIPT.with_name(script)
+    with (
+        mock.patch.object(sys, "argv", list(map(str, [path, *args]))),
+        mock.patch.object(sys, "path", [str(path.parent), *sys.path]),  # it imports neighbours
+    ):
+        runpy.run_path(str(path), run_name="__main__")
 
 
 def _diagnose(policy, data, out):
@@ -228,9 +234,7 @@ OTHER_ARGS = {
 
 
 @pytest.mark.parametrize("script", sorted(MISSING))
-def test_a_benchmark_refuses_a_readme_without_its_markers_before_it_runs(
-    script, tmp_path, monkeypatch
-):
+def test_a_benchmark_refuses_a_readme_without_its_markers_before_it_runs(script, tmp_path):
     """A README that lacks the table's markers stops the benchmark at once, naming them, before
     minutes of rollouts or training (the inputs named here do not even exist). The script runs
     in this process as `python benchmarks/<script>` runs it (runpy), which saves a fresh
@@ -240,11 +244,8 @@ def test_a_benchmark_refuses_a_readme_without_its_markers_before_it_runs(
     readme.write_text("no markers here\n")
     args = [a for flag in MISSING[script] for a in (flag, tmp_path / "none")]
     args += OTHER_ARGS.get(script, [])
-    path = SCRIPT.with_name(script)
-    monkeypatch.syspath_prepend(str(path.parent))  # the scripts import their neighbours
-    monkeypatch.setattr(sys, "argv", list(map(str, [path, *args, "--readme", readme])))
     with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(path), run_name="__main__")
+        _run_script(script, *args, "--readme", readme)
     message = done.value.code
     assert isinstance(message, str), f"{script} exited with {message!r}, not one line"
     assert "must hold the markers" in message and "figure:" in message
