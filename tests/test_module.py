@@ -62,6 +62,20 @@ def test_fast_dev_run_trains_validates_and_exports(mt10_dataset, tmp_path, chann
     assert any(not torch.equal(live[k], v) for k, v in module.ema.items()), "an average, not a copy"
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_optimiser_is_fused_unless_mixed_precision_clips(mt10_dataset, tmp_path, precision):
+    """AdamW is fused where Lightning can clip its gradients; under mixed precision, which
+    refuses to clip for an optimiser that unscales gradients itself (a fused one), it is torch's
+    default. Either way a fit with gradient clipping trains."""
+    module = HybridModule(experts=SMALL, export_dir=str(tmp_path / "policy"), warmup_steps=1)
+    trainer = _trainer(tmp_path, fast_dev_run=2, precision=precision, gradient_clip_val=1.0)
+    trainer.fit(module, _datamodule(mt10_dataset[0]))
+    assert bool(trainer.optimizers[0].defaults["fused"]) == (precision == "32-true")
+    assert torch.isfinite(trainer.callback_metrics["train/loss_action"])
+    steps = {int(state["step"]) for state in trainer.optimizers[0].state.values()}
+    assert steps == {2}, "every parameter was updated at both steps"
+
+
 FORMULATIONS = {  # the formulations whose experts differ from the hierarchy's in what they learn
     "latent_frame_actions": dict(
         world_model=dict(SMALL["world_model"], action_frames=True), action_expert=False
