@@ -9,7 +9,8 @@ Tokens, in the order they are attended:
                                                                     (B, L + I [+ 1] + P, hidden)
     suffix   [state token, H noisy action tokens]                       (B, 1 + H, hidden)
 Without a world model (`latent_channels` 0, the flat VLA) there are no visual-subgoal patches;
-with `read_vlm` False (inverse dynamics) no VLM features.
+with `read_vlm` False (inverse dynamics) no VLM features; with `eyes` False no current-frame
+tokens (the frames reach the expert through its scene estimate alone).
 With `joint` (the joint formulation, as in UVA and DreamZero) the future latent's patches are not
 context but noisy suffix tokens after the actions, (B, 1 + H + P, hidden): one transformer
 denoises the future and the action chunk together, under one flow time per sample, and returns
@@ -140,6 +141,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         scene_conditioning: bool = False,
         scene_estimator: int = 0,
         joint: bool = False,
+        eyes: bool = True,
     ):
         """`latent_channels` 0 makes an expert that reads no visual subgoal (a policy without a
         world model: the flat VLA); `read_vlm` False one that reads no VLM features, only the
@@ -183,7 +185,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         shared eyes' keypoints, which the action loss also shapes.
         `joint` makes the expert denoise the future latent (B, latent_channels, latent_size,
         latent_size) with the actions instead of reading it (module docstring): `loss` takes the
-        true future as `visual_latent` and adds a `world` loss; `sample_joint` draws both."""
+        true future as `visual_latent` and adds a `world` loss; `sample_joint` draws both.
+        `eyes` False builds no CNN of the expert's own on the frames (no current-frame tokens,
+        no keypoints): with a `scene_estimator` the frames reach the actions only as the scene
+        estimate, and `image_size` is the side the estimator reads."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
@@ -200,6 +205,12 @@ class ActionExpert(ModelMixin, ConfigMixin):
             )
         if not 0.0 <= state_dropout <= 1.0:
             raise ValueError(f"state_dropout must be in [0, 1], got {state_dropout}")
+        if not eyes and (keypoints or not scene_estimator):
+            raise ValueError(
+                f"eyes false: the expert has no CNN of its own, so keypoints must be 0 (got "
+                f"{keypoints}) and a scene_estimator > 0 must read the frames (got "
+                f"{scene_estimator}); for an expert that sees no frames at all, set image_size null"
+            )
         if keypoint_conditioning and not (keypoints and image_size):
             raise ValueError("keypoint_conditioning needs keypoints > 0 and an image_size")
         if scene_input and not scene_dim:
@@ -236,7 +247,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.future_out = nn.Linear(hidden, width) if joint else None
         self.image_in = (
             None
-            if image_size is None
+            if image_size is None or not eyes
             else ImageEncoder(
                 hidden,
                 image_size,
@@ -329,6 +340,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
                 estimate = self.estimate_scene(images, embodiment_ids, points)
             if self.keypoint_cond is not None:
                 cond = self.keypoint_cond(self._flat_points(points))
+        if estimate is None and self.scene_token is not None and self.image_in is None:
+            if images is None:  # no eyes: the estimator alone reads the frames
+                raise ValueError("this action expert estimates the scene: pass `images`")
+            estimate = self.estimate_scene(images, embodiment_ids)
         if self.scene_token is not None:
             read = estimate.detach()
             if true_scene is not None:

@@ -490,3 +490,35 @@ def test_a_joint_expert_denoises_the_future_with_the_actions(tmp_path):
         expert.sample(**inputs, steps=1)
     with pytest.raises(ValueError, match="needs latent_channels > 0"):
         _expert(joint=True, latent_channels=0)
+
+
+def test_an_expert_without_eyes_sees_the_frames_only_through_its_scene_estimate():
+    """`eyes` False: no CNN of the expert's own; the frames change the actions through the
+    scene estimator's estimate and in no other way; the scene loss still trains the estimator."""
+    torch.manual_seed(0)
+    kw = dict(scene_dim=5, scene_estimator=4, scene_input=True, scene_conditioning=True)
+    expert = _expert(eyes=False, **kw)
+    assert expert.image_in is None
+    assert not any(name.startswith("image_in.") for name, _ in expert.named_parameters())
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        expert.modulation[1].weight.normal_(std=0.1)
+    inputs = _inputs()
+    actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
+    dim_mask = torch.ones(B, 3, dtype=torch.bool)
+    scene = dict(scene=torch.randn(B, 5), scene_mask=torch.ones(B, 5, dtype=torch.bool))
+    expert.loss(actions, action_mask, dim_mask, **inputs, **scene)["scene"].backward()
+    assert expert.estimator.heatmaps.weight.grad.abs().sum() > 0, "the estimator learns"
+    expert.eval()
+    other = inputs | {"images": torch.rand_like(inputs["images"])}
+
+    def sample(x):
+        return expert.sample(**x, steps=3, generator=torch.Generator().manual_seed(5))
+
+    assert not torch.allclose(sample(inputs), sample(other)), "the frames reach the actions"
+    fixed = torch.randn(B, 5)
+    expert.estimator.forward = lambda images, embodiment_ids: fixed
+    torch.testing.assert_close(sample(inputs), sample(other))  # only through the estimate
+    with pytest.raises(ValueError, match="keypoints must be 0"):
+        _expert(eyes=False, keypoints=4, **kw)
+    with pytest.raises(ValueError, match="a scene_estimator > 0 must read the frames"):
+        _expert(eyes=False)
