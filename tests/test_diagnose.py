@@ -156,29 +156,27 @@ def test_formulations_train_evaluate_and_fill_one_row_each(mt10_dataset, tmp_pat
     readme = tmp_path / "README.md"
     readme.write_text("<!-- figure: formulations -->\nold\n<!-- /figure: formulations -->\n")
     out = tmp_path / "runs"
-    args = ["--formulations", "flat_vla", "representation", "--data", mt10_dataset[0]]
+    args = ["--formulations", "flat_vla", "--data", mt10_dataset[0]]
     args += ["--steps", "2", "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "3"]
     args += ["--workers", "1", "--out", out, "--readme", readme]
     _benchmark("formulations.py", *args)
     runs = json.loads((out / "formulations.json").read_text())["runs"]
-    assert list(runs) == ["flat_vla", "representation"]
-    for name, run in runs.items():
+    assert list(runs) == ["flat_vla"]
+    table = readme.read_text()
+    assert "| `flat_vla` | actions only |" in table and "old" not in table
+    # a formulation run alone adds its row; the others stay as the same comparison left them
+    _benchmark("formulations.py", *(["--formulations", "joint"] + args[2:]))
+    again = json.loads((out / "formulations.json").read_text())["runs"]
+    assert list(again) == ["flat_vla", "joint"] and again["flat_vla"] == runs["flat_vla"]
+    for name, run in again.items():
         assert (out / name / "policy" / "policy_config.json").is_file()
         assert run["successes"]["reach-v3"] in (0, 1)
         assert run["ms_per_chunk"] > 0 and run["s_per_step"] > 0
-    assert runs["flat_vla"]["parameters"] < runs["representation"]["parameters"], "no world model"
-    table = readme.read_text()
-    assert "| `flat_vla` | actions only |" in table and "| `representation` |" in table
-    assert "old" not in table
-    # a formulation run alone adds its row; the others stay as the same comparison left them
-    _benchmark("formulations.py", *(["--formulations", "joint"] + args[3:]))
-    again = json.loads((out / "formulations.json").read_text())["runs"]
-    assert list(again) == ["flat_vla", "representation", "joint"]
-    assert {k: again[k] for k in runs} == runs and again["joint"]["ms_per_chunk"] > 0
-    assert "| `representation` |" in readme.read_text() and "| `joint` |" in readme.read_text()
+    assert again["flat_vla"]["parameters"] < again["joint"]["parameters"], "no world model"
+    assert "| `flat_vla` |" in readme.read_text() and "| `joint` |" in readme.read_text()
     # --reuse-fits evaluates the saved policy again and keeps its training time
     fitted = (out / "joint" / "policy" / "policy_config.json").stat().st_mtime_ns
-    _benchmark("formulations.py", *(["--formulations", "joint", "--reuse-fits"] + args[3:]))
+    _benchmark("formulations.py", *(["--formulations", "joint", "--reuse-fits"] + args[2:]))
     third = json.loads((out / "formulations.json").read_text())["runs"]
     assert third["joint"]["s_per_step"] == again["joint"]["s_per_step"]
     assert (out / "joint" / "policy" / "policy_config.json").stat().st_mtime_ns == fitted
