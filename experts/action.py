@@ -327,23 +327,21 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if self.vlm_in is not None:
             tokens.append(self.vlm_in(vlm_features.detach()))
             masks.append(vlm_mask)
-        cond = None
+        cond, points = None, None
         if self.image_in is not None:
             if images is None:
                 raise ValueError("this action expert sees the current frames: pass `images`")
             image_tokens, points = self.image_in(images)
             tokens.append(image_tokens)
             masks.append(vlm_mask.new_ones(image_tokens.shape[:2]))
-            # read by the scene token, or (the shared eyes' head) a loss; the estimator's own
-            # loss comes with its estimate from `loss`
-            if estimate is None and (self.scene_token is not None or self.scene_out is not None):
-                estimate = self.estimate_scene(images, embodiment_ids, points)
             if self.keypoint_cond is not None:
                 cond = self.keypoint_cond(self._flat_points(points))
-        if estimate is None and self.scene_token is not None and self.image_in is None:
-            if images is None:  # no eyes: the estimator alone reads the frames
+        # read by the scene token, or (the shared eyes' head) a loss; the estimator's own loss
+        # comes with its estimate from `loss`; without eyes the estimator alone reads the frames
+        if estimate is None and (self.scene_token is not None or self.scene_out is not None):
+            if images is None:
                 raise ValueError("this action expert estimates the scene: pass `images`")
-            estimate = self.estimate_scene(images, embodiment_ids)
+            estimate = self.estimate_scene(images, embodiment_ids, points)
         if self.scene_token is not None:
             read = estimate.detach()
             if true_scene is not None:
