@@ -54,7 +54,7 @@ def main() -> None:
     dataset = LeRobotDataset(args.dataset)
     picks = np.linspace(0, dataset.num_episodes - 1, args.replay_episodes).astype(int).tolist()
     planners = {
-        setting: HybridPlanner.from_pretrained(args.policy, decode_candidates=False, **planner)
+        setting: HybridPlanner.from_pretrained(args.policy, decode="none", **planner)
         for setting, planner in settings.items()
     }
     replay(planners, dataset, picks[:1])  # warm-up, unmeasured

@@ -104,7 +104,7 @@ def main() -> None:
     dataset = LeRobotDataset(args.dataset)
     picks = np.linspace(0, dataset.num_episodes - 1, args.replay_episodes).astype(int).tolist()
     planners = {
-        mode: HybridPlanner.from_pretrained(args.policy, decode_candidates=False, **MODES[mode])
+        mode: HybridPlanner.from_pretrained(args.policy, decode="none", **MODES[mode])
         for mode in args.modes
     }
     warmups = np.linspace(0, dataset.num_episodes - 1, args.warmup_episodes).astype(int)

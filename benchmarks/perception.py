@@ -163,9 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.readme:
         check_figure(args.readme, "perception")
-    planner = HybridPlanner.from_pretrained(
-        args.policy, embodiment=args.embodiment, decode_candidates=False
-    )
+    planner = HybridPlanner.from_pretrained(args.policy, embodiment=args.embodiment, decode="none")
     if not planner.policy.action_expert.config.scene_dim:
         parser.error(f"{args.policy}: its action expert estimates no scene (scene_dim 0)")
     data = HybridDataModule(

@@ -80,7 +80,7 @@ def main() -> None:
     oracle = None
     if args.oracle:
         planner = HybridPlanner.from_pretrained(
-            args.policy, decode_candidates=False, schedule=RefreshSchedule(1)
+            args.policy, decode="none", schedule=RefreshSchedule(1)
         )
         oracle = [""]
         policy = planner.policy
@@ -90,7 +90,7 @@ def main() -> None:
 
         policy.propose_subgoals = propose_oracle
     else:
-        planner = HybridPlanner.from_pretrained(args.policy, decode_candidates=False)
+        planner = HybridPlanner.from_pretrained(args.policy, decode="none")
     cameras = {key.rsplit(".", 1)[-1]: key for key in planner.spec.cameras}
     table = Table(title=f"generated subgoal vs true phase, {args.episodes} episodes per task")
     columns = ("task", "outcome", "episodes", "chunks", "= true", "ahead", "behind", "no phase")

@@ -270,8 +270,8 @@ def evaluate(
         seed=seed,
         max_steps=max_steps,
         video_dir=str(video_dir) if video_dir else None,
-        # nothing reads the imagined pixels unless a video shows them
-        planner={"decode_candidates": video, **(planner or {})},
+        # nothing reads the imagined pixels unless a video shows them, and it shows the chosen
+        planner={"decode": "chosen" if video else "none", **(planner or {})},
         privileged_scene=privileged_scene,
     )
     planner = _preflight(config)

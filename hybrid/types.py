@@ -31,8 +31,10 @@ class Plan:
 
     candidate_latents (K, C, h, w), candidate_images (K, S, S, 3) uint8 and scores (K,) are
     empty (K = 0) on a chunk where nothing was imagined, and candidate_images also when the planner
-    does not decode; actions (H, action_dim) are in the robot's units, clipped to its limits.
-    subgoal_refreshed says whether this plan set a new language subgoal.
+    does not decode them all; chosen_image (S, S, 3) uint8 is the chosen visual subgoal as an
+    image where the planner decodes it, else None; actions (H, action_dim) are in the robot's
+    units, clipped to its limits. subgoal_refreshed says whether this plan set a new language
+    subgoal.
     """
 
     subgoal: str
@@ -43,8 +45,4 @@ class Plan:
     actions: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
     subgoal_refreshed: bool = False
-
-    @property
-    def chosen_image(self) -> np.ndarray | None:
-        """The chosen visual subgoal as an image (S, S, 3) uint8, if there is one."""
-        return self.candidate_images[self.chosen] if len(self.candidate_images) else None
+    chosen_image: np.ndarray | None = None

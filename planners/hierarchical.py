@@ -45,6 +45,8 @@ from planners.compiled import CompiledInference
 from planners.schedule import RefreshSchedule, latent_distance
 from planners.scoring import best_of_k
 
+DECODE = ("all", "chosen", "none")  # which imagined futures `plan` decodes to images
+
 
 @contextmanager
 def _timed(ms: dict[str, float], name: str):
@@ -69,6 +71,9 @@ class HybridPlanner:
         language_subgoal, visual_subgoal: the ablation switches; visual_subgoal None is on
             where the policy has a world model, off where it has none (the flat VLA).
         schedule: when the language and visual subgoals are refreshed.
+        decode: which imagined futures each plan decodes to images: "all" K
+            (`Plan.candidate_images`), "chosen" (`Plan.chosen_image` alone, what a video shows)
+            or "none" (nothing reads the pixels).
         async_delay: d > 0 plans each chunk in the background, d steps ahead (module docstring);
             0 plans synchronously.
         seed: seeds the flow noise, so a planner's rollouts are reproducible.
@@ -87,7 +92,7 @@ class HybridPlanner:
         language_subgoal: bool = True,
         visual_subgoal: bool | None = None,
         schedule: RefreshSchedule | None = None,
-        decode_candidates: bool = True,
+        decode: str = "all",
         async_delay: int = 0,
         seed: int = 0,
         adapters: EmbodimentAdapters | None = None,
@@ -131,7 +136,9 @@ class HybridPlanner:
         self.language_subgoal = language_subgoal
         self.visual_subgoal = has_world_model if visual_subgoal is None else visual_subgoal
         self.schedule = schedule or RefreshSchedule()
-        self.decode_candidates = decode_candidates
+        if decode not in DECODE:
+            raise ValueError(f"decode must be one of {DECODE}, got {decode!r}")
+        self.decode = decode
         self.async_delay = async_delay
         self._background = ThreadPoolExecutor(max_workers=1) if async_delay else None
         self.pending: Future | None = None
@@ -256,7 +263,7 @@ class HybridPlanner:
             self.chunks_since_subgoal = 0
         # 3. imagine K futures and keep the best; a new subgoal also takes it as its target
         latents = candidate_images = scores = np.zeros((0,), np.float32)
-        chosen, candidates, chunks = 0, None, None
+        chosen, candidates, chunks, chosen_image = 0, None, None, None
         committed = None if committed is None else np.asarray(committed, np.float32)[None]
         scene = None if obs.scene is None else np.asarray(obs.scene, np.float32)[None]
         # a policy that reads the world model's features (representation) imagines nothing: one
@@ -301,9 +308,13 @@ class HybridPlanner:
                     float(latent_distance(current, self.visual_latent)),
                 )
             latents, scores = candidates[0].cpu().numpy(), candidate_scores[0].cpu().numpy()
-            if self.decode_candidates:
+            if self.decode == "all":
                 with timer("decode"):
-                    candidate_images = self._decode(candidates[0])
+                    candidate_images = self._decode(candidates[0])  # (K, S, S, 3)
+                chosen_image = candidate_images[chosen]
+            elif self.decode == "chosen":  # what a video shows, at a K-th of the decoding
+                with timer("decode"):
+                    chosen_image = self._decode(candidates[:, chosen])[0]
         # 4. the action chunk, in the robot's units, clipped to its limits (joint: the chosen one)
         if chunks is not None:
             actions = chunks[0, chosen]
@@ -326,6 +337,7 @@ class HybridPlanner:
             subgoal=self.subgoal,
             candidate_latents=latents,
             candidate_images=candidate_images,
+            chosen_image=chosen_image,
             scores=scores,
             chosen=chosen,
             actions=actions,

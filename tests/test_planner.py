@@ -47,6 +47,24 @@ def test_plan_is_well_formed(planner, frames):
     assert set(again.timings_ms) == {"encode", "features", "imagine", "decode", "action"}
 
 
+def test_a_planner_decodes_all_candidates_the_chosen_one_or_none(planner, tiny_policy_dir, frames):
+    every = planner.plan(_obs(frames), INSTRUCTION)
+    np.testing.assert_array_equal(every.chosen_image, every.candidate_images[every.chosen])
+    for decode in ("chosen", "none"):
+        other = HybridPlanner.from_pretrained(
+            tiny_policy_dir, num_candidates=4, execute_steps=4, decode=decode
+        ).plan(_obs(frames), INSTRUCTION)
+        np.testing.assert_array_equal(other.actions, every.actions)  # decoding changes no plan
+        assert other.candidate_images.shape[0] == 0
+        assert ("decode" in other.timings_ms) == (decode == "chosen")
+        if decode == "chosen":  # the same future, decoded alone
+            np.testing.assert_allclose(other.chosen_image.astype(int), every.chosen_image, atol=1)
+        else:
+            assert other.chosen_image is None
+    with pytest.raises(ValueError, match=r"decode must be one of .*got 'some'"):
+        HybridPlanner.from_pretrained(tiny_policy_dir, decode="some")
+
+
 def test_plans_are_reproducible_after_reset(planner, frames):
     first = planner.plan(_obs(frames), INSTRUCTION)
     planner.reset()
