@@ -37,7 +37,8 @@ def _config(tmp_path, base, dataset, max_steps):
             "accelerator": "cpu",
             "devices": 1,
             "max_steps": max_steps,
-            "limit_val_batches": 1,
+            # not 1: `hybrid fit` reads it as 1.0, which Lightning takes for every batch
+            "limit_val_batches": 2,
             "val_check_interval": 3,
             "check_val_every_n_epoch": None,
             "num_sanity_val_steps": 0,
