@@ -5,10 +5,12 @@ zero-action baseline, with 95% Wilson intervals. Prints numbers; asserts nothing
         --readme README.md --out outputs/quickstart/ablation.json --chart docs/ablation.png
 
 Modes: full (K candidates scored), K = 1 (no scoring), flat (no visual subgoal for the action
-expert), no language subgoal (the instruction stands in). Each switch changes one thing: the
-refresh rule is the same in every mode (`planners/schedule.py`). Task configurations come from
---seed, which differs from the seeds of the training data. `--readme` rewrites the README's
-table between its `--figure` markers (default `ablation`).
+expert), no language subgoal (the instruction stands in); and two schedules of the full
+hierarchy: the VLM's prefix pass only with each new language subgoal (`VLM per subgoal`), and the
+VLM and the world model both at that rate (`slow tiers per subgoal`). Each switch changes one
+thing: the refresh rule is the same in every mode (`planners/schedule.py`). Task configurations
+come from --seed, which differs from the seeds of the training data. `--readme` rewrites the
+README's table between its `--figure` markers (default `ablation`).
 """
 
 import argparse
@@ -24,12 +26,15 @@ from hybrid.collect import episode_seed
 from hybrid.intervals import format_rate
 from hybrid.plots import success_chart
 from hybrid.sim import metaworld
+from planners.schedule import RefreshSchedule
 
 MODES = {
     "full (K=8, scored)": {"num_candidates": 8},
     "K=1, no scoring": {"num_candidates": 1},
     "flat: no visual subgoal": {"visual_subgoal": False},
     "no language subgoal": {"language_subgoal": False},
+    "VLM per subgoal": {"schedule": RefreshSchedule(features="subgoal")},
+    "slow tiers per subgoal": {"schedule": RefreshSchedule(visual="subgoal", features="subgoal")},
 }
 
 

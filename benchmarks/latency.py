@@ -12,6 +12,10 @@ Modes, each a planner setting on the same trained policy:
     full, async   the full hierarchy planning each chunk in the background, 2 steps ahead
     visual per subgoal  the full hierarchy imagining only with each new language subgoal
                   (`hybrid eval --visual-refresh subgoal`), the action expert keeping its future
+    VLM per subgoal  the full hierarchy running the VLM only with each new language subgoal
+                  (`hybrid eval --features-refresh subgoal`), the chunks between reusing them
+    slow tiers per subgoal  both: the VLM and the world model at the subgoal's rate, the action
+                  expert (and the encoder the refresh rule reads) every chunk
     full, compiled / flat, compiled  the same with the policy's inference API compiled by
                   `torch.compile` (`hybrid eval --compile`); its first calls compile, in the
                   replay's warm-up episodes and again in the closed loop's first chunks of a task
@@ -48,6 +52,8 @@ MODES = {
     "flat": {"language_subgoal": False, "visual_subgoal": False},
     "full, async": {"async_delay": 2},
     "visual per subgoal": {"schedule": RefreshSchedule(visual="subgoal")},
+    "VLM per subgoal": {"schedule": RefreshSchedule(features="subgoal")},
+    "slow tiers per subgoal": {"schedule": RefreshSchedule(visual="subgoal", features="subgoal")},
     "full, compiled": {"compile": "inductor"},
     "flat, compiled": {"language_subgoal": False, "visual_subgoal": False, "compile": "inductor"},
 }

@@ -97,6 +97,12 @@ def _eval_parser(subparsers) -> None:
         help="imagine the visual subgoal again every chunk, or only with each new language subgoal",
     )
     ev.add_argument(
+        "--features-refresh",
+        choices=["chunk", "subgoal"],
+        default="chunk",
+        help="run the VLM's prefix pass again every chunk, or only with each new language subgoal",
+    )
+    ev.add_argument(
         "--privileged-scene",
         action="store_true",
         help="give the action expert the true object and goal positions (a policy trained with "
@@ -270,7 +276,9 @@ def _run(args: argparse.Namespace, console: Console) -> None:
                 "visual_subgoal": False if args.no_visual_subgoal else None,
                 "language_subgoal": not args.no_language_subgoal,
                 "async_delay": args.async_delay,
-                "schedule": RefreshSchedule(visual=args.visual_refresh),
+                "schedule": RefreshSchedule(
+                    visual=args.visual_refresh, features=args.features_refresh
+                ),
                 "compile": "inductor" if args.compile else None,
             }
             | {

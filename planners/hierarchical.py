@@ -2,6 +2,7 @@
 
     obs + instruction
       -> VLM: language subgoal (generated; reused while the schedule allows) + prefix features
+         (every chunk, or with each new subgoal: `RefreshSchedule.features`)
       -> world model: K candidate visual subgoals, one batched call -> value scores -> best one
       -> action expert: action chunk, unnormalised to the robot's units and clipped to its limits
 (A joint policy, `configs/formulation/joint.yaml`, draws K (chunk, future) pairs from its action
@@ -183,6 +184,7 @@ class HybridPlanner:
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.queue: deque[np.ndarray] = deque()
         self.subgoal: str | None = None
+        self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # the VLM's, and mask
         self.chunks_since_subgoal: int | None = None
         self.visual_latent: torch.Tensor | None = None  # (1, C, h, w), the chosen candidate
         # the language subgoal's visual target (1, C, h, w) and its distance when it was set
@@ -254,11 +256,12 @@ class HybridPlanner:
         # 2. one VLM pass: the generation of a new subgoal gives its features as well
         if refresh and self.language_subgoal:
             with timer("subgoal"):
-                (self.subgoal,), features, mask = policy.propose_subgoals(images, [instruction])
-        else:
+                (self.subgoal,), *self.features = policy.propose_subgoals(images, [instruction])
+        elif self.schedule.features_due(refresh):
             self.subgoal = instruction if refresh else self.subgoal
             with timer("features"):
-                features, mask = policy.prefix_features(images, [instruction], [self.subgoal])
+                self.features = policy.prefix_features(images, [instruction], [self.subgoal])
+        features, mask = self.features  # else those of the frame where the subgoal was set
         if refresh:
             self.chunks_since_subgoal = 0
         # 3. imagine K futures and keep the best; a new subgoal also takes it as its target

@@ -8,7 +8,11 @@ have passed. A robot that stalls keeps its subgoal until the time-out; one that 
 imagined moves on at once. The rule reads only latents, so it runs the same in every ablation mode
 (K = 1, no language subgoal, flat). The visual subgoal the action expert reads is imagined again
 every chunk (`visual="chunk"`, so it is always `future_offset` steps ahead of the frame, as in
-training) or only with each new language subgoal (`visual="subgoal"`).
+training) or only with each new language subgoal (`visual="subgoal"`). The VLM's prefix features,
+which the world model and the action expert read, are computed again every chunk
+(`features="chunk"`, from the current frame, as in training) or only with each new language
+subgoal (`features="subgoal"`: the VLM runs at the subgoal's rate, a slow tier above a fast one,
+and the chunks between reuse the features of the frame where the subgoal was set).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class RefreshSchedule:
     max_chunks_per_subgoal: int = 4
     visual: Literal["subgoal", "chunk"] = "chunk"
     reached_fraction: float = 0.5
+    features: Literal["subgoal", "chunk"] = "chunk"
 
     def __post_init__(self):
         if self.max_chunks_per_subgoal < 1:
@@ -37,6 +42,8 @@ class RefreshSchedule:
             )
         if self.visual not in ("subgoal", "chunk"):
             raise ValueError(f"visual must be 'subgoal' or 'chunk', got {self.visual!r}")
+        if self.features not in ("subgoal", "chunk"):
+            raise ValueError(f"features must be 'subgoal' or 'chunk', got {self.features!r}")
         if not 0.0 < self.reached_fraction < 1.0:
             raise ValueError(f"reached_fraction must be in (0, 1), got {self.reached_fraction}")
 
@@ -50,3 +57,6 @@ class RefreshSchedule:
 
     def visual_due(self, subgoal_refreshed: bool) -> bool:
         return subgoal_refreshed or self.visual == "chunk"
+
+    def features_due(self, subgoal_refreshed: bool) -> bool:
+        return subgoal_refreshed or self.features == "chunk"

@@ -104,8 +104,13 @@ def test_schedule_rules():
     assert schedule.reached(0.4, 1.0) and not schedule.reached(0.6, 1.0)
     assert schedule.visual_due(False), "by default the visual subgoal is imagined every chunk"
     assert not RefreshSchedule(visual="subgoal").visual_due(False)
+    assert schedule.features_due(False), "by default the VLM's features are new every chunk"
+    assert not RefreshSchedule(features="subgoal").features_due(False)
+    assert RefreshSchedule(features="subgoal").features_due(True)
     with pytest.raises(ValueError, match="visual must be"):
         RefreshSchedule(visual="sometimes")
+    with pytest.raises(ValueError, match="features must be"):
+        RefreshSchedule(features="never")
     with pytest.raises(ValueError, match="reached_fraction must be in"):
         RefreshSchedule(reached_fraction=1.5)
 
@@ -150,6 +155,32 @@ def test_visual_subgoal_imagined_per_language_subgoal(tiny_policy_dir, frames):
     assert ["imagine" in plan.timings_ms for plan in plans] == refreshed
     assert visuals[1] is visuals[0] and visuals[3] is visuals[2]
     assert not torch.equal(visuals[2], visuals[0]), "a new subgoal imagines a new future"
+
+
+@pytest.mark.parametrize("switches", [{}, {"language_subgoal": False}], ids=["full", "no-language"])
+def test_vlm_features_computed_per_language_subgoal(tiny_policy_dir, frames, switches):
+    """features="subgoal": the VLM runs only on the chunks that set a new subgoal (generating it,
+    or the instruction's prefix pass), and the chunks between plan from the same features, which
+    the world model and the action expert read: the same actions as a planner that is handed
+    those features."""
+    schedule = RefreshSchedule(max_chunks_per_subgoal=2, features="subgoal", reached_fraction=0.01)
+    planner = HybridPlanner.from_pretrained(tiny_policy_dir, schedule=schedule, **switches)
+    plans, features = [], []
+    for t in range(5):
+        plans.append(planner.plan(_obs(frames, 4 * t), INSTRUCTION))
+        features.append(planner.features)
+    refreshed = [plan.subgoal_refreshed for plan in plans]
+    assert refreshed == [True, False, True, False, True], "a time-out every 2 chunks"
+    vlm = [{"subgoal", "features"} & set(plan.timings_ms) != set() for plan in plans]
+    assert vlm == refreshed, "the VLM runs with each new subgoal only"
+    assert features[1] is features[0] and features[3] is features[2]
+    assert not torch.equal(features[2][0], features[0][0]), "a new subgoal, new features"
+    # the second chunk, planned again by a per-chunk planner from the first chunk's features
+    per_chunk = RefreshSchedule(max_chunks_per_subgoal=2, reached_fraction=0.01)
+    fresh = HybridPlanner.from_pretrained(tiny_policy_dir, schedule=per_chunk, **switches)
+    fresh.plan(_obs(frames, 0), INSTRUCTION)
+    fresh.policy.prefix_features = lambda *args: features[0]
+    assert np.array_equal(fresh.plan(_obs(frames, 4), INSTRUCTION).actions, plans[1].actions)
 
 
 def test_ablation_modes(tiny_policy_dir, frames):
