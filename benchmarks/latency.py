@@ -16,9 +16,10 @@ Modes, each a planner setting on the same trained policy:
                   (`hybrid eval --features-refresh subgoal`), the chunks between reusing them
     slow tiers per subgoal  both: the VLM and the world model at the subgoal's rate, the action
                   expert (and the encoder the refresh rule reads) every chunk
-    full, compiled / flat, compiled  the same with the policy's inference API compiled by
-                  `torch.compile` (`hybrid eval --compile`); its first calls compile, in the
-                  replay's warm-up episodes and again in the closed loop's first chunks of a task
+    full, compiled / flat, compiled / slow tiers per subgoal, compiled
+                  the same with the policy's inference API compiled by `torch.compile`
+                  (`hybrid eval --compile`); its first calls compile, in the replay's warm-up
+                  episodes and again in the closed loop's first chunks of a task
 Replay: the frames and states of recorded episodes through `HybridPlanner.act` (no simulator;
 one torch thread by default, as an evaluation worker), the modes taking turns episode by
 episode, so that a drift in the machine's speed reaches every mode alike. Closed loop: `hybrid
@@ -56,6 +57,10 @@ MODES = {
     "slow tiers per subgoal": {"schedule": RefreshSchedule(visual="subgoal", features="subgoal")},
     "full, compiled": {"compile": "inductor"},
     "flat, compiled": {"language_subgoal": False, "visual_subgoal": False, "compile": "inductor"},
+    "slow tiers per subgoal, compiled": {
+        "schedule": RefreshSchedule(visual="subgoal", features="subgoal"),
+        "compile": "inductor",
+    },
 }
 
 
