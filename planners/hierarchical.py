@@ -71,7 +71,8 @@ class HybridPlanner:
         execute_steps: actions of each chunk executed before planning again (<= H).
         language_subgoal, visual_subgoal: the ablation switches; visual_subgoal None is on
             where the policy has a world model, off where it has none (the flat VLA).
-        schedule: when the language and visual subgoals are refreshed.
+        schedule: when the language subgoal, the visual subgoal and the VLM's features are
+            refreshed (`planners/schedule.py`).
         decode: which imagined futures each plan decodes to images: "all" K
             (`Plan.candidate_images`), "chosen" (`Plan.chosen_image` alone, what a video shows)
             or "none" (nothing reads the pixels).
