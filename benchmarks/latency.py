@@ -47,6 +47,7 @@ from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
 from planners.schedule import RefreshSchedule
 
+SLOW_TIERS = RefreshSchedule(visual="subgoal", features="subgoal")
 MODES = {
     "full": {},
     "K=1": {"num_candidates": 1},
@@ -54,13 +55,10 @@ MODES = {
     "full, async": {"async_delay": 2},
     "visual per subgoal": {"schedule": RefreshSchedule(visual="subgoal")},
     "VLM per subgoal": {"schedule": RefreshSchedule(features="subgoal")},
-    "slow tiers per subgoal": {"schedule": RefreshSchedule(visual="subgoal", features="subgoal")},
+    "slow tiers per subgoal": {"schedule": SLOW_TIERS},
     "full, compiled": {"compile": "inductor"},
     "flat, compiled": {"language_subgoal": False, "visual_subgoal": False, "compile": "inductor"},
-    "slow tiers per subgoal, compiled": {
-        "schedule": RefreshSchedule(visual="subgoal", features="subgoal"),
-        "compile": "inductor",
-    },
+    "slow tiers per subgoal, compiled": {"schedule": SLOW_TIERS, "compile": "inductor"},
 }
 
 

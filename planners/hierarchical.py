@@ -257,7 +257,8 @@ class HybridPlanner:
         # 2. one VLM pass: the generation of a new subgoal gives its features as well
         if refresh and self.language_subgoal:
             with timer("subgoal"):
-                (self.subgoal,), *self.features = policy.propose_subgoals(images, [instruction])
+                (self.subgoal,), features, mask = policy.propose_subgoals(images, [instruction])
+                self.features = (features, mask)
         elif self.schedule.features_due(refresh):
             self.subgoal = instruction if refresh else self.subgoal
             with timer("features"):

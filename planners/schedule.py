@@ -40,10 +40,9 @@ class RefreshSchedule:
             raise ValueError(
                 f"max_chunks_per_subgoal must be >= 1, got {self.max_chunks_per_subgoal}"
             )
-        if self.visual not in ("subgoal", "chunk"):
-            raise ValueError(f"visual must be 'subgoal' or 'chunk', got {self.visual!r}")
-        if self.features not in ("subgoal", "chunk"):
-            raise ValueError(f"features must be 'subgoal' or 'chunk', got {self.features!r}")
+        for tier, rate in (("visual", self.visual), ("features", self.features)):
+            if rate not in ("subgoal", "chunk"):
+                raise ValueError(f"{tier} must be 'subgoal' or 'chunk', got {rate!r}")
         if not 0.0 < self.reached_fraction < 1.0:
             raise ValueError(f"reached_fraction must be in (0, 1), got {self.reached_fraction}")
 
