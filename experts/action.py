@@ -142,6 +142,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         scene_estimator: int = 0,
         joint: bool = False,
         eyes: bool = True,
+        plan_lag: int = 0,
     ):
         """`latent_channels` 0 makes an expert that reads no visual subgoal (a policy without a
         world model: the flat VLA); `read_vlm` False one that reads no VLM features, only the
@@ -188,7 +189,11 @@ class ActionExpert(ModelMixin, ConfigMixin):
         true future as `visual_latent` and adds a `world` loss; `sample_joint` draws both.
         `eyes` False builds no CNN of the expert's own on the frames (no current-frame tokens,
         no keypoints): with a `scene_estimator` the frames reach the actions only as the scene
-        estimate, and `image_size` is the side the estimator reads."""
+        estimate, and `image_size` is the side the estimator reads.
+        `plan_lag` m > 0 tells the expert, in every block's adaptive layer norm beside the flow
+        time, how many steps (0..m) have passed since the frame its plan (the VLM's features and
+        the visual subgoal) was made from: training draws the lag (the data's `plan_lag`), and
+        the planner passes the age of the plan it reuses (`RefreshSchedule` "subgoal")."""
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by num_heads ({num_heads})")
@@ -231,6 +236,8 @@ class ActionExpert(ModelMixin, ConfigMixin):
                 "joint denoises the future latent with the actions: it needs latent_channels > 0 "
                 "(a world model's latent space) and no world_features"
             )
+        if plan_lag < 0:
+            raise ValueError(f"plan_lag must be >= 0, got {plan_lag}")
         if latent_channels and latent_size % latent_patch:
             raise ValueError(f"latent_size {latent_size} not divisible by patch {latent_patch}")
         num_patches = (latent_size // latent_patch) ** 2 if latent_channels else 0
@@ -296,6 +303,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         )
         self.time_proj = Timesteps(hidden, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(hidden, hidden)
+        self.lag_embed = nn.Embedding(plan_lag + 1, hidden) if plan_lag else None
         self.blocks = nn.ModuleList(Block(hidden, num_heads) for _ in range(num_layers))
         # One projection gives every block's 6 modulation vectors and the output's 2 per step.
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, (6 * num_layers + 2) * hidden))
@@ -315,14 +323,16 @@ class ActionExpert(ModelMixin, ConfigMixin):
         visual_keep=None,
         true_scene=None,
         estimate=None,
+        lag=None,
     ):
         """Per block, the context keys and values, the attention mask over [context; suffix]
         (B, 1, 1, L [+ I + S] [+ P] + 1 + H), and the scene estimate (B, scene_dim) or None;
         `visual_keep` (B,) bool hides the visual subgoal from the samples where it is False;
         `true_scene` (B, scene_dim) with NaN rows where a sample has none replaces the estimate
         in the scene token of the rows that have one; `estimate` (B, scene_dim) is the scene
-        estimate when the caller has it already (else it is made here). The stop-gradients of
-        knowledge insulation and of the scene token live here."""
+        estimate when the caller has it already (else it is made here); `lag` (B,) int64 the
+        plan's age in steps, read with `plan_lag` (None: 0). The stop-gradients of knowledge
+        insulation and of the scene token live here."""
         tokens, masks = [], []
         if self.vlm_in is not None:
             tokens.append(self.vlm_in(vlm_features.detach()))
@@ -363,6 +373,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
             tokens.append(self.visual_in(patches) + self.visual_pos)
             keep = vlm_mask.new_ones(patches.shape[:2])
             masks.append(keep if visual_keep is None else keep & visual_keep[:, None])
+        if self.lag_embed is not None:
+            if lag is None:
+                lag = torch.zeros(len(vlm_mask), dtype=torch.long, device=vlm_mask.device)
+            cond = self.lag_embed(lag) if cond is None else cond + self.lag_embed(lag)
         context = torch.cat(tokens, 1)
         kv = [block.context_kv(context) for block in self.blocks]
         masks.append(vlm_mask.new_ones(vlm_mask.shape[0], self._suffix_length))
@@ -469,6 +483,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         extra_scene: torch.Tensor | None = None,
         extra_mask: torch.Tensor | None = None,
         extra_ids: torch.Tensor | None = None,
+        lag: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """{"action": flow-matching loss on normalised actions (B, H, max_action_dim), masked over
         padded steps `action_mask` (B, H) and padded dims `dim_mask` (B, max_action_dim);
@@ -483,7 +498,14 @@ class ActionExpert(ModelMixin, ConfigMixin):
         of other rollouts (the policy's `losses`). A `joint` expert takes the true future latent
         (B, C, h, w) as `visual_latent`, denoises it with the actions under the same flow time
         and adds {"world": flow-matching loss on it}; nothing drops it (`visual_keep` is not
-        read): the future is what it generates."""
+        read): the future is what it generates. `lag` (B,) int64: each sample's plan age in
+        steps, 0..`plan_lag` (None: 0; read with `plan_lag` only)."""
+        if self.lag_embed is not None and lag is not None:
+            if int(lag.min()) < 0 or int(lag.max()) > self.config.plan_lag:
+                raise ValueError(
+                    f"lag: expected steps in [0, {self.config.plan_lag}] (plan_lag), got "
+                    f"{lag.min().item()}..{lag.max().item()}: set data.plan_lag to the expert's"
+                )
         joint = self.future_out is not None
         future = visual_latent if joint else None
         if joint:
@@ -527,6 +549,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
             visual_keep,
             true_scene,
             estimate,
+            lag,
         )
         if has_scene and "scene" not in losses:  # the shared eyes' head
             error = (estimate - scene).square() * scene_mask
@@ -584,12 +607,14 @@ class ActionExpert(ModelMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         prefix: torch.Tensor | None = None,
         scene: torch.Tensor | None = None,
+        lag: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """An action chunk (B, H, max_action_dim), normalised, by Euler integration of the flow;
         zeros on the dims `dim_mask` (B, max_action_dim) marks as padding. The context keys and
         values are computed once and reused by every step. `scene` (B, scene_dim), normalised,
         is the true scene for the scene token (`scene_input`) in place of the expert's own
-        estimate: privileged, for measuring what perfect perception would give.
+        estimate: privileged, for measuring what perfect perception would give. `lag` (B,)
+        int64: the age in steps of the plan read (`plan_lag`).
 
         `prefix` (B, d, max_action_dim), normalised, fixes the chunk's first d actions (actions
         already committed, for asynchronous execution): they follow their own straight path from
@@ -599,7 +624,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
             raise ValueError("a joint expert samples the future with the actions: sample_joint")
         return self._sample(
             state, embodiment_ids, vlm_features, vlm_mask, images, visual_latent, dim_mask,
-            steps, generator, prefix, scene,
+            steps, generator, prefix, scene, lag=lag,
         )[0]  # fmt: skip
 
     @torch.no_grad()
@@ -631,14 +656,14 @@ class ActionExpert(ModelMixin, ConfigMixin):
 
     def _sample(
         self, state, embodiment_ids, vlm_features, vlm_mask, images, visual_latent, dim_mask,
-        steps, generator, prefix, scene, num_candidates=1,
+        steps, generator, prefix, scene, num_candidates=1, lag=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         if scene is not None and self.scene_token is None:
             raise ValueError(
                 "scene: this action expert reads no scene (train it with scene_input: true)"
             )
         context_kv, context_mask, _, cond = self._context(
-            vlm_features, vlm_mask, images, visual_latent, embodiment_ids, true_scene=scene
+            vlm_features, vlm_mask, images, visual_latent, embodiment_ids, true_scene=scene, lag=lag
         )
         k = num_candidates
         if k > 1:  # every sample's context serves its K draws: (B, ...) -> (B K, ...)

@@ -196,6 +196,13 @@ class HybridModule(L.LightningModule):
                 "recorded), so its estimate would never learn: collect the data again with "
                 "`hybrid collect`, or train a recipe without scene_input"
             )
+        # an expert not told the plan's age learns worse from lagged plans (README, "Planning")
+        if dm.hparams.get("plan_lag", 0) != expert.get("plan_lag", 0):
+            raise ValueError(
+                f"data.plan_lag is {dm.hparams.get('plan_lag', 0)} but "
+                f"model.experts.action_expert.plan_lag is {expert.get('plan_lag', 0)}: the expert "
+                "learns the lags the data draws, so set both to the same number of steps"
+            )
         if dm.hparams.get("scene_root") and not expert.get("scene_estimator"):
             raise ValueError(
                 f"data.scene_root {dm.hparams.scene_root} trains the action expert's scene "

@@ -51,7 +51,7 @@ from experts.latent_plan import LatentPlan
 from experts.vlm import HighLevelVLM, train_tokenizer
 from experts.world_model import WorldModel
 from hybrid.data.normalize import Normalizer
-from hybrid.data.windows import ACTION_KEY, SCENE_KEY, STATE_KEY
+from hybrid.data.windows import ACTING_KEYS, ACTION_KEY, SCENE_KEY, STATE_KEY
 from hybrid.embodiment import EmbodimentSpec
 from hybrid.robots import Robots, fingerprint, head_rows, heads, set_head_rows
 from hybrid.saved_files import SavedFileError, atomic_directory, check_files, read_json
@@ -349,7 +349,10 @@ class HybridPolicy(nn.Module):
         all); the other samples' features come from a pass without gradient, which no loss
         below the VLM needs (knowledge insulation). Without an action expert, the world model's
         losses include `action` (`WorldModel.losses` with `action_frames`), and the switches
-        and the scene have nothing to act on."""
+        and the scene have nothing to act on. Where the batch has `act_*` keys (`plan_lag`,
+        `hybrid.data.windows`), the action expert acts at that later step of the episode: its
+        frames, state, scene and actions are those, and the plan it reads (the VLM's features
+        and the visual subgoal) is the one made at the batch's own frame."""
         names = list(batch["embodiment"])
         ids = self.embodiment_ids(names)
         actions = batch["actions"]
@@ -425,8 +428,10 @@ class HybridPolicy(nn.Module):
             at = drop.to(features.device)
             features = features.index_copy(0, at, alt)
             feature_mask = feature_mask.index_copy(0, at, alt_mask)
+        # the action expert's own step: its `act_*` keys where the data lags it behind the plan
+        act = {k: batch.get(f"act_{k}", batch.get(k)) for k in ACTING_KEYS}
         scene_dim = cfg.scene_dim
-        scene = batch.get("scene") if scene_dim else None  # no scene head: nothing learns it
+        scene = act["scene"] if scene_dim else None  # no scene head: nothing learns it
         if scene is not None and scene.shape[1] > scene_dim:
             raise ValueError(
                 f"the data's scene (observation.environment_state) has {scene.shape[1]} dims, but "
@@ -449,19 +454,20 @@ class HybridPolicy(nn.Module):
                 columns = zip(*parts, strict=True)
                 extra = {k: torch.cat(x) for k, x in zip(keys, columns, strict=True)}
         action = self.action_expert.loss(
-            padded_actions,
-            batch["action_mask"],
+            self._pad(act["actions"], cfg.max_action_dim),
+            act["action_mask"],
             self.dim_mask(names),
-            state,
+            self._pad(act["state"], cfg.max_state_dim),
             ids,
             features,
             feature_mask,
-            images,
+            act["images"],
             visual,
             visual_keep,
             None if scene is None else self._pad(scene, scene_dim),
             None if scene is None else self._pad(batch["scene_mask"], scene_dim).bool(),
             **extra,
+            lag=batch.get("lag"),
         )
         losses = {"lang": out.lang_loss, "fast": out.fast_loss, **action, **world}
         return {k: v for k, v in losses.items() if v is not None}
@@ -592,6 +598,7 @@ class HybridPolicy(nn.Module):
         generator: torch.Generator | None = None,
         committed: np.ndarray | None = None,
         scene: np.ndarray | None = None,
+        lag: int = 0,
     ) -> np.ndarray:
         """An action chunk (B, H, action_dim) in the robot's units, clipped to its limits.
         `state` (B, max_state_dim) is `normalize_state`'s; `committed` (B, d, action_dim), in the
@@ -600,7 +607,8 @@ class HybridPolicy(nn.Module):
         they are returned unchanged. `scene` (B, E), in the simulator's units (its
         `scene_state`), is privileged: the true object and goal positions, read by an expert
         trained with `scene_input` in place of its own estimate, to measure what perfect
-        perception would give."""
+        perception would give. `lag`: steps since the frame `features` and `visual_latent` were
+        made from, cut at what the expert learned (its `plan_lag`; 0 where it learned none)."""
         if self.joint:
             raise ValueError(
                 "sample_actions: this policy draws its actions with their futures (imagine_and_act)"
@@ -613,6 +621,9 @@ class HybridPolicy(nn.Module):
             visual_latent=visual_latent,
             steps=steps,
             generator=generator,
+            lag=torch.full(
+                (len(state),), min(lag, self.action_config.plan_lag), device=state.device
+            ),
             **self._robot_inputs(len(state), embodiment, committed, scene),
         )
         return self._robot_actions(normalised, embodiment, committed)

@@ -324,6 +324,11 @@ class HybridPlanner:
         if chunks is not None:
             actions = chunks[0, chosen]
         else:
+            # the plan's age in steps: unless this chunk made it anew, what the expert reads was
+            # made at the frame where the subgoal was set (an expert with `plan_lag` reads it)
+            fresh = self.schedule.features_due(refresh) and (
+                self.schedule.visual_due(refresh) or not self.visual_subgoal
+            )
             with timer("action"):
                 actions = policy.sample_actions(
                     state,
@@ -336,6 +341,7 @@ class HybridPlanner:
                     self.generator,
                     committed,
                     scene,
+                    lag=0 if fresh else self.chunks_since_subgoal * self.execute_steps,
                 )[0]
         self.chunks_since_subgoal += 1
         self.last_plan = Plan(

@@ -369,6 +369,36 @@ def test_scene_conditioning_feeds_the_scene_read_into_every_block():
         _expert(keypoints=4, scene_dim=5, scene_conditioning=True)
 
 
+def test_the_plan_age_conditions_every_block_and_stays_in_the_range_learned():
+    """`plan_lag`: the plan's age in steps joins the flow time in the blocks' adaptive norms,
+    the action loss trains that path, no age means a fresh plan, and an age outside what the
+    expert learns is refused by name. An expert without it reads no age."""
+    torch.manual_seed(0)
+    expert = _expert(plan_lag=4)
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        expert.modulation[1].weight.normal_(std=0.1)
+    actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
+    dims = torch.ones(B, 3, dtype=torch.bool)
+    lag = torch.tensor([0, 2, 4])
+    expert.loss(actions, action_mask, dims, **_inputs(), lag=lag)["action"].backward()
+    assert (expert.lag_embed.weight.grad.abs().sum(1) > 0).tolist() == [1, 0, 1, 0, 1]
+    with pytest.raises(ValueError, match=r"lag: expected steps in \[0, 4\].*got 0..5"):
+        expert.loss(actions, action_mask, dims, **_inputs(), lag=torch.tensor([0, 5, 1]))
+    expert.eval()
+
+    def sample(model, age):
+        g = torch.Generator().manual_seed(1)
+        return model.sample(**_inputs(), steps=2, generator=g, lag=age)
+
+    fresh, old = sample(expert, torch.zeros(B, dtype=torch.long)), sample(expert, lag)
+    assert torch.equal(sample(expert, None), fresh)
+    assert torch.equal(old[0], fresh[0]) and not torch.allclose(old[1:], fresh[1:])
+    plain = _expert().eval()
+    assert torch.equal(sample(plain, lag), sample(plain, None))
+    with pytest.raises(ValueError, match="plan_lag must be >= 0, got -1"):
+        _expert(plan_lag=-1)
+
+
 def test_scene_estimator_learns_the_scene_on_its_own_eyes_and_the_planner_reads_it(tmp_path):
     """`scene_estimator`: the scene loss trains the estimator's own CNN (on the current and the
     future frames), not the shared eyes, the action path or the VLM; sampling reads its estimate;

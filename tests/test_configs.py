@@ -51,6 +51,7 @@ STACKS = [
     ["configs/quickstart.yaml", "configs/experiment/gpu_smolvlm.yaml"],
     ["configs/quickstart.yaml", "configs/experiment/scene.yaml"],
     ["configs/quickstart.yaml", "configs/experiment/privileged_scene.yaml"],
+    ["configs/quickstart.yaml", "configs/experiment/plan_lag.yaml"],
     ["configs/quickstart.yaml", "configs/formulation/hierarchical.yaml"],
     ["configs/quickstart.yaml", "configs/formulation/flat_vla.yaml"],
     ["configs/quickstart.yaml", "configs/formulation/inverse_dynamics.yaml"],

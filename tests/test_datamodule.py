@@ -64,6 +64,49 @@ def test_window_contents(datamodule):
     np.testing.assert_allclose(mid["actions"].numpy(), ep["actions"][t : t + H])
 
 
+def test_a_plan_lag_gives_the_action_expert_a_later_step_of_the_same_episode(
+    datamodule, mt10_dataset
+):
+    """`plan_lag` m: the slow tiers' keys stay at the sample's frame t; the action expert's
+    (`act_*`) are those of frame t + L, L drawn from 0..m and cut at the episode's end, as the
+    slow-tier schedule reads a plan made up to m steps earlier. Validation stays fresh."""
+    m = 3
+    lagged = HybridDataModule(
+        str(mt10_dataset[0]),
+        chunk_size=H,
+        future_offset=K,
+        image_size=32,
+        batch_size=4,
+        val_fraction=0.5,
+        plan_lag=m,
+    )
+    lagged.setup("fit")
+    windows, fresh = lagged.train_set, datamodule.train_set
+    assert windows.index == fresh.index
+    torch.manual_seed(0)
+    lags = []
+    for i in range(0, len(windows), 7):
+        sample, plain = windows[i], fresh[i]
+        e, t = windows.index[i]
+        lag = int(sample["lag"])
+        at = fresh[fresh.index.index((e, t + lag))]
+        for key in ("images", "future_images", "state", "actions", "progress", "subgoal"):
+            assert key in sample and _same(sample[key], plain[key]), key
+        for key in ("images", "state", "scene", "actions", "action_mask"):
+            assert torch.equal(sample[f"act_{key}"], at[key]), key
+        lags.append(lag)
+    assert set(lags) == set(range(m + 1)), "every lag 0..m is drawn"
+    last = windows.index.index((0, len(windows.episodes[0]["state"]) - 1))
+    assert int(windows[last]["lag"]) == 0, "no step after the episode's last"
+    assert "act_images" not in lagged.val_set[0]
+    with pytest.raises(ValueError, match="plan_lag must be >= 0, got -1"):
+        HybridDataModule(str(mt10_dataset[0]), plan_lag=-1)
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
 def test_normalisation_uses_dataset_stats(datamodule):
     states = np.concatenate(
         [ep["state"] for ep in datamodule.train_set.episodes + datamodule.val_set.episodes]

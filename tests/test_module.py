@@ -241,3 +241,31 @@ def test_a_recipe_that_acts_on_the_scene_refuses_data_that_records_none(mt10_dat
     with pytest.raises(ValueError, match=r"reads a scene.*records none.*hybrid collect"):
         _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, _datamodule(old))
     assert not (tmp_path / "p").exists(), "nothing exported"
+
+
+def test_a_lagged_plan_trains_an_expert_told_its_age_and_refuses_one_that_is_not(
+    mt10_dataset, tmp_path
+):
+    """`data.plan_lag` with the expert's `plan_lag`: the fit trains and exports an expert that
+    reads the plan's age; data that lags the plan for an expert that learns no age (or the
+    reverse) stops the fit before the first step, naming both settings."""
+    lagged = dict(SMALL["action_expert"], plan_lag=3)
+    module = HybridModule(
+        experts={**SMALL, "action_expert": lagged}, export_dir=str(tmp_path / "policy")
+    )
+    data = HybridDataModule(
+        str(mt10_dataset[0]), chunk_size=8, future_offset=8, batch_size=8, val_fraction=0.3,
+        plan_lag=3,
+    )  # fmt: skip
+    _trainer(tmp_path, fast_dev_run=1).fit(module, data)
+    loaded = HybridPolicy.from_pretrained(tmp_path / "policy")
+    assert loaded.action_expert.config.plan_lag == 3
+    for expert, lag in ((SMALL["action_expert"], 3), (lagged, 0)):
+        module = HybridModule(
+            experts={**SMALL, "action_expert": expert}, export_dir=str(tmp_path / "p")
+        )
+        data = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, plan_lag=lag)
+        named = rf"data.plan_lag is {lag} but .*plan_lag is {3 - lag}"
+        with pytest.raises(ValueError, match=named):
+            _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data)
+    assert not (tmp_path / "p").exists(), "nothing exported"

@@ -183,6 +183,36 @@ def test_vlm_features_computed_per_language_subgoal(tiny_policy_dir, frames, swi
     assert np.array_equal(fresh.plan(_obs(frames, 4), INSTRUCTION).actions, plans[1].actions)
 
 
+def _lags_read(planner) -> list[int]:
+    """The list that collects every `lag` the planner's policy samples actions with."""
+    sample, seen = planner.policy.sample_actions, []
+
+    def spy(*args, lag, **kwargs):
+        seen.append(lag)
+        return sample(*args, lag=lag, **kwargs)
+
+    planner.policy.sample_actions = spy
+    return seen
+
+
+def test_the_action_expert_is_told_the_age_of_the_plan_it_reads(tiny_policy_dir, frames):
+    """The planner passes the plan's age in steps (an expert trained with `plan_lag` reads it):
+    0 where this chunk made the VLM's features and the visual subgoal anew, and otherwise the
+    steps since the frame where the subgoal was set, `execute_steps` per chunk."""
+    lags = {}
+    for name, visual, features in (
+        ("chunk", "chunk", "chunk"),
+        ("slow", "subgoal", "subgoal"),
+        ("vlm", "chunk", "subgoal"),
+    ):
+        schedule = RefreshSchedule(3, visual, 0.01, features)
+        planner = HybridPlanner.from_pretrained(tiny_policy_dir, schedule=schedule)
+        lags[name] = _lags_read(planner)
+        for t in range(5):
+            planner.plan(_obs(frames, 4 * t), INSTRUCTION)
+    assert lags == {"chunk": [0] * 5, "slow": [0, 4, 8, 0, 4], "vlm": [0, 4, 8, 0, 4]}
+
+
 def test_ablation_modes(tiny_policy_dir, frames):
     flat = HybridPlanner.from_pretrained(tiny_policy_dir, visual_subgoal=False)
     first, second = (flat.plan(_obs(frames, t), INSTRUCTION) for t in (0, 1))

@@ -191,6 +191,24 @@ def test_vlm_losses_on_a_subset_of_rows_leave_the_lower_tiers_unchanged(setup):
     assert not torch.allclose(results[2]["lang"], results[None]["lang"])
 
 
+def test_a_lagged_plan_reaches_the_action_expert_alone(setup):
+    """With `plan_lag` the data gives the action expert a later step (`act_*`): those keys feed
+    its loss and nothing else, and keys equal to the plan's own step change nothing."""
+    policy, batch = setup
+    policy.eval()
+    keys = ("images", "state", "scene", "actions", "action_mask")
+    later = {k: batch[k].roll(1, 0) for k in keys}  # another step's inputs, row by row
+    results = {}
+    for name, extra in (("fresh", {}), ("same", {k: batch[k] for k in keys}), ("later", later)):
+        torch.manual_seed(1)
+        results[name] = policy.losses(batch | {f"act_{k}": v for k, v in extra.items()})
+    for name, value in results["fresh"].items():
+        torch.testing.assert_close(results["same"][name], value)
+    for name in ("lang", "fast", "world", "value"):
+        torch.testing.assert_close(results["later"][name], results["fresh"][name])
+    assert not torch.allclose(results["later"]["action"], results["fresh"]["action"])
+
+
 def test_mixed_embodiments_in_one_batch(setup):
     policy, batch = setup
     mixed = _mixed(batch)

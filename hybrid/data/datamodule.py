@@ -51,6 +51,11 @@ class HybridDataModule(L.LightningDataModule):
             scene, is one more example for the action expert's scene estimator and for nothing
             else: each training sample carries one, drawn at random (`scene_frames.py`). None:
             the estimator learns from the training data alone.
+        plan_lag: m > 0 trains the action expert on plans made up to m steps before the step
+            it acts at (`windows.py`), as the planner's slow-tier schedule uses them: with
+            `execute_steps` e and `max_chunks_per_subgoal` c, a plan is read up to (c - 1) * e
+            steps after it was made (12 at the defaults). 0: every plan is fresh, as the
+            per-chunk schedule has it. The validation windows always have it 0.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class HybridDataModule(L.LightningDataModule):
         state_norm: Mode = "mean_std",
         action_norm: Mode = "mean_std",
         scene_root: str | None = None,
+        plan_lag: int = 0,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -78,6 +84,7 @@ class HybridDataModule(L.LightningDataModule):
             ("future_offset", future_offset, 1),
             ("image_size", image_size, 16),
             ("num_workers", num_workers, 0),
+            ("plan_lag", plan_lag, 0),
         ):
             if value < least:
                 raise ValueError(f"data.{name} must be >= {least}, got {value}")
@@ -109,7 +116,7 @@ class HybridDataModule(L.LightningDataModule):
         train, val = split_episodes(tasks, hp.val_fraction, hp.seed)
         embodiment = hp.embodiment or dataset.robot_type or "robot"
 
-        def windows(episodes: list[int]) -> TrainingWindows:
+        def windows(episodes: list[int], plan_lag: int = 0) -> TrainingWindows:
             return TrainingWindows(
                 dataset,
                 episodes,
@@ -119,10 +126,11 @@ class HybridDataModule(L.LightningDataModule):
                 hp.future_offset,
                 hp.image_size,
                 embodiment,
+                plan_lag,
             )
 
         self.dataset, self.cameras = dataset, cameras
-        self.train_set, self.val_set = windows(train), windows(val)
+        self.train_set, self.val_set = windows(train, hp.plan_lag), windows(val)
         if hp.scene_root is not None and stage in (None, "fit"):
             self.scene_frames = self._scene_frames()
 

@@ -13,6 +13,12 @@ A sample at frame t of an episode of length T:
     progress        () float32: task progress at t; future_progress the same at min(t + k, T - 1)
     instruction, subgoal, embodiment: str
     episode_index, frame_index: int
+With a `plan_lag` of m > 0, t is the frame the slow tiers plan from, and the action expert acts
+a lag L later, drawn uniformly from 0..m by torch's generator (and cut at the episode's end),
+as it does at run time when it reuses a plan for several chunks (the planner's `RefreshSchedule`
+with `visual="subgoal"` and `features="subgoal"`). What it reads at t + L:
+    act_images, act_state, act_scene, act_actions, act_action_mask   as the above, at t + L
+    lag             () int64: L
 Episodes are decoded once, when the windows are built, and kept as uint8 in memory.
 """
 
@@ -28,6 +34,8 @@ from hybrid.data.normalize import Normalizer
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 SCENE_KEY = "observation.environment_state"  # LeRobot's name for the environment's own state
+# what the action expert reads of its own step, which `plan_lag` moves after the plan's (act_*)
+ACTING_KEYS = ("images", "state", "actions", "action_mask", "scene")
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
@@ -59,13 +67,16 @@ class TrainingWindows(torch.utils.data.Dataset):
         future_offset: int,
         image_size: int,
         embodiment: str,
+        plan_lag: int = 0,
     ):
         if chunk_size < 1 or future_offset < 1:
             raise ValueError(
                 f"chunk_size and future_offset must be >= 1, got {chunk_size} and {future_offset}"
             )
+        if plan_lag < 0:
+            raise ValueError(f"plan_lag must be >= 0, got {plan_lag}")
         dataset.require([STATE_KEY, ACTION_KEY, *cameras])
-        self.chunk_size, self.future_offset = chunk_size, future_offset
+        self.chunk_size, self.future_offset, self.plan_lag = chunk_size, future_offset, plan_lag
         self.embodiment = embodiment
         self.episodes = []
         for index in episodes:
@@ -117,26 +128,31 @@ class TrainingWindows(torch.utils.data.Dataset):
         chunk[: len(real)] = real
         return chunk, np.arange(self.chunk_size) < len(real)
 
+    def _step(self, e: int, t: int) -> dict[str, torch.Tensor]:
+        """What the action expert reads at frame t of episode e (`ACTING_KEYS`)."""
+        ep = self.episodes[e]
+        actions, mask = self._chunk(e, t)
+        return {
+            "images": self._images(e, t),
+            "state": torch.from_numpy(ep["state"][t]),
+            "actions": torch.from_numpy(actions),
+            "action_mask": torch.from_numpy(mask),
+            "scene": torch.from_numpy(ep["scene"][t]),
+        }
+
+    def _images(self, e: int, t: int) -> torch.Tensor:
+        frames = torch.from_numpy(self.episodes[e]["images"][t])
+        return rearrange(frames, "n h w c -> n c h w").float() / 255.0
+
     def __getitem__(self, i: int) -> dict:
         e, t = self.index[i]
         ep = self.episodes[e]
         length = len(ep["state"])
         future = min(t + self.future_offset, length - 1)
-        actions, mask = self._chunk(e, t)
-
-        def images(step: int) -> torch.Tensor:
-            frames = torch.from_numpy(ep["images"][step])
-            return rearrange(frames, "n h w c -> n c h w").float() / 255.0
-
-        return {
-            "images": images(t),
-            "future_images": images(future),
-            "state": torch.from_numpy(ep["state"][t]),
-            "scene": torch.from_numpy(ep["scene"][t]),
+        sample = self._step(e, t) | {
+            "future_images": self._images(e, future),
             "future_scene": torch.from_numpy(ep["scene"][future]),
             "scene_mask": torch.ones(ep["scene"].shape[1]),
-            "actions": torch.from_numpy(actions),
-            "action_mask": torch.from_numpy(mask),
             "progress": torch.tensor(ep["progress"][t]),
             "future_progress": torch.tensor(ep["progress"][future]),
             "instruction": ep["instruction"],
@@ -145,3 +161,8 @@ class TrainingWindows(torch.utils.data.Dataset):
             "episode_index": ep["episode_index"],
             "frame_index": t,
         }
+        if self.plan_lag:
+            lag = min(int(torch.randint(self.plan_lag + 1, ())), length - 1 - t)
+            acting = self._step(e, t + lag)
+            sample |= {f"act_{k}": v for k, v in acting.items()} | {"lag": torch.tensor(lag)}
+        return sample
