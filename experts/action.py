@@ -238,6 +238,11 @@ class ActionExpert(ModelMixin, ConfigMixin):
             )
         if plan_lag < 0:
             raise ValueError(f"plan_lag must be >= 0, got {plan_lag}")
+        if plan_lag and joint:
+            raise ValueError(
+                f"plan_lag {plan_lag} needs joint: false (a joint expert draws the future with its "
+                "actions, so no plan of an earlier frame is reused); set plan_lag: 0"
+            )
         if latent_channels and latent_size % latent_patch:
             raise ValueError(f"latent_size {latent_size} not divisible by patch {latent_patch}")
         num_patches = (latent_size // latent_patch) ** 2 if latent_channels else 0

@@ -111,6 +111,7 @@ class FinetuneModule(HybridModule):
         for key, base_value in (
             ("chunk_size", policy.action_config.chunk_size),
             ("image_size", policy.frame_size),
+            ("plan_lag", policy.action_config.get("plan_lag", 0)),
         ):
             if dm.hparams[key] != base_value:
                 raise ValueError(

@@ -197,6 +197,14 @@ class HybridModule(L.LightningModule):
                 "`hybrid collect`, or train a recipe without scene_input"
             )
         # an expert not told the plan's age learns worse from lagged plans (README, "Planning")
+        experts = self.hparams.experts or {}
+        no_plan_to_reuse = experts.get("action_expert") is False or experts.get("latent_plan")
+        if dm.hparams.get("plan_lag", 0) and no_plan_to_reuse:
+            raise ValueError(
+                f"data.plan_lag {dm.hparams.plan_lag} trains an action expert on reused plans, "
+                "but this formulation has none to reuse (no action expert, or a latent plan drawn "
+                "every chunk): set data.plan_lag: 0"
+            )
         if dm.hparams.get("plan_lag", 0) != expert.get("plan_lag", 0):
             raise ValueError(
                 f"data.plan_lag is {dm.hparams.get('plan_lag', 0)} but "

@@ -613,6 +613,8 @@ class HybridPolicy(nn.Module):
             raise ValueError(
                 "sample_actions: this policy draws its actions with their futures (imagine_and_act)"
             )
+        if lag < 0:
+            raise ValueError(f"lag: expected the plan's age in steps, >= 0, got {lag}")
         normalised = self.action_expert.sample(
             state,
             vlm_features=features,

@@ -187,6 +187,8 @@ class HybridPlanner:
         self.subgoal: str | None = None
         self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # the VLM's, and mask
         self.chunks_since_subgoal: int | None = None
+        # chunks since the VLM's features and the visual subgoal the expert reads were made
+        self.plan_ages = {"features": 0, "visual": 0}
         self.visual_latent: torch.Tensor | None = None  # (1, C, h, w), the chosen candidate
         # the language subgoal's visual target (1, C, h, w) and its distance when it was set
         self.target: tuple[torch.Tensor, float] | None = None
@@ -254,15 +256,18 @@ class HybridPlanner:
             with timer("encode"):
                 current = policy.encode_frames(images)  # (1, C, h, w)
         refresh = self.schedule.subgoal_due(self.chunks_since_subgoal, self._reached(current))
+        made = set()  # what this chunk makes anew of what the action expert reads
         # 2. one VLM pass: the generation of a new subgoal gives its features as well
         if refresh and self.language_subgoal:
             with timer("subgoal"):
                 (self.subgoal,), features, mask = policy.propose_subgoals(images, [instruction])
                 self.features = (features, mask)
+            made.add("features")
         elif self.schedule.features_due(refresh):
             self.subgoal = instruction if refresh else self.subgoal
             with timer("features"):
                 self.features = policy.prefix_features(images, [instruction], [self.subgoal])
+            made.add("features")
         features, mask = self.features  # else those of the frame where the subgoal was set
         if refresh:
             self.chunks_since_subgoal = 0
@@ -295,15 +300,18 @@ class HybridPlanner:
                     self.visual_latent = policy.sample_plan(
                         current, state, features, mask, self.generator
                     )
+                made.add("visual")
         elif current is not None and policy.reads_world_features:
             if self.visual_subgoal:
                 with timer("world_features"):
                     self.visual_latent = policy.world_features(current, features, mask)
+                made.add("visual")
         elif current is not None and due:
             with timer("imagine"):
                 candidates, candidate_scores = policy.imagine(
                     current, features, mask, self.num_candidates, self.imagine_steps, self.generator
                 )
+            made.add("visual")
         if candidates is not None:
             chosen = int(best_of_k(candidate_scores)[0])
             self.visual_latent = candidates[:, chosen]
@@ -320,15 +328,15 @@ class HybridPlanner:
             elif self.decode == "chosen":  # what a video shows, at a K-th of the decoding
                 with timer("decode"):
                     chosen_image = self._decode(candidates[:, chosen])[0]
+        # the plan's age in steps, for an expert trained with `plan_lag`: that of the older of what
+        # it reads (under `async_delay` d the first reuse of a subgoal's plan is d steps younger)
+        self.plan_ages = {k: 0 if k in made else age + 1 for k, age in self.plan_ages.items()}
+        reads = ("features", "visual") if self.visual_subgoal else ("features",)
+        lag = max(self.plan_ages[k] for k in reads) * self.execute_steps
         # 4. the action chunk, in the robot's units, clipped to its limits (joint: the chosen one)
         if chunks is not None:
             actions = chunks[0, chosen]
         else:
-            # the plan's age in steps: unless this chunk made it anew, what the expert reads was
-            # made at the frame where the subgoal was set (an expert with `plan_lag` reads it)
-            fresh = self.schedule.features_due(refresh) and (
-                self.schedule.visual_due(refresh) or not self.visual_subgoal
-            )
             with timer("action"):
                 actions = policy.sample_actions(
                     state,
@@ -341,7 +349,7 @@ class HybridPlanner:
                     self.generator,
                     committed,
                     scene,
-                    lag=0 if fresh else self.chunks_since_subgoal * self.execute_steps,
+                    lag=lag,
                 )[0]
         self.chunks_since_subgoal += 1
         self.last_plan = Plan(

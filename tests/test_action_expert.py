@@ -397,6 +397,8 @@ def test_the_plan_age_conditions_every_block_and_stays_in_the_range_learned():
     assert torch.equal(sample(plain, lag), sample(plain, None))
     with pytest.raises(ValueError, match="plan_lag must be >= 0, got -1"):
         _expert(plan_lag=-1)
+    with pytest.raises(ValueError, match="plan_lag 4 needs joint: false"):
+        _expert(plan_lag=4, joint=True, latent_channels=4, latent_size=8)
 
 
 def test_scene_estimator_learns_the_scene_on_its_own_eyes_and_the_planner_reads_it(tmp_path):

@@ -268,6 +268,11 @@ def test_spec_that_disagrees_with_the_dataset_is_named(tiny_policy_dir, panda_da
     data = HybridDataModule(str(panda_dataset[0]), chunk_size=4, future_offset=8, batch_size=4)
     with pytest.raises(ValueError, match="data.chunk_size is 4 but the base policy .* with 8"):
         trainer.fit(module, data)
+    data = HybridDataModule(
+        str(panda_dataset[0]), chunk_size=8, future_offset=8, batch_size=4, plan_lag=4
+    )
+    with pytest.raises(ValueError, match="data.plan_lag is 4 but the base policy .* with 0"):
+        trainer.fit(module, data)
 
 
 def test_export_merge_writes_a_standalone_policy_that_acts_like_the_adapter(

@@ -268,4 +268,10 @@ def test_a_lagged_plan_trains_an_expert_told_its_age_and_refuses_one_that_is_not
         named = rf"data.plan_lag is {lag} but .*plan_lag is {3 - lag}"
         with pytest.raises(ValueError, match=named):
             _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data)
+    # a latent plan is drawn anew every chunk: no plan of an earlier frame to learn from
+    experts = {**SMALL, "action_expert": lagged, "latent_plan": {"plan_tokens": 4}}
+    module = HybridModule(experts=experts, export_dir=str(tmp_path / "p"))
+    data = HybridDataModule(str(mt10_dataset[0]), chunk_size=8, future_offset=8, plan_lag=3)
+    with pytest.raises(ValueError, match="data.plan_lag 3 .* has none to reuse.*plan_lag: 0"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, data)
     assert not (tmp_path / "p").exists(), "nothing exported"

@@ -204,13 +204,22 @@ def test_the_action_expert_is_told_the_age_of_the_plan_it_reads(tiny_policy_dir,
         ("chunk", "chunk", "chunk"),
         ("slow", "subgoal", "subgoal"),
         ("vlm", "chunk", "subgoal"),
+        ("visual", "subgoal", "chunk"),
     ):
         schedule = RefreshSchedule(3, visual, 0.01, features)
         planner = HybridPlanner.from_pretrained(tiny_policy_dir, schedule=schedule)
         lags[name] = _lags_read(planner)
         for t in range(5):
             planner.plan(_obs(frames, 4 * t), INSTRUCTION)
-    assert lags == {"chunk": [0] * 5, "slow": [0, 4, 8, 0, 4], "vlm": [0, 4, 8, 0, 4]}
+    slow = [0, 4, 8, 0, 4]
+    assert lags == {"chunk": [0] * 5, "slow": slow, "vlm": slow, "visual": slow}
+    flat = HybridPlanner.from_pretrained(
+        tiny_policy_dir, schedule=RefreshSchedule(3, "subgoal", 0.01), visual_subgoal=False
+    )
+    seen = _lags_read(flat)
+    for t in range(3):
+        flat.plan(_obs(frames, 4 * t), INSTRUCTION)
+    assert seen == [0, 0, 0], "a flat expert reads no visual subgoal: its features are fresh"
 
 
 def test_ablation_modes(tiny_policy_dir, frames):

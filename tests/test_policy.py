@@ -207,6 +207,13 @@ def test_a_lagged_plan_reaches_the_action_expert_alone(setup):
     for name in ("lang", "fast", "world", "value"):
         torch.testing.assert_close(results["later"][name], results["fresh"][name])
     assert not torch.allclose(results["later"]["action"], results["fresh"]["action"])
+    loss, seen = policy.action_expert.loss, []
+    policy.action_expert.loss = lambda *a, lag, **k: seen.append(lag) or loss(*a, lag=lag, **k)
+    try:
+        policy.losses(batch | {"lag": torch.arange(len(batch["state"]))})
+    finally:
+        del policy.action_expert.loss
+    assert seen[0].tolist() == list(range(len(batch["state"]))), "each row's lag reaches it"
 
 
 def test_mixed_embodiments_in_one_batch(setup):
