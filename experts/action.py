@@ -506,10 +506,11 @@ class ActionExpert(ModelMixin, ConfigMixin):
         read): the future is what it generates. `lag` (B,) int64: each sample's plan age in
         steps, 0..`plan_lag` (None: 0; read with `plan_lag` only)."""
         if self.lag_embed is not None and lag is not None:
-            if int(lag.min()) < 0 or int(lag.max()) > self.config.plan_lag:
+            if ((lag < 0) | (lag > self.config.plan_lag)).any():  # one host sync, this path only
+                low, high = (int(x) for x in lag.aminmax())
                 raise ValueError(
                     f"lag: expected steps in [0, {self.config.plan_lag}] (plan_lag), got "
-                    f"{lag.min().item()}..{lag.max().item()}: set data.plan_lag to the expert's"
+                    f"{low}..{high}: set data.plan_lag to the expert's"
                 )
         joint = self.future_out is not None
         future = visual_latent if joint else None

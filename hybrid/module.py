@@ -197,17 +197,17 @@ class HybridModule(L.LightningModule):
                 "`hybrid collect`, or train a recipe without scene_input"
             )
         # an expert not told the plan's age learns worse from lagged plans (README, "Planning")
-        experts = self.hparams.experts or {}
+        experts, plan_lag = self.hparams.experts or {}, dm.hparams.plan_lag
         no_plan_to_reuse = experts.get("action_expert") is False or experts.get("latent_plan")
-        if dm.hparams.get("plan_lag", 0) and no_plan_to_reuse:
+        if plan_lag and no_plan_to_reuse:
             raise ValueError(
-                f"data.plan_lag {dm.hparams.plan_lag} trains an action expert on reused plans, "
+                f"data.plan_lag {plan_lag} trains an action expert on reused plans, "
                 "but this formulation has none to reuse (no action expert, or a latent plan drawn "
                 "every chunk): set data.plan_lag: 0"
             )
-        if dm.hparams.get("plan_lag", 0) != expert.get("plan_lag", 0):
+        if plan_lag != expert.get("plan_lag", 0):
             raise ValueError(
-                f"data.plan_lag is {dm.hparams.get('plan_lag', 0)} but "
+                f"data.plan_lag is {plan_lag} but "
                 f"model.experts.action_expert.plan_lag is {expert.get('plan_lag', 0)}: the expert "
                 "learns the lags the data draws, so set both to the same number of steps"
             )

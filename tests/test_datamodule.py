@@ -15,18 +15,17 @@ from hybrid.data.scene_frames import SCENE_BOUND, SceneFrames
 H, K = 8, 5
 
 
-@pytest.fixture(scope="module")
-def datamodule(mt10_dataset):
-    dm = HybridDataModule(
-        str(mt10_dataset[0]),
-        chunk_size=H,
-        future_offset=K,
-        image_size=32,
-        batch_size=4,
-        val_fraction=0.5,
-    )
+def _datamodule(root, **overrides) -> HybridDataModule:
+    """The module fixture's data module, set up for fitting, with `overrides`."""
+    settings = dict(chunk_size=H, future_offset=K, image_size=32, batch_size=4, val_fraction=0.5)
+    dm = HybridDataModule(str(root), **(settings | overrides))
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture(scope="module")
+def datamodule(mt10_dataset):
+    return _datamodule(mt10_dataset[0])
 
 
 def test_split_is_by_episode_per_task_and_seeded():
@@ -71,16 +70,7 @@ def test_a_plan_lag_gives_the_action_expert_a_later_step_of_the_same_episode(
     (`act_*`) are those of frame t + L, L drawn from 0..m and cut at the episode's end, as the
     slow-tier schedule reads a plan made up to m steps earlier. Validation stays fresh."""
     m = 3
-    lagged = HybridDataModule(
-        str(mt10_dataset[0]),
-        chunk_size=H,
-        future_offset=K,
-        image_size=32,
-        batch_size=4,
-        val_fraction=0.5,
-        plan_lag=m,
-    )
-    lagged.setup("fit")
+    lagged = _datamodule(mt10_dataset[0], plan_lag=m)
     windows, fresh = lagged.train_set, datamodule.train_set
     assert windows.index == fresh.index
     torch.manual_seed(0)
