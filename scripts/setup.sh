@@ -25,18 +25,36 @@ if [ -n "$missing" ]; then
 fi
 
 # 2. The virtual environment, torch first (so nothing pulls a different build), then the project.
+# torch installs with pip, which picks the build pip is configured for (a local CPU wheel, here);
+# the rest with uv (itself installed by pip), in seconds where pip takes minutes, from pip's
+# configured indexes and find-links; pip does the work wherever uv cannot (or with
+# HYBRID_INSTALLER=pip).
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # Versions are read from the package metadata: importing torch before numpy is installed warns.
 version_of() { "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
+# pip's own sources (config files and PIP_* variables), for uv, which reads neither
+pip_sources() {
+  $PIP config list 2>/dev/null |
+    sed -n "s/^[^.]*\.\(find-links\|index-url\|extra-index-url\)='\(.*\)'$/\1 \2/p" |
+    while read -r key values; do for v in $values; do echo "--$key $v"; done; done | sort -u
+}
+install() {
+  if [ "${HYBRID_INSTALLER:-uv}" = uv ] && { [ -x "$VENV/bin/uv" ] || $PIP install uv >/dev/null 2>&1; }; then
+    # shellcheck disable=SC2046
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" $(pip_sources) "$@" && return
+    echo "setup: uv could not install $*; pip installs it instead" >&2
+  fi
+  $PIP install "$@"
+}
 if ! version_of torch >/dev/null; then
   echo "setup: installing torch==$TORCH_VERSION"
   $PIP install "torch==$TORCH_VERSION"
 fi
-installed_torch=$(version_of torch | cut -d+ -f1)
+installed_torch=$(version_of torch)  # with its build (2.13.0+cpu), which uv must keep
 constraints=$(mktemp)
 echo "torch==$installed_torch" > "$constraints"
 echo "setup: installing hybrid and its dependencies (torch pinned to $installed_torch)"
-$PIP install -c "$constraints" -e ".[dev]"
+install -c "$constraints" -e ".[dev]"
 rm -f "$constraints"
 echo "setup: done ($VENV)"
