@@ -52,6 +52,13 @@ def _collect_parser(subparsers) -> None:
             help="std (action units) of the noise added to what the expert executes, never to "
             "what is stored: demonstrations that show how to come back to the path",
         )
+        sim.add_argument(
+            "--max-steps",
+            type=int,
+            default=None,
+            help="end an attempt that has not succeeded after this many steps (a failure); "
+            "default: the simulator's own episode limit",
+        )
         if name == "metaworld":
             sim.add_argument(
                 "--start-spread",
@@ -254,6 +261,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
             console=console,
             start_spread=getattr(args, "start_spread", 0.0),
             action_noise=args.action_noise,
+            max_steps=args.max_steps,
         )
     elif args.verb == "eval":
         from hybrid.evaluate import evaluate

@@ -42,6 +42,7 @@ class CollectConfig:
     keep_failures: bool
     start_spread: float = 0.0
     action_noise: float = 0.0
+    max_steps: int | None = None  # None: the simulator's own episode limit
 
 
 def _same_config(stored: dict, config: dict) -> bool:
@@ -76,6 +77,8 @@ def _run_attempt(job: tuple[str, int, str, CollectConfig]) -> tuple[str, bool, i
             _worker_env.close()
         _worker_env = sim.make_env(task, config.cameras, config.image_size, config.seed)
     options = {"action_noise": config.action_noise}
+    if config.max_steps is not None:
+        options["max_steps"] = config.max_steps
     if config.start_spread:  # Meta-World's alone: panda draws each start pose already
         options["start_spread"] = config.start_spread
     episode = sim.rollout_expert(_worker_env, episode_seed(config.seed, task, attempt), **options)
@@ -126,11 +129,14 @@ def collect(
     console: Console | None = None,
     start_spread: float = 0.0,
     action_noise: float = 0.0,
+    max_steps: int | None = None,
 ) -> dict:
     """Collect (or resume collecting) demonstrations of `simulator_name` (`metaworld`, `panda`);
     returns the summary that was printed. `camera` is one camera or several; None is the
     simulator's default cameras. `action_noise` (`hybrid.sim.episode.record_rollout`) perturbs
-    what the expert executes, never what is stored."""
+    what the expert executes, never what is stored. `max_steps` ends an attempt that has not
+    succeeded by then (a failure; kept only with `keep_failures`); None: the simulator's own
+    limit (`MAX_EPISODE_STEPS`)."""
     console = console or Console()
     sim = simulator(simulator_name)
     cameras = camera_names(camera or sim.DEFAULT_CAMERAS, sim.CAMERAS, simulator_name)
@@ -148,6 +154,11 @@ def collect(
         raise ValueError(f"--start-spread must be in [0, 0.2] m, got {start_spread}")
     if not 0.0 <= action_noise <= 0.5:
         raise ValueError(f"--action-noise must be in [0, 0.5] action units, got {action_noise}")
+    if max_steps is not None and not 1 <= max_steps <= sim.MAX_EPISODE_STEPS:
+        raise ValueError(
+            f"--max-steps must be in [1, {sim.MAX_EPISODE_STEPS}] ({simulator_name}'s own episode "
+            f"limit), got {max_steps}"
+        )
     if len(set(cameras)) != len(cameras):
         raise ValueError(f"--camera names a camera twice: {list(cameras)}")
     config = CollectConfig(
@@ -160,6 +171,7 @@ def collect(
         keep_failures,
         start_spread,
         action_noise,
+        max_steps,
     )
     out = Path(out)
     record = {"config": json.loads(json.dumps(asdict(config)))}  # as it reads back from disk

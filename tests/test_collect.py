@@ -37,6 +37,11 @@ def test_unknown_task_lists_valid_ones(tmp_path):
     [
         ("--start-spread", "0.5", "--start-spread must be in [0, 0.2] m, got 0.5"),
         ("--action-noise", "0.75", "--action-noise must be in [0, 0.5] action units, got 0.75"),
+        (
+            "--max-steps",
+            "600",
+            "--max-steps must be in [1, 500] (metaworld's own episode limit), got 600",
+        ),
     ],
 )
 def test_collection_option_out_of_range_is_one_line(tmp_path, option, value, message):
@@ -60,13 +65,26 @@ def test_a_collection_from_before_the_newer_options_still_counts_as_complete(tmp
     subprocess.run(args, check=True, capture_output=True, timeout=120)
     done = out / "meta/collection.json"
     record = json.loads(done.read_text())
-    for field in ("start_spread", "action_noise"):  # what a collection of an older version lacks
+    for field in ("start_spread", "action_noise", "max_steps"):  # what older versions lack
         del record["config"][field]
     done.write_text(json.dumps(record))
     rerun = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=120)
     assert rerun.returncode == 0 and "already complete" in rerun.stdout, rerun.stderr
     noisy = subprocess.run([*args, "--action-noise", "0.1"], capture_output=True, text=True)
     assert noisy.returncode == 2 and "'action_noise': 0.1" in noisy.stderr
+
+
+def test_max_steps_ends_an_attempt_that_has_not_succeeded_as_a_failure(tmp_path):
+    out = tmp_path / "d"
+    args = _collect(
+        "--tasks", "push-v3", "--episodes-per-task", 1, "--image-size", 32, "--workers", 1,
+        "--max-steps", 6, "--keep-failures", "--out", out,
+    )  # fmt: skip
+    run = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 0, run.stderr
+    ds = LeRobotDataset(out)
+    assert [meta["length"] for meta in ds.episodes] == [6]  # no push succeeds in 6 steps
+    assert json.loads((out / "meta/collection.json").read_text())["config"]["max_steps"] == 6
 
 
 @pytest.mark.slow
