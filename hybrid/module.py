@@ -392,9 +392,9 @@ class HybridModule(L.LightningModule):
             return
         n = self.global_step
         decay = min(self.ema_decay, (1 + n) / (10 + n))
-        with torch.no_grad():
-            for name, param in params.items():
-                self.ema[name].lerp_(param.detach(), 1 - decay)
+        with torch.no_grad():  # one fused update of every tensor, as in torch.optim.swa_utils
+            averages = [self.ema[name] for name in params]
+            torch._foreach_lerp_(averages, [p.detach() for p in params.values()], 1 - decay)
 
     def _swap_ema(self) -> None:
         """Exchange the live weights and their average (a second call swaps back)."""
