@@ -20,9 +20,8 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 quickstart: setup
 	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 20 --out $(QUICKSTART_DATA)
-	@# frames where the arm wanders, for the scene estimator alone (data.scene_root); a failed
-	@# attempt ends after 200 steps (Meta-World's limit is 500)
-	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 10 --action-noise 0.5 --keep-failures --max-steps 200 --seed 1 --out $(QUICKSTART_SCENE_DATA)
+	@# frames where the arm wanders, for the scene estimator alone (data.scene_root)
+	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 10 --action-noise 0.5 --keep-failures --seed 1 --out $(QUICKSTART_SCENE_DATA)
 	$(BIN)/hybrid fit --config configs/quickstart.yaml --data.root $(QUICKSTART_DATA) --data.scene_root $(QUICKSTART_SCENE_DATA) --ckpt_path last
 	$(BIN)/hybrid eval --policy outputs/quickstart/policy --tasks $(QUICKSTART_TASKS) --episodes 5 --out outputs/quickstart/eval --video
 	@echo "quickstart policy: outputs/quickstart/policy (HybridPlanner.from_pretrained); results and videos: outputs/quickstart/eval"
