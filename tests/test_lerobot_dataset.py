@@ -9,6 +9,7 @@ import pytest
 
 from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset
 from hybrid.data.lerobot_writer import EpisodeData, LeRobotWriter
+from hybrid.data.video import decode_video
 from hybrid.sim.metaworld import PRESETS, task_language
 
 CAMERA = "observation.images.front"
@@ -169,3 +170,33 @@ def test_required_feature_missing(tmp_path):
         DatasetError, match=r"lacks the feature\(s\) \['observation.images.wrist'\]"
     ):
         ds.require(["observation.state", "observation.images.wrist"])
+
+
+def test_video_ranges_decode_exactly_with_keyframes_far_apart(tmp_path):
+    """`decode_video` seeks to the keyframe before a range: in our all-intra streams that is the
+    range's first frame; in a stream with a keyframe every 12 frames and B-frames (as other
+    writers make them) every range still reads exactly the frames of a full decode."""
+    import av
+
+    fps, count = 20, 60
+    frames = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    frames[:, :8] = np.arange(count, dtype=np.uint8)[:, None, None, None] * 4  # tell them apart
+    path = tmp_path / "gop.mp4"
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "10", "g": "12", "bf": "2"}
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    whole = decode_video(path, 0.0, count / fps, fps)
+    assert whole.shape == frames.shape
+    ranges = [(0, 5), (10, 12), (11, 20), (13, 30), (22, 26), (23, 24), (35, 40), (47, 60)]
+    for start, stop in ranges:  # some end just before a keyframe, or start on one
+        part = decode_video(path, start / fps, stop / fps, fps)
+        np.testing.assert_array_equal(part, whole[start:stop])
+    with pytest.raises(ValueError, match="holds 10 frames .* expected 15"):
+        decode_video(path, 50 / fps, 65 / fps, fps)

@@ -16,10 +16,11 @@ from hybrid.sim.metaworld import (
 )
 
 
-def test_every_preset_task_has_language():
+def test_every_task_has_language_and_a_scripted_expert():
     table = task_language()
-    for task in PRESETS["mt10"]:
-        language = table[task]
+    assert set(PRESETS["mt10"]) <= set(table)
+    for task, language in table.items():
+        assert expert_for(task) is not None, task
         assert language.instruction and all(language.subgoals)
         assert len(language.until) == len(language.subgoals)
         assert not language.until[-1], f"{task}: the last phase must have no end condition"
@@ -134,6 +135,24 @@ def test_action_noise_perturbs_what_runs_and_stores_the_experts_labels():
     assert np.abs(ran).max() <= 1.0 and not noise[:, 3].any(), "the gripper is never perturbed"
     assert 0.05 < noise[:, :3].std() < 0.15
     assert not np.allclose(episode.state[: len(clean.state)][10:20], clean.state[10:20], atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task", ["button-press-v3", "plate-slide-v3", "coffee-push-v3", "sweep-into-v3", "hammer-v3"]
+)
+def test_task_entries_beyond_mt10_label_their_expert_phases(task):
+    """The entries added after MT10: the scripted expert succeeds, and the phase conditions,
+    written from its code, carry the label forward to the last phase, never back."""
+    env = MetaWorldEnv(task, camera="front", image_size=32)
+    try:
+        episode = rollout_expert(env, seed=0)
+    finally:
+        env.close()
+    assert episode.success
+    phases = episode.phases
+    assert phases[0] == 0 and (np.diff(phases) >= 0).all()
+    assert phases[-1] == len(task_language()[task].subgoals) - 1, np.unique(phases)
 
 
 @pytest.mark.slow

@@ -81,7 +81,11 @@ def decode_video(path: Path, from_timestamp: float, to_timestamp: float, fps: fl
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            container.seek(int(max(from_timestamp - 1.0, 0.0) / stream.time_base), stream=stream)
+            stream.thread_type = "AUTO"  # FFmpeg's frame and slice threads
+            # to the keyframe at or before the first frame: in our all-intra streams, the first
+            # frame itself (tested also on streams with keyframes 12 frames apart and B-frames)
+            start = max(from_timestamp - half_period, 0.0)
+            container.seek(int(start / stream.time_base), stream=stream)
             for frame in container.decode(stream):
                 time = float(frame.pts * stream.time_base)
                 if time < from_timestamp - half_period:
