@@ -61,6 +61,14 @@ def _collect_parser(subparsers) -> None:
         )
         if name == "metaworld":
             sim.add_argument(
+                "--task-file",
+                type=Path,
+                nargs="+",
+                default=None,
+                help="YAML files of your own task entries, in the format of "
+                "hybrid/sim/metaworld_tasks.yaml, read after it",
+            )
+            sim.add_argument(
                 "--start-spread",
                 type=float,
                 default=0.0,
@@ -81,6 +89,13 @@ def _eval_parser(subparsers) -> None:
         help="the robot (and its adapter) to run; picks the simulator; default the policy's first",
     )
     ev.add_argument("--tasks", nargs="+", required=True, help="task names or a preset")
+    ev.add_argument(
+        "--task-file",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="Meta-World: YAML files of your own task entries (as for `hybrid collect`)",
+    )
     ev.add_argument("--episodes", type=int, default=10, help="episodes per task")
     ev.add_argument("--seed", type=int, default=1000, help="seed of the task configurations")
     ev.add_argument("--out", type=Path, default=Path("outputs/eval"), help="results directory")
@@ -245,6 +260,10 @@ def _one_line(verb: str, error: BaseException) -> str:
 
 
 def _run(args: argparse.Namespace, console: Console) -> None:
+    if getattr(args, "task_file", None):
+        from hybrid.sim.metaworld import use_task_files
+
+        use_task_files(args.task_file)
     if args.verb == "collect":
         from hybrid.collect import collect
 

@@ -142,3 +142,45 @@ def test_sigkill_midway_then_rerun_yields_exactly_the_requested_episodes(tmp_pat
     args[args.index("4")] = "5"
     refused = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=60)
     assert refused.returncode == 2 and "differs from this run" in refused.stderr
+
+
+def test_a_bad_task_file_is_one_line_before_anything_runs(tmp_path):
+    bad = tmp_path / "my_tasks.yaml"
+    bad.write_text("door-close-v3: {instruction: close the door, phases: [{subgoal: a}, {}]}")
+    for verb in (
+        _collect("--tasks", "door-close-v3", "--task-file", bad, "--out", tmp_path / "d"),
+        [sys.executable, "-m", "hybrid.cli", "eval", "--policy", tmp_path / "none"]
+        + ["--tasks", "door-close-v3", "--task-file", str(bad)],
+    ):
+        run = subprocess.run(list(map(str, verb)), capture_output=True, text=True, env=ENV)
+        assert run.returncode == 2
+        assert run.stderr.count("\n") == 1
+        message = f"task file {bad}, task 'door-close-v3', phase 0: only the last phase may lack"
+        assert message in run.stderr
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_a_task_of_ones_own_is_collected_with_its_language(tmp_path):
+    """door-close-v3 is in no table of the package: a user's file adds it, instruction and
+    phases, and the dataset carries them."""
+    tasks = tmp_path / "my_tasks.yaml"
+    tasks.write_text(
+        "door-close-v3:\n  instruction: close the door\n  phases:\n"
+        "    - subgoal: move the gripper to the outer edge of the door handle\n"
+        "      until: [{dist: [hand, object], axes: z, offset: [0.05, 0.12, 0.1], below: 0.04}]\n"
+        "    - subgoal: push the door closed\n"
+    )
+    out = tmp_path / "d"
+    args = ("--tasks", "door-close-v3", "--episodes-per-task", "1", "--image-size", "32")
+    run = subprocess.run(
+        _collect(*args, "--workers", "1", "--task-file", tasks, "--out", out),
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert run.returncode == 0, run.stderr
+    episode = LeRobotDataset(out).episode(0)
+    assert episode["task"] == "close the door"
+    assert episode["subgoal"][0] == "move the gripper to the outer edge of the door handle"
+    assert episode["subgoal"][-1] == "push the door closed"

@@ -4,6 +4,7 @@ import pytest
 from hybrid.sim.episode import record_rollout
 from hybrid.sim.metaworld import (
     PRESETS,
+    TASKS_ENV,
     MetaWorldEnv,
     PhaseTracker,
     TaskLanguage,
@@ -14,6 +15,36 @@ from hybrid.sim.metaworld import (
     scene_state,
     task_language,
 )
+
+DOOR_CLOSE = """
+door-close-v3:
+  instruction: close the door
+  phases:
+    - subgoal: move the gripper to the outer edge of the door handle
+      until:
+        - {dist: [hand, object], axes: z, offset: [0.05, 0.12, 0.1], below: 0.04}
+    - subgoal: push the door closed
+reach-v3:
+  instruction: touch the red target
+  phases:
+    - subgoal: move the gripper to the red target
+"""
+
+
+@pytest.fixture
+def task_file(tmp_path, monkeypatch):
+    """Writes a user's task file and names it in $HYBRID_METAWORLD_TASKS (the table re-read)."""
+
+    def write(text: str, name: str = "my_tasks.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        monkeypatch.setenv(TASKS_ENV, str(path))
+        task_language.cache_clear()
+        return path
+
+    yield write
+    monkeypatch.delenv(TASKS_ENV, raising=False)
+    task_language.cache_clear()
 
 
 def test_every_task_has_language_and_a_scripted_expert():
@@ -33,6 +64,66 @@ def test_resolve_tasks_expands_presets_and_rejects_unknown_names():
     assert len(resolve_tasks(["reach-v3", "mt10"])) == 10
     with pytest.raises(ValueError, match="'pick-plate-v3'.*valid tasks: .*pick-place-v3"):
         resolve_tasks(["pick-plate-v3"])
+
+
+def test_a_task_file_adds_tasks_and_rewords_the_packages(task_file):
+    task_file(DOOR_CLOSE)
+    assert resolve_tasks(["door-close-v3", "push-v3"]) == ["door-close-v3", "push-v3"]
+    table = task_language()
+    assert table["door-close-v3"].subgoals[-1] == "push the door closed"
+    assert table["reach-v3"].instruction == "touch the red target"
+    assert table["push-v3"].instruction == "push the puck to the goal"  # the package's
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("door-close-v3: [", "not YAML"),
+        ("- door-close-v3", "expected task names mapped to entries"),
+        ("door-close-v3: {phases: [{subgoal: push}]}", "expected `instruction: <sentence>`"),
+        ("door-close-v3: {instruction: close, phases: []}", "expected `phases`"),
+        (
+            "door-close-v3: {instruction: close, phases: [{subgoal: a}, {subgoal: b}]}",
+            "phase 0: only the last phase may lack `until`",
+        ),
+        (
+            "door-close-v3: {instruction: close, phases: [{subgoal: a, until: "
+            "[{dist: [hand, handle], axes: z, below: 0.04}]}, {subgoal: b}]}",
+            "expected two of hand, object, goal",
+        ),
+        (
+            "door-close-v3: {instruction: close, phases: [{subgoal: a, until: "
+            "[{near: [hand, object]}]}, {subgoal: b}]}",
+            "expected one of dist, diff or gripper_below",
+        ),
+        (
+            "door-close-v3: {instruction: close, phases: [{subgoal: a, until: "
+            "[{diff: [hand, object], axis: xy, below: 0.0}]}, {subgoal: b}]}",
+            "axis from xyz",
+        ),
+    ],
+)
+def test_a_bad_task_file_is_named_with_its_mistake(task_file, text, message):
+    path = task_file(text)
+    with pytest.raises(ValueError, match=f"task file {path}.*{message}"):
+        task_language()
+
+
+def test_a_missing_task_file_or_a_task_meta_world_lacks_is_refused(
+    task_file, tmp_path, monkeypatch
+):
+    task_file("open-window-v9: {instruction: open it, phases: [{subgoal: open it}]}")
+    with pytest.raises(ValueError, match="'open-window-v9' has a language entry but is no Meta"):
+        resolve_tasks(["open-window-v9"])
+    monkeypatch.setenv(TASKS_ENV, str(tmp_path / "none.yaml"))
+    task_language.cache_clear()
+    with pytest.raises(OSError, match="task file .*none.yaml"):
+        task_language()
+
+
+def test_unknown_task_names_the_task_file_as_the_way_to_add_one():
+    with pytest.raises(ValueError, match="a task of your own: an entry in a --task-file"):
+        resolve_tasks(["door-close-v3"])
 
 
 def _obs(hand, gripper=1.0, obj=(0.0, 0.7, 0.02), goal=(0.1, 0.8, 0.2)):
@@ -152,6 +243,19 @@ def test_task_entries_beyond_mt10_label_their_expert_phases(task):
     phases = episode.phases
     assert phases[0] == 0 and (np.diff(phases) >= 0).all()
     assert phases[-1] == len(task_language()[task].subgoals) - 1, np.unique(phases)
+
+
+@pytest.mark.slow
+def test_the_recorded_scene_is_the_simulators_not_what_the_expert_wrote_into_it():
+    """door-open-v3's scripted expert writes its own target into the observation it reads (the
+    handle's x, 5 cm off); the scene and the phase must still come from the simulator's."""
+    env = MetaWorldEnv("door-open-v3", camera="front", image_size=32)
+    try:
+        start = scene_state(env.reset(3))
+        episode = rollout_expert(env, seed=3, max_steps=2)
+    finally:
+        env.close()
+    np.testing.assert_array_equal(episode.scene[0], start)
 
 
 @pytest.mark.slow

@@ -63,16 +63,18 @@ def camera_names(camera, known, simulator_label: str) -> tuple[str, ...]:
     return names
 
 
-def expand_tasks(names: list[str], known, presets: dict, simulator_label: str) -> list[str]:
+def expand_tasks(
+    names: list[str], known, presets: dict, simulator_label: str, hint: str = ""
+) -> list[str]:
     """Expand preset names and check every task against `known` (the language table); order
-    kept, duplicates dropped. An unknown name is named with the valid ones."""
+    kept, duplicates dropped. An unknown name is named with the valid ones (and `hint`)."""
     tasks: list[str] = []
     for name in names:
         for task in presets.get(name, (name,)):
             if task not in known:
                 raise ValueError(
                     f"unknown {simulator_label} task {task!r}; valid tasks: "
-                    f"{', '.join(sorted(known))}; presets: {', '.join(presets)}"
+                    f"{', '.join(sorted(known))}; presets: {', '.join(presets)}{hint}"
                 )
             if task not in tasks:
                 tasks.append(task)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -85,13 +86,62 @@ class TaskLanguage:
     until: tuple[tuple[dict, ...], ...]  # conditions that end phase i; empty for the last phase
 
 
+# A user's own task entries: YAML files in the table's format, named in this variable (several
+# separated by os.pathsep), read after the package's table; an entry of the same name replaces
+# the package's. `hybrid collect metaworld --task-file` and `hybrid eval --task-file` set it.
+TASKS_ENV = "HYBRID_METAWORLD_TASKS"
+_CONDITION_KEYS = {"dist", "diff", "gripper_below", "axes", "axis", "offset", "below"}
+
+
 @cache
 def task_language() -> dict[str, TaskLanguage]:
-    """The table in `metaworld_tasks.yaml`, keyed by Meta-World task name."""
-    text = resources.files(__package__).joinpath("metaworld_tasks.yaml").read_text()
+    """The table in `metaworld_tasks.yaml`, keyed by Meta-World task name, with the entries of
+    the files named in $HYBRID_METAWORLD_TASKS over it."""
+    package = resources.files(__package__).joinpath("metaworld_tasks.yaml")
+    table = _parse_table(package.read_text(), "metaworld_tasks.yaml")
+    for path in filter(None, os.environ.get(TASKS_ENV, "").split(os.pathsep)):
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise OSError(f"task file {path}: {error.strerror or error}") from None
+        table.update(_parse_table(text, path))
+    return table
+
+
+def use_task_files(paths: list[Path]) -> None:
+    """Read the task entries of `paths` after the package's table, in this process and in the
+    processes it starts (evaluation and collection workers)."""
+    os.environ[TASKS_ENV] = os.pathsep.join(str(p) for p in paths)
+    task_language.cache_clear()
+    task_language()  # a bad file fails here, before any work
+
+
+def _parse_table(text: str, source: str) -> dict[str, TaskLanguage]:
+    """Task entries of one YAML file, each checked, so that a mistake is named with its file and
+    entry before any rollout: `instruction`, and `phases` whose every one but the last ends on
+    conditions the phase tracker knows."""
+    try:
+        entries = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"task file {source}: not YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"task file {source}: expected task names mapped to entries")
     table = {}
-    for name, entry in yaml.safe_load(text).items():
-        phases = entry["phases"]
+    for name, entry in entries.items():
+        where = f"task file {source}, task {name!r}"
+        phases = entry.get("phases") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("instruction"), str):
+            raise ValueError(f"{where}: expected `instruction: <sentence>` and `phases`")
+        if not isinstance(phases, list) or not phases:
+            raise ValueError(f"{where}: expected `phases`, a list of `subgoal:` entries")
+        for i, phase in enumerate(phases):
+            if not isinstance(phase, dict) or not isinstance(phase.get("subgoal"), str):
+                raise ValueError(f"{where}, phase {i}: expected `subgoal: <sentence>`")
+            until = phase.get("until", [])
+            if i < len(phases) - 1 and not until:
+                raise ValueError(f"{where}, phase {i}: only the last phase may lack `until`")
+            for condition in until:
+                _check_condition(condition, f"{where}, phase {i}")
         table[name] = TaskLanguage(
             instruction=entry["instruction"],
             subgoals=tuple(p["subgoal"] for p in phases),
@@ -100,9 +150,54 @@ def task_language() -> dict[str, TaskLanguage]:
     return table
 
 
+def _check_condition(cond, where: str) -> None:
+    """One `until` condition in a form `_condition_holds` reads (the table's header)."""
+    kinds = set(cond) & {"dist", "diff", "gripper_below"} if isinstance(cond, dict) else set()
+    unknown = set(cond) - _CONDITION_KEYS if isinstance(cond, dict) else set()
+    if len(kinds) != 1 or unknown:
+        raise ValueError(
+            f"{where}: condition {cond!r}: expected one of dist, diff or gripper_below (keys: "
+            f"{', '.join(sorted(_CONDITION_KEYS))})"
+        )
+    if "gripper_below" in cond:
+        return
+    points, offset = cond.get("dist", cond.get("diff")), cond.get("offset", [0, 0, 0])
+    axes = cond.get("axes", "") if "dist" in cond else cond.get("axis", "")
+    good = (
+        isinstance(points, list)
+        and len(points) == 2
+        and all(p in _POINTS for p in points)
+        and isinstance(axes, str)
+        and axes != ""
+        and set(axes) <= set(_AXES)
+        and ("dist" in cond or len(axes) == 1)
+        and isinstance(cond.get("below"), int | float)
+        and isinstance(offset, list)
+        and len(offset) == 3
+        and all(isinstance(x, int | float) for x in offset)
+    )
+    if not good:
+        raise ValueError(
+            f"{where}: condition {cond!r}: expected two of {', '.join(_POINTS)}, "
+            f"{'axes' if 'dist' in cond else 'axis'} from xyz, `below: <number>` and an optional "
+            "3-number `offset`"
+        )
+
+
 def resolve_tasks(names: list[str]) -> list[str]:
-    """Expand presets (`mt10`) and check every name against the language table."""
-    return expand_tasks(names, task_language(), PRESETS, "Meta-World")
+    """Expand presets (`mt10`) and check every name against the language table and Meta-World's
+    own environments (an entry of a user's task file may name one that does not exist)."""
+    hint = "; a task of your own: an entry in a --task-file (the format of metaworld_tasks.yaml)"
+    tasks = expand_tasks(names, task_language(), PRESETS, "Meta-World", hint)
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    for task in tasks:
+        if task not in ALL_V3_ENVIRONMENTS:
+            raise ValueError(
+                f"task {task!r} has a language entry but is no Meta-World v3 environment; "
+                f"they are: {', '.join(sorted(ALL_V3_ENVIRONMENTS))}"
+            )
+    return tasks
 
 
 # The scene: what the scripted expert reads and the policy must see in the frames.
@@ -326,7 +421,9 @@ def rollout_expert(
     tracker = PhaseTracker(task_language()[env.task])
 
     def act(obs: np.ndarray) -> tuple[np.ndarray, int]:
-        action = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
+        # a copy: some experts (door-open, door-close) write into the observation they read,
+        # which the phase tracker and the recorded scene read after them
+        action = np.clip(expert.get_action(obs.copy()), -1.0, 1.0).astype(np.float32)
         return action, tracker.update(obs)
 
     with warnings.catch_warnings():
