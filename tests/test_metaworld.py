@@ -153,7 +153,7 @@ def test_phase_tracker_moves_forward_only():
 
 
 def test_unknown_camera_is_rejected():
-    with pytest.raises(ValueError, match="'back'.*front, side, corner"):
+    with pytest.raises(ValueError, match="'back'.*front, side, top, corner"):
         MetaWorldEnv("reach-v3", camera="back")
     with pytest.raises(ValueError, match=r"re-pose the stock \['corner2'\]"):
         MetaWorldEnv("reach-v3", camera=("front", "corner2"))
@@ -289,8 +289,9 @@ def test_expert_rollout_is_reproducible_and_rendered():
 
 
 def _pixels_of(env: MetaWorldEnv, camera: str, size: int) -> tuple[int, int]:
-    """Pixels the task's object (body `obj`) and its goal marker (site `goal`) cover in
-    `camera` at `size` px, from MuJoCo's segmentation rendering."""
+    """Pixels the task's object (body `obj` and the bodies under it, as coffee-push's `mug`)
+    and its goal marker (site `goal`) cover in `camera` at `size` px, from MuJoCo's
+    segmentation rendering."""
     import mujoco
 
     model, data = env.env.unwrapped.model, env.env.unwrapped.data
@@ -299,8 +300,11 @@ def _pixels_of(env: MetaWorldEnv, camera: str, size: int) -> tuple[int, int]:
     renderer.update_scene(data, camera=env.mujoco_camera(camera))
     ids, types = np.moveaxis(renderer.render(), -1, 0)
     renderer.close()
-    body = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "obj")
-    geoms = [g for g in range(model.ngeom) if model.geom_bodyid[g] == body]
+    bodies = {mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "obj")}
+    for b in range(model.nbody):  # parents come before their children
+        if model.body_parentid[b] in bodies:
+            bodies.add(b)
+    geoms = [g for g in range(model.ngeom) if model.geom_bodyid[g] in bodies]
     site = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, "goal")
     obj = np.isin(ids, geoms) & (types == mujoco.mjtObj.mjOBJ_GEOM)
     goal = (ids == site) & (types == mujoco.mjtObj.mjOBJ_SITE)
@@ -325,6 +329,19 @@ def test_the_default_camera_sees_the_object_and_its_goal(task):
         assert all(f.shape == (64, 64, 3) and f.any() for f in frames.values())
     assert min(counts["front"]) >= 9 and min(counts["side"]) >= 5, counts
     assert max(counts["corner"]) <= 5, counts
+
+
+@pytest.mark.slow
+def test_the_top_camera_sees_over_the_coffee_machine():
+    """`top` looks down over the coffee machine at the mug that it hides from `front`."""
+    env = MetaWorldEnv("coffee-push-v3", camera=("front", "top"), image_size=64)
+    try:
+        for seed in (5, 6):
+            env.reset(seed=seed)
+            front, top = (_pixels_of(env, camera, 64)[0] for camera in ("front", "top"))
+            assert front == 0 and top >= 8, (front, top)
+    finally:
+        env.close()
 
 
 @pytest.mark.parametrize("task", ["reach-v3", "push-v3"])
