@@ -108,10 +108,14 @@ def main() -> None:
     )
     current = policy.encode_frames(images)
     latents8, _ = policy.imagine(current, features, mask, 8, 4)
+    generated = tuple(policy.propose_subgoals(images, instruction)[0])  # a right guess
     rows = {
         f"train step, batch {args.batch_size} (all losses, fwd+bwd+AdamW)": step_ms,
         "subgoal generation (with its features)": timed(
             lambda: policy.propose_subgoals(images, instruction), 10
+        ),
+        "subgoal generation, the same subgoal as draft (checked in one pass)": timed(
+            lambda: policy.propose_subgoals(images, instruction, generated), 10
         ),
         "prefix features": timed(lambda: policy.prefix_features(images, instruction, subgoal), 10),
         "imagine and score K=1": timed(lambda: policy.imagine(current, features, mask, 1, 4), 10),

@@ -85,7 +85,7 @@ def main() -> None:
         oracle = [""]
         policy = planner.policy
 
-        def propose_oracle(images, instructions):
+        def propose_oracle(images, instructions, drafts=()):
             return list(oracle), *policy.prefix_features(images, instructions, list(oracle))
 
         policy.propose_subgoals = propose_oracle

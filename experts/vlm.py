@@ -304,17 +304,27 @@ class HighLevelVLM(nn.Module, ConfigMixin):
     # 3. inference -----------------------------------------------------------------------------
     @torch.no_grad()  # the caller chooses inference_mode (planners): one kind of tensor
     def propose_subgoal(
-        self, images: torch.Tensor, instructions: list[str]
+        self, images: torch.Tensor, instructions: list[str], drafts: tuple[str, ...] = ()
     ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Greedy generation of one subgoal per sample (at most `max_subgoal_tokens` tokens), and
         the prefix features of [images, instruction, subgoal, <eos>] from the same pass: each
         generated token is fed back through the key-value cache, so its last hidden state is
         computed once, and no second pass over the prefix is needed.
+
+        `drafts` (one sample only): texts the subgoal is likely to repeat, e.g. the subgoal in
+        force and the instruction. Once the generated tokens begin one of them, its remaining
+        tokens go through the backbone in one pass, and each is kept only while it is the
+        greedy choice after the ones before it (speculative decoding with the draft as the
+        guess): the same subgoal as without drafts, up to float rounding of the longer pass, in
+        fewer backbone calls when a draft is right.
         Returns (subgoals, features (B, L, D), mask (B, L)); rows are left-padded, and padded
         positions hold zeros."""
         images = self._cameras(images)
+        if drafts and len(instructions) != 1:
+            raise ValueError(f"drafts are for one sample, got {len(instructions)} instructions")
         ids, mask = self._pad(self._prompts(images.shape[1], instructions), left=True)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        guesses = [[*self._ids(" " + text), eos] for text in drafts]
         # the positions a right-padded training prefix has: 0 at each row's first real token
         position = (mask.long().cumsum(1) - 1).clamp_min(0)
         cache = DynamicCache()
@@ -328,33 +338,54 @@ class HighLevelVLM(nn.Module, ConfigMixin):
         ).last_hidden_state
         states, masks, generated = [hidden], [mask], []
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-        position = position[:, -1:]
-        for step in range(self.config.max_subgoal_tokens + 1):
-            if step == self.config.max_subgoal_tokens:
-                token = torch.full_like(done, eos, dtype=torch.long)  # a full budget: close it
-            else:
-                logits = self.backbone.lm_head(hidden[:, -1]).float()
-                logits[:, self._suppress] = -torch.inf
-                token = logits.argmax(-1)
-            token = torch.where(done, pad, token)
-            generated.append(token)
-            masks.append(~done[:, None])
-            position = position + 1
+        position, budget = position[:, -1:], self.config.max_subgoal_tokens
+        token = self._greedy(hidden[:, -1])
+        while True:
+            # the token chosen, and a draft's continuation of the tokens so far where one fits
+            tokens = [*(t.item() for t in generated), token.item()] if drafts else []
+            guess = next((g[len(tokens) :] for g in guesses if g[: len(tokens)] == tokens), [])
+            room = max(budget - len(generated) - 1, 0)  # greedy tokens stay within the budget
+            rows = torch.tensor([guess[:room]] * len(ids), dtype=torch.long, device=token.device)
+            block = torch.where(done[:, None], pad, torch.cat([token[:, None], rows], 1))
+            length = block.shape[1]
             hidden = self.backbone.model(
-                input_ids=token[:, None],
-                attention_mask=torch.cat(masks, 1).long(),
-                position_ids=position,
+                input_ids=block,
+                attention_mask=torch.cat([*masks, (~done[:, None]).expand(-1, length)], 1).long(),
+                position_ids=position + torch.arange(1, length + 1, device=position.device),
                 **{_CACHE: cache},
                 use_cache=True,
             ).last_hidden_state
-            states.append(hidden)
-            done = done | (token == eos)
+            choices = self._greedy(hidden)  # (B, length): the greedy token after each
+            kept = 1  # the chosen token, then each guess the greedy choice agrees with, to <eos>
+            while (
+                kept < length
+                and block[0, kept - 1] != eos
+                and choices[0, kept - 1] == block[0, kept]
+            ):
+                kept += 1
+            if kept < length:  # the cache holds the rejected guesses: drop them (a negative
+                cache.crop(kept - length)  # count, as every transformers version reads it)
+            for i in range(kept):
+                generated.append(block[:, i])
+                masks.append(~done[:, None])
+                done = done | (block[:, i] == eos)
+            states.append(hidden[:, :kept])
+            position = position + kept
             if done.all():
                 break
+            token = torch.where(done, pad, choices[:, kept - 1])
+            if len(generated) == budget:
+                token = torch.full_like(token, eos)  # a full budget: close it
         features, mask = torch.cat(states, 1), torch.cat(masks, 1)
         tokens = torch.stack(generated, 1)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return [t.strip() for t in texts], features * mask[..., None], mask
+
+    def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy next token (...) after hidden states (..., D); never a suppressed one."""
+        logits = self.backbone.lm_head(hidden).float()
+        logits[..., self._suppress] = -torch.inf
+        return logits.argmax(-1)
 
     @torch.no_grad()
     def prefix_features(

@@ -16,7 +16,7 @@ Training (`losses`) and inference sit side by side, with one set of conventions 
 dim masks and normalisation:
     losses(batch)                                  -> every loss of the hierarchy
     normalize_state(state, robot)                  (B, state_dim) robot units -> (B, max_state_dim)
-    propose_subgoals(images, instructions)         -> subgoals, features (B, L, D), mask (B, L)
+    propose_subgoals(images, instructions, drafts) -> subgoals, features (B, L, D), mask (B, L)
     prefix_features(images, instructions, subgoals) -> features, mask
     encode_frames(images)                          -> current latents (B, C, h, w)
     imagine(current, features, mask, K, steps)     -> candidates (B, K, C, h, w), scores (B, K)
@@ -496,11 +496,12 @@ class HybridPolicy(nn.Module):
         return self._world_model("encode frames").encode(images)
 
     def propose_subgoals(
-        self, images: torch.Tensor, instructions: list[str]
+        self, images: torch.Tensor, instructions: list[str], drafts: tuple[str, ...] = ()
     ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """Generated subgoals and the prefix features (B, L, D) with their mask (B, L) that the
-        lower tiers read, from one VLM pass (`HighLevelVLM.propose_subgoal`)."""
-        subgoals, features, mask = self.vlm.propose_subgoal(images, instructions)
+        lower tiers read, from one VLM pass (`HighLevelVLM.propose_subgoal`; `drafts`, for one
+        sample, are texts it checks as guesses, which change the passes, not the subgoal)."""
+        subgoals, features, mask = self.vlm.propose_subgoal(images, instructions, drafts)
         return subgoals, _finite("VLM", features), mask
 
     def prefix_features(

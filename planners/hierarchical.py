@@ -260,7 +260,13 @@ class HybridPlanner:
         # 2. one VLM pass: the generation of a new subgoal gives its features as well
         if refresh and self.language_subgoal:
             with timer("subgoal"):
-                (self.subgoal,), features, mask = policy.propose_subgoals(images, [instruction])
+                # the subgoal in force and the instruction as guesses: a new subgoal often
+                # repeats one of them, and a right guess is checked in one pass, not one per
+                # token (guesses from the episode alone, so that a reset replays it exactly)
+                drafts = tuple(dict.fromkeys(t for t in (self.subgoal, instruction) if t))
+                (self.subgoal,), features, mask = policy.propose_subgoals(
+                    images, [instruction], drafts
+                )
                 self.features = (features, mask)
             made.add("features")
         elif self.schedule.features_due(refresh):

@@ -66,23 +66,65 @@ def test_generation_returns_the_kind_of_tensor_its_caller_asked_for(vlm):
         assert vlm.propose_subgoal(images, TEXTS[:1])[1].is_inference()
 
 
-def test_a_trained_vlm_generates_its_subgoal(vlm):
-    """A few steps on one example teach the model to say it: generation really decodes."""
+@pytest.fixture(scope="module")
+def speaker(vlm):
+    """A VLM taught, in a few steps on one example, to say "grasp the puck" to TEXTS[0]."""
+    torch.manual_seed(0)
     model = HighLevelVLM(tokenizer=vlm.tokenizer, max_subgoal_tokens=8, **SMALL)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    images = _images(1)
     for _ in range(60):
-        loss = model(images, [TEXTS[0]], ["grasp the puck"]).lang_loss
+        loss = model(_images(1), [TEXTS[0]], ["grasp the puck"]).lang_loss
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    model.eval()
+    return model.eval()
+
+
+def test_a_trained_vlm_generates_its_subgoal(speaker):
+    """A few steps on one example teach the model to say it: generation really decodes."""
+    model, images = speaker, _images(1)
     subgoals, features, mask = model.propose_subgoal(images, [TEXTS[0]])
     assert subgoals == ["grasp the puck"]
     # One pass: the generation's features are those of the teacher-forced prefix of its subgoal.
     expected, expected_mask = model.prefix_features(images, [TEXTS[0]], subgoals)
     assert torch.equal(mask, expected_mask)
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("drafts", "calls"),
+    [
+        (("grasp the puck",), 2),  # right: the prompt's pass, then the draft's in one
+        (("open the drawer", TEXTS[0], "grasp the puck"), 2),  # the one that fits is used
+        (("grasp the drawer",), 4),  # right to "the", then token by token: puck, <eos>
+        (("open the drawer",), 5),  # wrong from its first token: no draft is fed at all
+        (("grasp the puck " * 5,), 3),  # right to "puck", then <eos>; cut at the budget
+    ],
+)
+def test_drafts_give_greedy_decodings_subgoal_in_fewer_passes(speaker, drafts, calls):
+    """Speculative decoding with the subgoal in force as the guess: whatever the drafts, the
+    subgoal and its features are greedy decoding's; a right draft takes two backbone passes
+    instead of one per token."""
+    images, passes = _images(1), []
+    hook = speaker.backbone.model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        subgoals, features, mask = speaker.propose_subgoal(images, [TEXTS[0]])
+        plain = len(passes)
+        passes.clear()
+        drafted, drafted_features, drafted_mask = speaker.propose_subgoal(
+            images, [TEXTS[0]], drafts
+        )
+    finally:
+        hook.remove()
+    assert subgoals == drafted == ["grasp the puck"]
+    assert torch.equal(mask, drafted_mask)
+    torch.testing.assert_close(drafted_features, features, rtol=1e-4, atol=1e-4)
+    assert plain == 5 and len(passes) == calls  # plain: the prompt, grasp, the, puck, <eos>
+
+
+def test_drafts_are_for_one_sample(vlm):
+    with pytest.raises(ValueError, match="drafts are for one sample, got 2 instructions"):
+        vlm.propose_subgoal(_images(2), TEXTS[:2], ("grasp the puck",))
 
 
 @pytest.mark.parametrize("budget", [6, 2], ids=["until-eos", "budget-spent"])
