@@ -43,13 +43,32 @@ class CollectConfig:
     start_spread: float = 0.0
     action_noise: float = 0.0
     max_steps: int | None = None  # None: the simulator's own episode limit
+    # each task's language entry (instruction, subgoals, phase ends) that labels its episodes:
+    # a task file edited between a run and its resumption would mix two labellings
+    language: dict | None = None
 
 
-def _same_config(stored: dict, config: dict) -> bool:
-    """Whether a stored collection config asks for `config`; a field added to `CollectConfig`
-    after it was written reads as its default (older collections lack it)."""
+def _check_same_config(stored: dict, config: dict, where: str, fix: str) -> None:
+    """Refuse to add to a collection made with another config, naming what differs; a field
+    added to `CollectConfig` after it was written reads as its default (older collections lack
+    it), and a collection from before `language` was recorded is not checked for it."""
     defaults = {f.name: f.default for f in fields(CollectConfig) if f.default is not MISSING}
-    return {**defaults, **stored} == config
+    if "language" not in stored:
+        defaults.pop("language")
+        config = {k: v for k, v in config.items() if k != "language"}
+    stored = {**defaults, **stored}
+    if stored.get("language") != config.get("language"):
+        tasks = [t for t in config["tasks"] if stored["language"].get(t) != config["language"][t]]
+        raise ValueError(
+            f"{where} was labelled with other language entries for {', '.join(tasks)} (a task "
+            f"file edited since?); {fix}"
+        )
+    if stored != config:
+        plain = {k: v for k, v in config.items() if k != "language"}
+        stored = {k: v for k, v in stored.items() if k != "language"}
+        raise ValueError(
+            f"{where} was collected with {stored}, which differs from this run's {plain}; {fix}"
+        )
 
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
@@ -161,9 +180,10 @@ def collect(
         )
     if len(set(cameras)) != len(cameras):
         raise ValueError(f"--camera names a camera twice: {list(cameras)}")
+    tasks = sim.resolve_tasks(tasks)
     config = CollectConfig(
         simulator_name,
-        tuple(sim.resolve_tasks(tasks)),
+        tuple(tasks),
         episodes_per_task,
         image_size,
         cameras,
@@ -172,30 +192,24 @@ def collect(
         start_spread,
         action_noise,
         max_steps,
+        {task: asdict(sim.task_language()[task]) for task in tasks},
     )
     out = Path(out)
     record = {"config": json.loads(json.dumps(asdict(config)))}  # as it reads back from disk
     done_file = out / COLLECTION_FILE
     if done_file.exists():
         previous = json.loads(done_file.read_text())
-        if not _same_config(previous["config"], record["config"]):
-            raise ValueError(
-                f"{out} already holds a dataset collected with {previous['config']}, which differs "
-                f"from this run's {record['config']}; choose another --out or delete {out}"
-            )
+        fix = f"choose another --out or delete {out}"
+        _check_same_config(previous["config"], record["config"], f"the dataset in {out}", fix)
         console.print(f"[green]{out} is already complete[/]; nothing to do.")
         return _print_summary(previous["summary"], console)
 
     staging = out / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
     staged_config = staging / "config.json"
-    if staged_config.exists() and not _same_config(
-        json.loads(staged_config.read_text()), record["config"]
-    ):
-        raise ValueError(
-            f"{staging} holds a partial collection with {json.loads(staged_config.read_text())}, "
-            f"not {record['config']}; rerun with those arguments or delete {staging}"
-        )
+    if staged_config.exists():
+        where, fix = f"the partial collection in {staging}", f"rerun as it was or delete {staging}"
+        _check_same_config(json.loads(staged_config.read_text()), record["config"], where, fix)
     write_json(staging, staged_config.name, record["config"])
 
     jobs = [

@@ -184,3 +184,29 @@ def test_a_task_of_ones_own_is_collected_with_its_language(tmp_path):
     assert episode["task"] == "close the door"
     assert episode["subgoal"][0] == "move the gripper to the outer edge of the door handle"
     assert episode["subgoal"][-1] == "push the door closed"
+
+
+def test_a_collection_is_not_resumed_with_other_task_entries(tmp_path):
+    """The episodes' labels come from the task entries; a task file edited between a run and
+    its rerun would mix two labellings, so the rerun is refused and names the task."""
+    reworded = tmp_path / "my_tasks.yaml"
+    reworded.write_text(
+        "reach-v3: {instruction: touch the red target, phases: [{subgoal: touch the target}]}"
+    )
+    out = tmp_path / "d"
+    args = ("--tasks", "reach-v3", "push-v3", "--episodes-per-task", "1", "--image-size", "32")
+    first = subprocess.run(
+        _collect(*args, "--workers", "1", "--task-file", reworded, "--out", out),
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert first.returncode == 0, first.stderr
+    rerun = subprocess.run(
+        _collect(*args, "--workers", "1", "--out", out), capture_output=True, text=True, env=ENV
+    )
+    assert rerun.returncode == 2
+    assert rerun.stderr.strip() == (
+        f"hybrid collect: the dataset in {out} was labelled with other language entries for "
+        f"reach-v3 (a task file edited since?); choose another --out or delete {out}"
+    )
