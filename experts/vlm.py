@@ -339,13 +339,17 @@ class HighLevelVLM(nn.Module, ConfigMixin):
         states, masks, generated = [hidden], [mask], []
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         position, budget = position[:, -1:], self.config.max_subgoal_tokens
+        said: list[int] = []  # the ids kept so far, where drafts are matched to them
         token = self._greedy(hidden[:, -1])
         while True:
-            # the token chosen, and a draft's continuation of the tokens so far where one fits
-            tokens = [*(t.item() for t in generated), token.item()] if drafts else []
-            guess = next((g[len(tokens) :] for g in guesses if g[: len(tokens)] == tokens), [])
-            room = max(budget - len(generated) - 1, 0)  # greedy tokens stay within the budget
-            rows = torch.tensor([guess[:room]] * len(ids), dtype=torch.long, device=token.device)
+            fed = []  # with drafts (one sample): the pass's ids, the token and a draft's rest
+            if drafts:
+                so_far = [*said, *token.tolist()]
+                n = len(so_far)
+                guess = next((g[n:] for g in guesses if g[:n] == so_far), [])
+                room = max(budget - len(generated) - 1, 0)  # greedy tokens stay within budget
+                fed = [so_far[-1], *guess[:room]]
+            rows = torch.tensor([fed[1:]] * len(ids), dtype=torch.long, device=token.device)
             block = torch.where(done[:, None], pad, torch.cat([token[:, None], rows], 1))
             length = block.shape[1]
             hidden = self.backbone.model(
@@ -357,12 +361,11 @@ class HighLevelVLM(nn.Module, ConfigMixin):
             ).last_hidden_state
             choices = self._greedy(hidden)  # (B, length): the greedy token after each
             kept = 1  # the chosen token, then each guess the greedy choice agrees with, to <eos>
-            while (
-                kept < length
-                and block[0, kept - 1] != eos
-                and choices[0, kept - 1] == block[0, kept]
-            ):
-                kept += 1
+            if length > 1:  # one read of the pass's choices
+                chosen = choices[0].tolist()
+                while kept < length and fed[kept - 1] != eos and chosen[kept - 1] == fed[kept]:
+                    kept += 1
+            said += fed[:kept]
             if kept < length:  # the cache holds the rejected guesses: drop them (a negative
                 cache.crop(kept - length)  # count, as every transformers version reads it)
             for i in range(kept):
