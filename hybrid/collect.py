@@ -51,23 +51,20 @@ class CollectConfig:
 def _check_same_config(stored: dict, config: dict, where: str, fix: str) -> None:
     """Refuse to add to a collection made with another config, naming what differs; a field
     added to `CollectConfig` after it was written reads as its default (older collections lack
-    it), and a collection from before `language` was recorded is not checked for it."""
+    it), and a collection from before `language` was recorded (None) is not checked for it."""
     defaults = {f.name: f.default for f in fields(CollectConfig) if f.default is not MISSING}
-    if "language" not in stored:
-        defaults.pop("language")
-        config = {k: v for k, v in config.items() if k != "language"}
     stored = {**defaults, **stored}
-    if stored.get("language") != config.get("language"):
-        tasks = [t for t in config["tasks"] if stored["language"].get(t) != config["language"][t]]
+    stored_language, language = stored.pop("language"), config["language"]
+    plain = {k: v for k, v in config.items() if k != "language"}
+    if stored != plain:
+        raise ValueError(
+            f"{where} was collected with {stored}, which differs from this run's {plain}; {fix}"
+        )
+    if stored_language is not None and stored_language != language:
+        tasks = [t for t in config["tasks"] if stored_language.get(t) != language[t]]
         raise ValueError(
             f"{where} was labelled with other language entries for {', '.join(tasks)} (a task "
             f"file edited since?); {fix}"
-        )
-    if stored != config:
-        plain = {k: v for k, v in config.items() if k != "language"}
-        stored = {k: v for k, v in stored.items() if k != "language"}
-        raise ValueError(
-            f"{where} was collected with {stored}, which differs from this run's {plain}; {fix}"
         )
 
 

@@ -19,13 +19,12 @@ def _collect(*args):
     return [sys.executable, "-m", "hybrid.cli", "collect", "metaworld", *map(str, args)]
 
 
+def _run_collect(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(_collect(*args), capture_output=True, text=True, env=ENV)
+
+
 def test_unknown_task_lists_valid_ones(tmp_path):
-    run = subprocess.run(
-        _collect("--tasks", "pick-plate-v3", "--out", tmp_path / "d"),
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    run = _run_collect("--tasks", "pick-plate-v3", "--out", tmp_path / "d")
     assert run.returncode == 2
     assert run.stderr.startswith("hybrid collect: unknown Meta-World task 'pick-plate-v3'")
     assert "pick-place-v3" in run.stderr and "mt10" in run.stderr
@@ -45,12 +44,7 @@ def test_unknown_task_lists_valid_ones(tmp_path):
     ],
 )
 def test_collection_option_out_of_range_is_one_line(tmp_path, option, value, message):
-    run = subprocess.run(
-        _collect("--tasks", "reach-v3", "--out", tmp_path / "d", option, value),
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    run = _run_collect("--tasks", "reach-v3", "--out", tmp_path / "d", option, value)
     assert run.returncode == 2
     assert run.stderr.strip() == f"hybrid collect: {message}"
     assert not (tmp_path / "d").exists()
@@ -173,12 +167,7 @@ def test_a_task_of_ones_own_is_collected_with_its_language(tmp_path):
     )
     out = tmp_path / "d"
     args = ("--tasks", "door-close-v3", "--episodes-per-task", "1", "--image-size", "32")
-    run = subprocess.run(
-        _collect(*args, "--workers", "1", "--task-file", tasks, "--out", out),
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    run = _run_collect(*args, "--workers", "1", "--task-file", tasks, "--out", out)
     assert run.returncode == 0, run.stderr
     episode = LeRobotDataset(out).episode(0)
     assert episode["task"] == "close the door"
@@ -195,16 +184,9 @@ def test_a_collection_is_not_resumed_with_other_task_entries(tmp_path):
     )
     out = tmp_path / "d"
     args = ("--tasks", "reach-v3", "push-v3", "--episodes-per-task", "1", "--image-size", "32")
-    first = subprocess.run(
-        _collect(*args, "--workers", "1", "--task-file", reworded, "--out", out),
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    first = _run_collect(*args, "--workers", "1", "--task-file", reworded, "--out", out)
     assert first.returncode == 0, first.stderr
-    rerun = subprocess.run(
-        _collect(*args, "--workers", "1", "--out", out), capture_output=True, text=True, env=ENV
-    )
+    rerun = _run_collect(*args, "--workers", "1", "--out", out)
     assert rerun.returncode == 2
     assert rerun.stderr.strip() == (
         f"hybrid collect: the dataset in {out} was labelled with other language entries for "

@@ -43,8 +43,7 @@ def task_file(tmp_path, monkeypatch):
         return path
 
     yield write
-    monkeypatch.delenv(TASKS_ENV, raising=False)
-    task_language.cache_clear()
+    task_language.cache_clear()  # read again with the variable monkeypatch restores
 
 
 def test_every_task_has_language_and_a_scripted_expert():
