@@ -140,6 +140,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         world_features: int = 0,
         scene_conditioning: bool = False,
         scene_estimator: int = 0,
+        scene_context: bool = False,
         joint: bool = False,
         eyes: bool = True,
         plan_lag: int = 0,
@@ -183,7 +184,9 @@ class ActionExpert(ModelMixin, ConfigMixin):
         almost no attention. `scene_estimator` K > 0 gives the scene head eyes of its own
         (`experts.scene_estimator`: a small CNN and K keypoints per camera, trained by the scene
         loss alone, on the current and the future frames of every sample) in place of the
-        shared eyes' keypoints, which the action loss also shapes.
+        shared eyes' keypoints, which the action loss also shapes; `scene_context` gives that
+        CNN a coarser stage whose view is added to the map its keypoints read
+        (`SceneEstimator`'s `context`).
         `joint` makes the expert denoise the future latent (B, latent_channels, latent_size,
         latent_size) with the actions instead of reading it (module docstring): `loss` takes the
         true future as `visual_latent` and adds a `world` loss; `sample_joint` draws both.
@@ -204,6 +207,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
             )
         if scene_estimator and not scene_dim:
             raise ValueError(f"scene_estimator {scene_estimator} needs a scene_dim > 0")
+        if scene_context and not scene_estimator:
+            raise ValueError(
+                "scene_context widens the scene estimator's view: it needs a scene_estimator > 0"
+            )
         if time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(
                 f"time_distribution {time_distribution!r}: expected one of {TIME_DISTRIBUTIONS}"
@@ -287,6 +294,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
                 num_embodiments,
                 hidden=hidden,
                 image_size=image_size,
+                context=scene_context,
             )
             if scene_estimator
             else None

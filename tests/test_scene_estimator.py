@@ -60,3 +60,32 @@ def test_shapes_fewer_cameras_and_per_robot_rows():
         estimator(torch.rand(4, 3, 3, 32, 32), ids)
     with pytest.raises(ValueError, match="scene_dim >= 1 and keypoints >= 1"):
         SceneEstimator(scene_dim=0)
+
+
+@pytest.mark.parametrize("context, reach", [(False, 3), (True, 15)])
+def test_context_widens_what_a_heat_map_cell_reads(context, reach):
+    """A cell of the stride-4 heat map reads the pixels within 3 of its centre (7 x 7) without
+    the context stage, within 15 (31 x 31) with it: the gradient of one cell's logit reaches
+    exactly that far. Also at a side whose coarse map does not halve evenly (36: 9 -> 5 -> 9).
+    The group norms are taken out: their statistics mix the whole map into every cell."""
+    torch.manual_seed(0)
+    estimator = SceneEstimator(scene_dim=2, keypoints=2, channels=(8, 16), context=context)
+    for stage in (estimator.stem, estimator.context):
+        for i, layer in enumerate(stage or ()):
+            if isinstance(layer, torch.nn.GroupNorm):
+                stage[i] = torch.nn.Identity()
+    for size in (64, 36):
+        images = torch.rand(1, 1, 3, size, size, requires_grad=True)
+        logits = estimator.heatmap_logits(images)
+        assert logits.shape == (1, 2, size // 4, size // 4)
+        logits[0, 0, size // 8, size // 8].backward()
+        touched = images.grad[0, 0].abs().sum(0).nonzero()  # (pixels, 2): rows and columns
+        extent = (touched.max(0).values - touched.min(0).values + 1).tolist()
+        assert extent == [2 * reach + 1] * 2, (size, extent)
+
+
+def test_context_needs_an_estimator():
+    from experts.action import ActionExpert
+
+    with pytest.raises(ValueError, match="scene_context widens"):
+        ActionExpert(vlm_dim=32, scene_dim=3, keypoints=4, scene_context=True)
