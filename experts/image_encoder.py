@@ -149,10 +149,11 @@ class ImageEncoder(nn.Module):
         return tokens, maps
 
 
-def strided_stages(channels: tuple[int, ...]) -> tuple[list[nn.Module], int]:
-    """One stage per entry of `channels`, each halving the side of RGB input (3x3 convolution,
-    stride 2, group norm, SiLU; the convolutions are modules 0, 3, 6, ...), and the last width."""
-    layers, width = [], 3
+def strided_stages(channels: tuple[int, ...], in_channels: int = 3) -> tuple[list[nn.Module], int]:
+    """One stage per entry of `channels`, each halving the side of its input (RGB by default;
+    3x3 convolution, stride 2, group norm, SiLU; the convolutions are modules 0, 3, 6, ...), and
+    the last width."""
+    layers, width = [], in_channels
     for c in channels:
         layers += [nn.Conv2d(width, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
         width = c

@@ -75,9 +75,7 @@ class SceneEstimator(nn.Module):
         self.stem = nn.Sequential(*layers)
         self.context = (
             nn.Sequential(
-                nn.Conv2d(width, width, 3, stride=2, padding=1),
-                nn.GroupNorm(8, width),
-                nn.SiLU(),
+                *strided_stages((width,), in_channels=width)[0],
                 nn.Conv2d(width, width, 3, padding=1),
                 nn.GroupNorm(8, width),
                 nn.SiLU(),
