@@ -215,6 +215,13 @@ class WorldModel(nn.Module, ConfigMixin):
         """Images (B, [N,] 3, S, S) in [0, 1] -> latents (B, C, h, w) (posterior means)."""
         return self._to_latent(self.vae.encode(self._first_camera(images)).latent_dist.mean)
 
+    def freeze_vae(self) -> None:
+        """Stop training the VAE (no `vae` loss, no gradients), in memory only: the saved config
+        keeps `train_vae`. A frozen VAE's latents are fixed, so a trainer may encode each frame
+        once (`hybrid.latent_cache`)."""
+        self.train_vae = False
+        self.vae.requires_grad_(False)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (..., C, h, w) -> images (..., 3, S, S) in [0, 1]."""
         lead = latents.shape[:-3]

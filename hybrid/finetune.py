@@ -127,7 +127,7 @@ class FinetuneModule(HybridModule):
         self.adapters = EmbodimentAdapters(policy, self.hparams.base_policy)
         self.adapters.attach(spec, dm.norm_stats(), self.lora)
         if policy.world_model is not None:
-            policy.world_model.train_vae = False  # the VAE is shared and frozen
+            policy.world_model.freeze_vae()  # the VAE is shared with the base
         teacher = self.hparams.scene_teacher
         if teacher is not None:
             expert = policy.action_expert

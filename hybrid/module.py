@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from hybrid.data.datamodule import HybridDataModule
 from hybrid.data.windows import SCENE_KEY
+from hybrid.latent_cache import LatentCache
 from hybrid.policy import HybridPolicy
 
 DEFAULT_WEIGHTS = {
@@ -102,6 +103,11 @@ class HybridModule(L.LightningModule):
         channels_last: keep the policy's 4-D weights in channels-last memory order, which the
             CPU's convolution kernels (oneDNN) run faster: 11% off a quickstart step on the
             2-core machine (README). The exported weights are the same numbers either way.
+        vae_steps: the world model's tiny VAE trains for this many steps and is then frozen
+            (`WorldModel.freeze_vae`; None: it trains throughout). Whenever the VAE is frozen
+            (after these steps, or a pretrained one from the start) each frame is encoded once
+            and its latent kept (`hybrid.latent_cache`) instead of encoding the batch's current
+            and future frames every step. The exported VAE is the frozen one, not its average.
     """
 
     def __init__(
@@ -122,6 +128,7 @@ class HybridModule(L.LightningModule):
         lr_scale: dict[str, float] | None = None,
         scene_future: bool = True,
         channels_last: bool = False,
+        vae_steps: int | None = None,
     ):
         super().__init__()
         if not lr > 0:
@@ -150,6 +157,8 @@ class HybridModule(L.LightningModule):
             )
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        if vae_steps is not None and vae_steps < 0:
+            raise ValueError(f"model.vae_steps must be >= 0 or None, got {vae_steps}")
         if any(not scale > 0 for scale in (lr_scale or {}).values()):
             raise ValueError(f"model.lr_scale: every multiplier must be > 0, got {lr_scale}")
         if isinstance(experts, Experts):  # saved as a plain dict: checkpoints hold no classes
@@ -171,6 +180,8 @@ class HybridModule(L.LightningModule):
         self.clip_per_expert = clip_per_expert
         self.lr_scale = dict(lr_scale or {})
         self.ema: dict[str, torch.Tensor] | None = None  # parameter name -> averaged value
+        self.vae_steps = vae_steps
+        self.latent_cache = LatentCache()
 
     # 1. building the policy from the data ---------------------------------------------------------
     def _datamodule(self, stage: str) -> HybridDataModule:
@@ -234,8 +245,30 @@ class HybridModule(L.LightningModule):
         rank_zero_info(f"policy: {sizes} parameters")
 
     # 2. the step ----------------------------------------------------------------------------------
+    def cached_latents(self, batch: dict) -> dict[str, torch.Tensor]:
+        """`latents` and `future_latents` of the batch's frames from the cache while the VAE is
+        frozen; nothing while it trains (or without a world model, or frame indices)."""
+        wm = self.policy.world_model
+        if wm is None or wm.train_vae or "future_frame_index" not in batch:
+            return {}
+        episode = batch["episode_index"]
+        return {
+            name: self.latent_cache(wm.encode, batch[images], episode, batch[frame])
+            for name, images, frame in (
+                ("latents", "images", "frame_index"),
+                ("future_latents", "future_images", "future_frame_index"),
+            )
+        }
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        wm = self.policy.world_model
+        if self.vae_steps is not None and wm is not None and wm.train_vae:
+            if self.global_step >= self.vae_steps:  # also on a resume past that step
+                wm.freeze_vae()
+
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         conditioning = self.train_conditioning if stage == "train" else {}
+        batch = batch | self.cached_latents(batch)
         losses = self.policy.losses(batch, **conditioning)
         for name, value in losses.items():
             if not torch.isfinite(value):
@@ -272,7 +305,11 @@ class HybridModule(L.LightningModule):
         features, mask = self.policy.vlm.prefix_features(
             batch["images"], list(batch["instruction"]), list(batch["subgoal"])
         )
-        current, future = wm.encode(batch["images"]), wm.encode(batch["future_images"])
+        cached = self.cached_latents(batch)
+        if cached:
+            current, future = cached["latents"], cached["future_latents"]
+        else:
+            current, future = wm.encode(batch["images"]), wm.encode(batch["future_images"])
         if wm.transformer is not None or self.policy.joint:  # something imagines the future
             imagined = self.policy.imagine_batch(
                 batch, current, features, mask, self.hparams.val_imagine_steps

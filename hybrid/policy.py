@@ -339,6 +339,8 @@ class HybridPolicy(nn.Module):
         estimator the scene loss also reads each sample's future frame (`future_scene`; not with
         `scene_future` False) and, where the batch has them, frames of other rollouts
         (`scene_images`, `scene_target`, `scene_target_mask`; `hybrid.data.scene_frames`).
+        Where the batch has `latents` and `future_latents` (B, C, h, w), a frozen VAE's encodings
+        of its frames (`hybrid.latent_cache`), they stand in for encoding them again.
 
         Condition dropout keeps the planner's ablation modes valid: for a `visual_dropout` share
         of samples the action expert acts without the visual subgoal, for a `language_dropout`
@@ -374,9 +376,12 @@ class HybridPolicy(nn.Module):
         padded_actions = self._pad(actions, cfg.max_action_dim)
         state = self._pad(batch["state"], cfg.max_state_dim)
         if self.world_model is not None:
-            with torch.no_grad():  # one encoding serves the world model and the action expert
-                frames = torch.cat([images, batch["future_images"]])
-                current, future = self.world_model.encode(frames).chunk(2)
+            if "latents" in batch:  # a frozen VAE's, encoded once per frame (hybrid.latent_cache)
+                current, future = batch["latents"], batch["future_latents"]
+            else:
+                with torch.no_grad():  # one encoding serves the world model and the action expert
+                    frames = torch.cat([images, batch["future_images"]])
+                    current, future = self.world_model.encode(frames).chunk(2)
             acting = {}
             if self.action_expert is None:  # the world model denoises the actions
                 acting = {

@@ -62,6 +62,37 @@ def test_fast_dev_run_trains_validates_and_exports(mt10_dataset, tmp_path, chann
     assert any(not torch.equal(live[k], v) for k, v in module.ema.items()), "an average, not a copy"
 
 
+def test_the_vae_freezes_after_vae_steps_and_its_latents_are_then_cached(mt10_dataset, tmp_path):
+    module = HybridModule(
+        experts=SMALL, export_dir=str(tmp_path / "policy"), warmup_steps=1, vae_steps=2
+    )
+    seen = []  # the VAE's first weights before each step
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.policy.world_model.vae.encoder.conv_in.weight.detach().clone())
+
+    trainer = _trainer(tmp_path, max_steps=4, limit_val_batches=1, callbacks=[Watch()])
+    datamodule = _datamodule(mt10_dataset[0])
+    trainer.fit(module, datamodule)
+    wm = module.policy.world_model
+    assert not torch.equal(seen[0], seen[1]), "the VAE trains for its first two steps"
+    assert torch.equal(seen[2], seen[3]) and torch.equal(seen[3], wm.vae.encoder.conv_in.weight)
+    assert not wm.train_vae and not any(p.requires_grad for p in wm.vae.parameters())
+    assert len(module.latent_cache) > 0
+    # a batch's cached latents are its frames' encodings by the frozen VAE
+    batch = next(iter(datamodule.val_dataloader()))
+    cached = module.cached_latents(batch)
+    assert torch.allclose(cached["latents"], wm.encode(batch["images"]), atol=1e-5)
+    assert torch.allclose(cached["future_latents"], wm.encode(batch["future_images"]), atol=1e-5)
+    # the export holds the frozen VAE the latents came from, and the other weights' average
+    loaded = HybridPolicy.from_pretrained(tmp_path / "policy").state_dict()
+    for key, value in module.policy.state_dict().items():
+        if key.startswith("world_model.vae."):
+            assert torch.equal(value, loaded[key]), key
+    assert all(torch.equal(v, loaded[k]) for k, v in module.ema.items() if ".vae." not in k)
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_the_optimiser_is_fused_unless_mixed_precision_clips(mt10_dataset, tmp_path, precision):
     """AdamW is fused where Lightning can clip its gradients; under mixed precision, which

@@ -12,7 +12,7 @@ A sample at frame t of an episode of length T:
     action_mask     (H,) bool, False on those padded steps
     progress        () float32: task progress at t; future_progress the same at min(t + k, T - 1)
     instruction, subgoal, embodiment: str
-    episode_index, frame_index: int
+    episode_index, frame_index, future_frame_index: int (the future's frame: min(t + k, T - 1))
 With a `plan_lag` of m > 0, t is the frame the slow tiers plan from, and the action expert acts
 a lag L later, drawn uniformly from 0..m by torch's generator (and cut at the episode's end),
 as it does at run time when it reuses a plan for several chunks (the planner's `RefreshSchedule`
@@ -160,6 +160,7 @@ class TrainingWindows(torch.utils.data.Dataset):
             "embodiment": self.embodiment,
             "episode_index": ep["episode_index"],
             "frame_index": t,
+            "future_frame_index": future,
         }
         if self.plan_lag:
             lag = min(int(torch.randint(self.plan_lag + 1, ())), length - 1 - t)
