@@ -107,7 +107,7 @@ class HybridModule(L.LightningModule):
             (`WorldModel.freeze_vae`; None: it trains throughout). Whenever the VAE is frozen
             (after these steps, or a pretrained one from the start) each frame is encoded once
             and its latent kept (`hybrid.latent_cache`) instead of encoding the batch's current
-            and future frames every step. The exported VAE is the frozen one, not its average.
+            and future frames every step. From the freeze on, the VAE's average is the frozen VAE.
     """
 
     def __init__(
@@ -265,6 +265,12 @@ class HybridModule(L.LightningModule):
         if self.vae_steps is not None and wm is not None and wm.train_vae:
             if self.global_step >= self.vae_steps:  # also on a resume past that step
                 wm.freeze_vae()
+                # its average becomes the frozen VAE, which the cached latents come from, for
+                # whatever reads the average (the export, a checkpoint's `ema`)
+                vae = {id(p) for p in wm.vae.parameters()}
+                for name, param in self.policy.named_parameters():
+                    if id(param) in vae and self.ema is not None and name in self.ema:
+                        self.ema[name] = param.detach().clone()
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         conditioning = self.train_conditioning if stage == "train" else {}

@@ -90,7 +90,9 @@ def test_the_vae_freezes_after_vae_steps_and_its_latents_are_then_cached(mt10_da
     for key, value in module.policy.state_dict().items():
         if key.startswith("world_model.vae."):
             assert torch.equal(value, loaded[key]), key
-    assert all(torch.equal(v, loaded[k]) for k, v in module.ema.items() if ".vae." not in k)
+    # and the average holds that VAE too, for what reads a checkpoint's average (learning_curve)
+    assert any(".vae." in k for k in module.ema)
+    assert all(torch.equal(v, loaded[k]) for k, v in module.ema.items())
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
