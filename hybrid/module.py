@@ -262,15 +262,16 @@ class HybridModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         wm = self.policy.world_model
-        if self.vae_steps is not None and wm is not None and wm.train_vae:
-            if self.global_step >= self.vae_steps:  # also on a resume past that step
-                wm.freeze_vae()
-                # its average becomes the frozen VAE, which the cached latents come from, for
-                # whatever reads the average (the export, a checkpoint's `ema`)
-                vae = {id(p) for p in wm.vae.parameters()}
-                for name, param in self.policy.named_parameters():
-                    if id(param) in vae and self.ema is not None and name in self.ema:
-                        self.ema[name] = param.detach().clone()
+        if self.vae_steps is None or wm is None or not wm.train_vae:
+            return
+        if self.global_step < self.vae_steps:  # checked at every step: also on a resume past it
+            return
+        wm.freeze_vae()
+        if self.ema is not None:  # its average becomes the frozen VAE the latents come from,
+            vae = {id(p) for p in wm.vae.parameters()}  # for the export and a checkpoint's `ema`
+            for name, param in self.policy.named_parameters():
+                if id(param) in vae and name in self.ema:
+                    self.ema[name] = param.detach().clone()
 
     def _common_step(self, batch: dict, stage: str) -> torch.Tensor:
         conditioning = self.train_conditioning if stage == "train" else {}
