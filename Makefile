@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 quickstart: setup
 	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 20 --out $(QUICKSTART_DATA)
-	@# frames where the arm wanders, for the scene estimator alone (data.scene_root)
-	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 10 --action-noise 0.5 --keep-failures --seed 1 --out $(QUICKSTART_SCENE_DATA)
+	@# frames where the arm wanders, for the scene estimator alone (data.scene_root); 150 steps
+	@# at most each: a failed attempt would run to the simulator's 500
+	$(BIN)/hybrid collect metaworld --tasks $(QUICKSTART_TASKS) --episodes-per-task 10 --action-noise 0.5 --keep-failures --seed 1 --max-steps 150 --out $(QUICKSTART_SCENE_DATA)
 	$(BIN)/hybrid fit --config configs/quickstart.yaml --data.root $(QUICKSTART_DATA) --data.scene_root $(QUICKSTART_SCENE_DATA) --ckpt_path last
 	$(BIN)/hybrid eval --policy outputs/quickstart/policy --tasks $(QUICKSTART_TASKS) --episodes 5 --out outputs/quickstart/eval --video
 	@echo "quickstart policy: outputs/quickstart/policy (HybridPlanner.from_pretrained); results and videos: outputs/quickstart/eval"

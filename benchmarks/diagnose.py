@@ -109,10 +109,11 @@ def diagnose(
         add("action_mse_mean_action", (target.square() * step_mask).sum() / step_mask.sum())
         points = None  # (B, N, K, 2) in [-1, 1], read once for the keypoints' and scene's rows
         if expert.image_in is not None and expert.image_in.keypoints:
-            weights = expert.image_in.heatmaps_softmax(images)  # (B, N, K, cells)
+            seen = expert.eye_input(images)  # the frames, or the estimator's map they share
+            weights = expert.image_in.heatmaps_softmax(seen)  # (B, N, K, cells)
             entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)
             add("keypoint_entropy", (entropy / np.log(weights.shape[-1])).mean())
-            _, points = expert.image_in(images)
+            _, points = expert.image_in(seen)
             add("keypoint_spread_px", points.std(0).mean() * images.shape[-1] / 2)
         if expert.config.scene_dim and batch["scene"].shape[1] and scene_names:
             width = batch["scene"].shape[1]

@@ -4,7 +4,8 @@ chosen visual subgoal and the VLM's features into an action chunk.
 Tokens, in the order they are attended:
     context  [VLM prefix features (B, L, D_vlm), current-frame tokens (B, I, hidden) from its own
               CNN (`experts.image_encoder`; 6 x 6 per camera at 96 px, + 1 keypoint token per
-              camera), with `scene_input` its own scene estimate (B, 1, hidden), visual-subgoal
+              camera; with `shared_stem` its first two stages are the scene estimator's), with
+              `scene_input` its own scene estimate (B, 1, hidden), visual-subgoal
               latent patches (B, P, ...)]
                                                                     (B, L + I [+ 1] + P, hidden)
     suffix   [state token, H noisy action tokens]                       (B, 1 + H, hidden)
@@ -141,6 +142,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         scene_conditioning: bool = False,
         scene_estimator: int = 0,
         scene_context: bool = False,
+        shared_stem: bool = False,
         joint: bool = False,
         eyes: bool = True,
         plan_lag: int = 0,
@@ -186,7 +188,10 @@ class ActionExpert(ModelMixin, ConfigMixin):
         loss alone, on the current and the future frames of every sample) in place of the
         shared eyes' keypoints, which the action loss also shapes; `scene_context` gives that
         CNN a coarser stage whose view is added to the map its keypoints read
-        (`SceneEstimator`'s `context`).
+        (`SceneEstimator`'s `context`). `shared_stem` (with a `scene_estimator` and eyes) makes
+        the eyes read the estimator's two stages' map behind a stop-gradient in place of two
+        stages of their own, which `image_channels`' first two entries must then match: the
+        frames pass those stages once for both, and the eyes' keypoints read that map.
         `joint` makes the expert denoise the future latent (B, latent_channels, latent_size,
         latent_size) with the actions instead of reading it (module docstring): `loss` takes the
         true future as `visual_latent` and adds a `world` loss; `sample_joint` draws both.
@@ -207,6 +212,21 @@ class ActionExpert(ModelMixin, ConfigMixin):
             )
         if scene_estimator and not scene_dim:
             raise ValueError(f"scene_estimator {scene_estimator} needs a scene_dim > 0")
+        if shared_stem and not (scene_estimator and eyes and image_size):
+            raise ValueError(
+                "shared_stem: the eyes read the scene estimator's stem, so it needs a "
+                "scene_estimator > 0, eyes: true and an image_size"
+            )
+        if shared_stem and tuple(image_channels[:2]) != SceneEstimator.CHANNELS:
+            raise ValueError(
+                f"shared_stem: image_channels' first two entries are the scene estimator's stages "
+                f"{list(SceneEstimator.CHANNELS)}, got {list(image_channels)}"
+            )
+        if shared_stem and len(image_channels) < 3:
+            raise ValueError(
+                f"shared_stem: image_channels {list(image_channels)} needs a stage of the eyes' "
+                "own after the estimator's two"
+            )
         if scene_context and not scene_estimator:
             raise ValueError(
                 "scene_context widens the scene estimator's view: it needs a scene_estimator > 0"
@@ -267,6 +287,17 @@ class ActionExpert(ModelMixin, ConfigMixin):
         self.image_in = (
             None
             if image_size is None or not eyes
+            else ImageEncoder(  # on the estimator's stride-4 map (its stem), its keypoints too
+                hidden,
+                image_size // 4,
+                num_cameras,
+                tuple(image_channels[2:]),
+                keypoints,
+                keypoint_temperature,
+                in_channels=image_channels[1],
+                keypoint_stage=0,
+            )
+            if shared_stem
             else ImageEncoder(
                 hidden,
                 image_size,
@@ -337,6 +368,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         true_scene=None,
         estimate=None,
         lag=None,
+        stem_maps=None,
     ):
         """Per block, the context keys and values, the attention mask over [context; suffix]
         (B, 1, 1, L [+ I + S] [+ P] + 1 + H), and the scene estimate (B, scene_dim) or None;
@@ -344,17 +376,21 @@ class ActionExpert(ModelMixin, ConfigMixin):
         `true_scene` (B, scene_dim) with NaN rows where a sample has none replaces the estimate
         in the scene token of the rows that have one; `estimate` (B, scene_dim) is the scene
         estimate when the caller has it already (else it is made here); `lag` (B,) int64 the
-        plan's age in steps, read with `plan_lag` (None: 0). The stop-gradients of knowledge
-        insulation and of the scene token live here."""
+        plan's age in steps, read with `plan_lag` (None: 0); `stem_maps` (B * N, C, S / 4, S /
+        4) the scene estimator's stem maps of `images` with `shared_stem`, when the caller has
+        them. The stop-gradients of knowledge insulation, of the scene token and of the shared
+        stem live here."""
         tokens, masks = [], []
         if self.vlm_in is not None:
             tokens.append(self.vlm_in(vlm_features.detach()))
             masks.append(vlm_mask)
         cond, points = None, None
+        if self.config.shared_stem and images is not None and stem_maps is None:
+            stem_maps = self.estimator.stem_maps(images)  # once, for the eyes and the estimate
         if self.image_in is not None:
             if images is None:
                 raise ValueError("this action expert sees the current frames: pass `images`")
-            image_tokens, points = self.image_in(images)
+            image_tokens, points = self.image_in(self.eye_input(images, stem_maps))
             tokens.append(image_tokens)
             masks.append(vlm_mask.new_ones(image_tokens.shape[:2]))
             if self.keypoint_cond is not None:
@@ -364,7 +400,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if estimate is None and (self.scene_token is not None or self.scene_out is not None):
             if images is None:
                 raise ValueError("this action expert estimates the scene: pass `images`")
-            estimate = self.estimate_scene(images, embodiment_ids, points)
+            estimate = self.estimate_scene(images, embodiment_ids, points, stem_maps)
         if self.scene_token is not None:
             read = estimate.detach()
             if true_scene is not None:
@@ -395,6 +431,19 @@ class ActionExpert(ModelMixin, ConfigMixin):
         masks.append(vlm_mask.new_ones(vlm_mask.shape[0], self._suffix_length))
         return kv, torch.cat(masks, 1)[:, None, None, :], estimate, cond
 
+    def eye_input(
+        self, images: torch.Tensor, stem_maps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What the eyes (`image_in`) read of the frames (B, N, 3, S, S): the frames, or with
+        `shared_stem` the scene estimator's stem maps of them (B, N, C, S / 4, S / 4) behind a
+        stop-gradient (the estimator learns from the scene loss alone); `stem_maps` (B * N, C,
+        S / 4, S / 4) where the caller has them."""
+        if not self.config.shared_stem:
+            return images
+        if stem_maps is None:
+            stem_maps = self.estimator.stem_maps(images)
+        return rearrange(stem_maps.detach(), "(b n) c h w -> b n c h w", b=len(images))
+
     @property
     def _suffix_length(self) -> int:
         """State + H actions [+ P future patches with `joint`]."""
@@ -423,14 +472,18 @@ class ActionExpert(ModelMixin, ConfigMixin):
         images: torch.Tensor,
         embodiment_ids: torch.Tensor,
         points: torch.Tensor | None = None,
+        stem_maps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The scene estimate (B, scene_dim), normalised, from the frames (B, N, 3, S, S): by the
-        scene estimator where there is one, else from the shared eyes' keypoints (B, N, K, 2),
-        `points` when the caller has them."""
+        scene estimator where there is one (`stem_maps`: its stem's maps of them, when the
+        caller has them), else from the shared eyes' keypoints (B, N, K, 2), `points` when the
+        caller has them."""
         if not self.config.scene_dim:
             raise ValueError("this action expert has no scene head (scene_dim 0)")
         if self.estimator is not None:
-            return self.estimator(images, embodiment_ids)
+            if stem_maps is None:
+                return self.estimator(images, embodiment_ids)
+            return self.estimator(images, embodiment_ids, stem_maps)
         if points is None:
             _, points = self.image_in(images)
         return self.scene_out(self.scene_in(self._flat_points(points)), embodiment_ids)
@@ -529,7 +582,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if images is not None:
             images = random_shift(images, self.config.image_shift)
         has_scene = bool(self.config.scene_dim) and scene is not None and bool(scene_mask.any())
-        estimate, losses = None, {}
+        estimate, losses, stem_maps = None, {}, None
         if has_scene and self.estimator is not None:
             if images is None:
                 raise ValueError("this action expert sees the current frames: pass `images`")
@@ -546,7 +599,12 @@ class ActionExpert(ModelMixin, ConfigMixin):
                 ids = torch.cat([embodiment_ids, extra_ids])
                 targets = torch.cat([scene, extra_scene])
                 masks = torch.cat([scene_mask, extra_mask.bool()])
-            estimates = self.estimator(frames, ids)
+            if self.config.shared_stem:  # one pass of the stem serves the estimator and the eyes
+                maps = self.estimator.stem_maps(frames)
+                estimates = self.estimator(frames, ids, maps)
+                stem_maps = maps[: len(images) * images.shape[1]]  # rows (b n): the current frames
+            else:
+                estimates = self.estimator(frames, ids)
             estimate = estimates[: len(images)]  # the current frames' estimate, read below
             losses["scene"] = ((estimates - targets).square() * masks).sum() / masks.sum()
         true_scene = None
@@ -564,6 +622,7 @@ class ActionExpert(ModelMixin, ConfigMixin):
             true_scene,
             estimate,
             lag,
+            stem_maps,
         )
         if has_scene and "scene" not in losses:  # the shared eyes' head
             error = (estimate - scene).square() * scene_mask

@@ -17,6 +17,11 @@ value given) before the softmax. The 1x1 convolution's logits start small (std 0
 24 x 24 map, on quickstart frames), so at temperature 1 a softmax spreads over ~550 of its 576
 cells (0.1: ~21): its point sits near the image centre and its gradient is spread over the map.
 
+With `in_channels` other than 3 the encoder reads another CNN's feature map (B, N, in_channels, S,
+S), S = `image_size`, as it is, in place of frames: its stages continue that CNN's, and
+`keypoint_stage` 0 puts its keypoints on that map itself (the action expert's `shared_stem`,
+whose first two stages are the scene estimator's).
+
 `random_shift` is the augmentation that keeps such an encoder from memorising pixel positions on
 a few demonstrations (pad by replication, crop back at a random offset; Kostrikov et al. 2020).
 """
@@ -63,7 +68,11 @@ class ImageEncoder(nn.Module):
         channels: tuple[int, ...] = (32, 64, 128),
         keypoints: int = 0,
         keypoint_temperature: float | None = None,
+        in_channels: int = 3,
+        keypoint_stage: int = 2,
     ):
+        """`keypoint_stage`: how many of the stages run before the map the keypoints read (0:
+        the input map, for `in_channels` other than 3)."""
         super().__init__()
         if keypoint_temperature is not None and not keypoint_temperature > 0:
             raise ValueError(
@@ -74,19 +83,24 @@ class ImageEncoder(nn.Module):
                 f"image_size {image_size} must be divisible by 2**{len(channels)} "
                 f"(one halving per entry of channels {list(channels)})"
             )
-        layers, width = strided_stages(channels)
+        reads_map = keypoint_stage == 0 and in_channels != 3
+        if keypoints and not (0 < keypoint_stage <= len(channels) or reads_map):
+            raise ValueError(
+                f"keypoint_stage {keypoint_stage}: keypoints read the output of one of the "
+                f"{len(channels)} stages (1..{len(channels)}), or 0, the input map, where the "
+                f"input is another CNN's map (in_channels {in_channels}, not 3)"
+            )
+        layers, width = strided_stages(channels, in_channels)
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU()]
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Linear(width, hidden)
         self.image_size, self.num_cameras, self.keypoints = image_size, num_cameras, keypoints
+        self.in_channels = in_channels
         grid = image_size // 2 ** len(channels)
         self.pos = nn.Parameter(torch.randn(1, num_cameras * grid * grid, hidden) * 0.02)
-        if keypoints and len(channels) < 2:
-            raise ValueError(
-                f"keypoints need at least two stages in channels, got {list(channels)}"
-            )
         if keypoints:
-            self.heatmaps = nn.Conv2d(channels[1], keypoints, 1)
+            fine_width = channels[keypoint_stage - 1] if keypoint_stage else in_channels
+            self.heatmaps = nn.Conv2d(fine_width, keypoints, 1)
             self.keypoint_proj = nn.Linear(2 * keypoints, hidden)
             self.keypoint_pos = nn.Parameter(torch.randn(1, num_cameras, hidden) * 0.02)
         # per point, in log space so that it stays positive; None: temperature 1, not learned
@@ -95,11 +109,11 @@ class ImageEncoder(nn.Module):
             if keypoints and keypoint_temperature is not None
             else None
         )
-        # The keypoints' map is the second stage's output (3 modules per stage). Measured on the
-        # quickstart tasks (60 demonstrations each, the encoder trained on the scene alone, 1,000
-        # steps): the puck's held-out error is 1.8-1.9 cm from this map, 2.5-2.6 cm from the
-        # next, coarser one.
-        self._fine_layer = 5 if keypoints else None
+        # The keypoints' map is by default the second stage's output (3 modules per stage; -1:
+        # the input). Measured on the quickstart tasks (60 demonstrations each, the encoder
+        # trained on the scene alone, 1,000 steps): the puck's held-out error is 1.8-1.9 cm from
+        # this map, 2.5-2.6 cm from the next, coarser one.
+        self._fine_layer = 3 * keypoint_stage - 1 if keypoints else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens, maps = self._stem(images)
@@ -118,32 +132,32 @@ class ImageEncoder(nn.Module):
         return weights.softmax(-1)
 
     def _stem(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Grid tokens (B, N * g * g, hidden) and the keypoints' heat-map logits (B * N, K, 2g,
-        2g), divided by their temperature (None without keypoints)."""
-        if (
-            images.dim() != 5
-            or not 1 <= images.shape[1] <= self.num_cameras
-            or images.shape[2] != 3
-        ):
+        """Grid tokens (B, N * g * g, hidden) and the keypoints' heat-map logits (B * N, K, h,
+        w) of the map they read, divided by their temperature (None without keypoints)."""
+        c = self.in_channels
+        cameras = images.shape[1] if images.dim() == 5 else 0
+        if images.dim() != 5 or not 1 <= cameras <= self.num_cameras or images.shape[2] != c:
+            what = "images" if c == 3 else "feature maps"
             raise ValueError(
-                f"images must be (B, N, 3, S, S) with 1 <= N <= {self.num_cameras} cameras, "
+                f"{what} must be (B, N, {c}, S, S) with 1 <= N <= {self.num_cameras} cameras, "
                 f"got {tuple(images.shape)}"
             )
         b = images.shape[0]
         x = rearrange(images, "b n c h w -> (b n) c h w")
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="area")
-        x = x * 2 - 1
+        if c == 3:  # frames in [0, 1]; another CNN's map is read as it is
+            x = x * 2 - 1
         fine = x
         for i, layer in enumerate(self.stem):
             x = layer(x)
             if i == self._fine_layer:
-                fine = x  # (B * N, C', 2g, 2g)
+                fine = x  # (B * N, C', h, w)
         tokens = rearrange(x, "(b n) c h w -> b (n h w) c", b=b)  # x: (B * N, C, g, g)
         tokens = self.proj(tokens) + self.pos[:, : tokens.shape[1]]  # a robot may have fewer
         if not self.keypoints:
             return tokens, None
-        maps = self.heatmaps(fine)  # (B * N, K, 2g, 2g)
+        maps = self.heatmaps(fine)  # (B * N, K, h, w)
         if self.log_temperature is not None:
             maps = maps / self.log_temperature.exp()[:, None, None]
         return tokens, maps

@@ -53,6 +53,7 @@ class SceneEstimator(nn.Module):
     # what a per-robot LoRA adapts here (regex on names inside this module): a new robot's
     # cameras see another scene; its own output row is added by `add_row`
     LORA_TARGETS = r"stem\.(?:0|3)|context\.(?:0|3)|heatmaps|readout\.0"
+    CHANNELS = (32, 64)  # the two stages' widths
 
     def __init__(
         self,
@@ -60,7 +61,7 @@ class SceneEstimator(nn.Module):
         num_cameras: int = 1,
         keypoints: int = 16,
         num_embodiments: int = 1,
-        channels: tuple[int, int] = (32, 64),
+        channels: tuple[int, int] = CHANNELS,
         hidden: int = 128,
         image_size: int | None = None,
         context: bool = False,
@@ -88,15 +89,28 @@ class SceneEstimator(nn.Module):
         self.out = EmbodimentLinear(num_embodiments, hidden, scene_dim)
         self.num_cameras, self.image_size = num_cameras, image_size
 
-    def points(self, images: torch.Tensor) -> torch.Tensor:
+    def points(self, images: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
         """Each camera's K image points (B, N, K, 2) in [-1, 1] (x from the left, y from the
-        top)."""
-        points = spatial_softmax(self.heatmap_logits(images))
+        top); `maps` as in `heatmap_logits`."""
+        points = spatial_softmax(self.heatmap_logits(images, maps))
         return rearrange(points, "(b n) k xy -> b n k xy", b=images.shape[0])
 
-    def heatmap_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def heatmap_logits(
+        self, images: torch.Tensor, maps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The K heat maps' logits (B * N, K, h, w) of images (B, N, 3, S, S), h = w = S / 4 at
-        the estimator's side: what each point's spatial softmax reads."""
+        the estimator's side: what each point's spatial softmax reads. `maps`: the images'
+        `stem_maps` where the caller has them."""
+        maps = self.stem_maps(images) if maps is None else maps
+        if self.context is not None:  # the coarser stage's view, at the finer map's cells
+            coarse = self.context(maps)
+            maps = maps + F.interpolate(coarse, size=maps.shape[-2:], mode="nearest")
+        return self.heatmaps(maps)
+
+    def stem_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The two stages' map (B * N, C, S / 4, S / 4) of images (B, N, 3, S, S) at the
+        estimator's side, rows (b n): what its heat maps read, and the action expert's eyes
+        with a `shared_stem`."""
         if images.dim() != 5 or not 1 <= images.shape[1] <= self.num_cameras:
             raise ValueError(
                 f"images must be (B, N, 3, S, S) with 1 <= N <= {self.num_cameras} cameras, "
@@ -106,13 +120,15 @@ class SceneEstimator(nn.Module):
         size = self.image_size
         if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
             x = F.interpolate(x, size=(size, size), mode="area")
-        maps = self.stem(x * 2 - 1)  # (B * N, C, S / 4, S / 4)
-        if self.context is not None:  # the coarser stage's view, at the finer map's cells
-            coarse = self.context(maps)
-            maps = maps + F.interpolate(coarse, size=maps.shape[-2:], mode="nearest")
-        return self.heatmaps(maps)
+        return self.stem(x * 2 - 1)
 
-    def forward(self, images: torch.Tensor, embodiment_ids: torch.Tensor) -> torch.Tensor:
-        flat = rearrange(self.points(images), "b n k xy -> b (n k xy)")
+    def forward(
+        self,
+        images: torch.Tensor,
+        embodiment_ids: torch.Tensor,
+        maps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The scene (B, scene_dim); `maps` as in `heatmap_logits`."""
+        flat = rearrange(self.points(images, maps), "b n k xy -> b (n k xy)")
         flat = F.pad(flat, (0, self.readout[0].in_features - flat.shape[1]))
         return self.out(self.readout(flat), embodiment_ids)

@@ -554,3 +554,68 @@ def test_an_expert_without_eyes_sees_the_frames_only_through_its_scene_estimate(
         _expert(eyes=False, keypoints=4, **kw)
     with pytest.raises(ValueError, match="a scene_estimator > 0 must read the frames"):
         _expert(eyes=False)
+
+
+def test_a_shared_stem_feeds_the_eyes_the_estimators_map_once_behind_a_stop_gradient(tmp_path):
+    """`shared_stem`: the eyes read the scene estimator's two stages' map in place of two stages
+    of their own. The frames pass that stem once per loss and once per sample; the action loss
+    trains the eyes and never the estimator, the scene loss the estimator and never the eyes;
+    the eyes' keypoints read that map; save and load keep it."""
+    kw = dict(scene_dim=5, scene_estimator=4, scene_input=True, keypoints=4)
+    kw |= dict(keypoint_conditioning=True, image_channels=(32, 64, 16), shared_stem=True)
+    torch.manual_seed(0)
+    expert = _expert(**kw)
+    assert expert.image_in.stem[0].in_channels == 64, "the eyes start from the estimator's map"
+    with torch.no_grad():  # adaLN-zero starts every block as the identity: wake them up
+        expert.modulation[1].weight.normal_(std=0.1)
+    passes = []
+    expert.estimator.stem.register_forward_hook(lambda m, i, o: passes.append(len(i[0])))
+    inputs = _inputs()
+    actions, action_mask = torch.randn(B, H, 3), torch.ones(B, H, dtype=torch.bool)
+    dim_mask = torch.ones(B, 3, dtype=torch.bool)
+    scene = dict(scene=torch.randn(B, 5), scene_mask=torch.ones(B, 5, dtype=torch.bool))
+    extra = dict(
+        extra_images=torch.rand(2, 1, 3, 32, 32),
+        extra_scene=torch.randn(2, 5),
+        extra_mask=torch.ones(2, 5),
+        extra_ids=torch.zeros(2, dtype=torch.long),
+    )
+    losses = expert.loss(actions, action_mask, dim_mask, **inputs, **scene, **extra)
+    assert passes == [B + 2], "one pass of the stem, over the current and the extra frames"
+    losses["action"].backward(retain_graph=True)
+    assert all(p.grad is None for p in expert.estimator.parameters()), "no action gradient"
+    assert expert.image_in.stem[0].weight.grad.abs().sum() > 0, "the action loss trains the eyes"
+    assert expert.image_in.heatmaps.weight.grad.abs().sum() > 0, "and their keypoints"
+    expert.zero_grad(set_to_none=True)
+    losses["scene"].backward()
+    assert expert.estimator.stem[0].weight.grad.abs().sum() > 0, "the scene loss trains the stem"
+    assert all(p.grad is None for p in expert.image_in.parameters()), "and not the eyes"
+
+    expert.eval()
+    passes.clear()
+
+    def sample(model):
+        return model.sample(**inputs, steps=3, generator=torch.Generator().manual_seed(5))
+
+    a = sample(expert)
+    assert passes == [B], "one pass of the stem per sample serves the eyes and the estimate"
+    expert.save_pretrained(tmp_path / "shared")
+    loaded = ActionExpert.from_pretrained(tmp_path / "shared").eval()
+    torch.testing.assert_close(a, sample(loaded))
+    # with the true scene in the scene token, the estimator's stem reaches the actions only
+    # through the eyes
+    fixed = inputs | {"scene": torch.randn(B, 5)}
+    before = loaded.sample(**fixed, steps=3, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        loaded.estimator.stem[0].weight.mul_(1.5)
+    after = loaded.sample(**fixed, steps=3, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(before, after), "the eyes see through the shared stem"
+    maps = loaded.eye_input(inputs["images"])
+    assert maps.shape == (B, 1, 64, 8, 8) and not maps.requires_grad
+    with pytest.raises(ValueError, match=r"feature maps must be \(B, N, 64, S, S\)"):
+        loaded.image_in(inputs["images"])  # frames where the map belongs
+    assert loaded.image_in(maps)[1].shape == (B, 1, 4, 2)
+    with pytest.raises(ValueError, match="needs a scene_estimator > 0, eyes: true"):
+        _expert(shared_stem=True)
+    with pytest.raises(ValueError, match=r"estimator's stages \[32, 64\], got \[8, 16, 16\]"):
+        _expert(**kw | {"image_channels": (8, 16, 16)})

@@ -93,7 +93,8 @@ class HybridDataModule(L.LightningDataModule):
             raise DatasetError(
                 f"data.scene_root {scene_root} is not a directory: collect it (`hybrid collect "
                 f"<robot> --tasks <the training tasks> --action-noise 0.5 --keep-failures --seed 1 "
-                f"--out {scene_root}`, as `make quickstart` does), or pass --data.scene_root null"
+                f"--max-steps 150 --out {scene_root}`, as `make quickstart` does), or pass "
+                "--data.scene_root null"
             )
         self.save_hyperparameters()
         self.train_set: TrainingWindows | None = None
