@@ -28,7 +28,9 @@ fi
 # torch installs with pip, which picks the build pip is configured for (a local CPU wheel, here);
 # the rest with uv (itself installed by pip), in seconds where pip takes minutes, from pip's
 # configured indexes and find-links; pip does the work wherever uv cannot (or with
-# HYBRID_INSTALLER=pip).
+# HYBRID_INSTALLER=pip). Both compile the bytecode at install (pip by default, uv when told):
+# where PYTHONDONTWRITEBYTECODE is set, Python never caches it, and every process of a
+# quickstart would compile lightning, transformers and diffusers from source again.
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # Versions are read from the package metadata: importing torch before numpy is installed warns.
@@ -42,7 +44,7 @@ pip_sources() {
 install() {
   if [ "${HYBRID_INSTALLER:-uv}" = uv ] && { [ -x "$VENV/bin/uv" ] || $PIP install uv >/dev/null 2>&1; }; then
     # shellcheck disable=SC2046
-    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" $(pip_sources) "$@" && return
+    "$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" $(pip_sources) "$@" && return
     echo "setup: uv could not install $*; pip installs it instead" >&2
   fi
   $PIP install "$@"
