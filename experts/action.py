@@ -481,8 +481,6 @@ class ActionExpert(ModelMixin, ConfigMixin):
         if not self.config.scene_dim:
             raise ValueError("this action expert has no scene head (scene_dim 0)")
         if self.estimator is not None:
-            if stem_maps is None:
-                return self.estimator(images, embodiment_ids)
             return self.estimator(images, embodiment_ids, stem_maps)
         if points is None:
             _, points = self.image_in(images)

@@ -548,7 +548,7 @@ def test_an_expert_without_eyes_sees_the_frames_only_through_its_scene_estimate(
 
     assert not torch.allclose(sample(inputs), sample(other)), "the frames reach the actions"
     fixed = torch.randn(B, 5)
-    expert.estimator.forward = lambda images, embodiment_ids: fixed
+    expert.estimator.forward = lambda images, embodiment_ids, maps=None: fixed
     torch.testing.assert_close(sample(inputs), sample(other))  # only through the estimate
     with pytest.raises(ValueError, match="keypoints must be 0"):
         _expert(eyes=False, keypoints=4, **kw)
