@@ -445,13 +445,19 @@ class HybridPolicy(nn.Module):
             )
         extra = {}  # more frames for the scene estimator alone: the future, other rollouts
         if scene is not None:
-            # (frames, scene, mask); the scene data is of the batch's robot
-            sources = [("scene_images", "scene_target", "scene_target_mask")]
+            # (frames, scene, mask, robot rows); the scene data, as many frames as the data
+            # module gives (`scene_batch_size`), is of the batch's robot (one per data module)
+            sources = [("scene_images", "scene_target", "scene_target_mask", ids[:1])]
             if scene_future:
-                sources.insert(0, ("future_images", "future_scene", "scene_mask"))
+                sources.insert(0, ("future_images", "future_scene", "scene_mask", ids))
             parts = [
-                (batch[i], self._pad(batch[t], scene_dim), self._pad(batch[m], scene_dim), ids)
-                for i, t, m in sources
+                (
+                    batch[i],
+                    self._pad(batch[t], scene_dim),
+                    self._pad(batch[m], scene_dim),
+                    rows.expand(len(batch[t])),
+                )
+                for i, t, m, rows in sources
                 if t in batch
             ]
             if parts:

@@ -154,12 +154,13 @@ def test_the_robot_spec_carries_action_limits(datamodule, mt10_dataset):
     np.testing.assert_allclose(spec.action_high, actions.max(0), atol=1e-6)
 
 
-def test_a_second_dataset_gives_every_training_sample_a_frame_for_the_scene_estimator(
+def test_a_second_dataset_gives_every_training_batch_frames_for_the_scene_estimator(
     mt10_dataset, panda_dataset, tmp_path
 ):
-    """`scene_root`: each training sample carries one frame of the scene data, drawn at random,
-    with that frame's scene normalised by the training data's statistics; validation reads the
-    training data alone, and scene data of another robot is refused by name."""
+    """`scene_root`: each training batch carries `scene_batch_size` frames of the scene data
+    (default one per window), drawn at random, with their scenes normalised by the training
+    data's statistics; validation reads the training data alone, and scene data of another
+    robot is refused by name."""
     root = str(mt10_dataset[0])
     # the same frames under other statistics: the targets must follow the training data's
     scene_root = tmp_path / "scene"
@@ -190,6 +191,20 @@ def test_a_second_dataset_gives_every_training_sample_a_frame_for_the_scene_esti
     assert len({tuple(t) for t in batch["scene_target"].tolist()}) > 8, "drawn at random"
     assert batch["scene_target_mask"].all(), "the training data's own scenes lie within bound"
     assert "scene_images" not in next(iter(dm.val_dataloader()))
+    fewer = HybridDataModule(
+        root,
+        image_size=32,
+        batch_size=16,
+        val_fraction=0.5,
+        scene_root=str(scene_root),
+        scene_batch_size=6,
+    )
+    fewer.setup("fit")
+    batch = next(iter(fewer.train_dataloader()))
+    assert batch["state"].shape[0] == 16 and batch["scene_images"].shape == (6, 2, 3, 32, 32)
+    assert batch["scene_target"].shape[0] == batch["scene_target_mask"].shape[0] == 6
+    with pytest.raises(ValueError, match="data.scene_batch_size must be >= 1, got 0"):
+        HybridDataModule(root, scene_root=str(scene_root), scene_batch_size=0)
     # measured by narrower statistics, targets beyond SCENE_BOUND deviations carry no weight
     narrow = {k: {s: np.asarray(v) for s, v in d.items()} for k, d in dm.dataset.stats.items()}
     narrow[key]["std"] = narrow[key]["std"] / 10

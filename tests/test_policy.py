@@ -728,3 +728,8 @@ def test_a_scene_estimator_trains_on_the_current_the_future_and_other_rollouts_f
     only = {"future_scene", "scene_images", "scene_target", "scene_target_mask"}
     current = {k: v for k, v in batch.items() if k not in only}
     assert torch.isfinite(scene_loss(current)) and scene_loss(current) != base
+    # fewer of the second dataset's frames than windows (`data.scene_batch_size`): each is read
+    fewer = {k: batch[k][:2] if k in only - {"future_scene"} else batch[k] for k in batch}
+    assert torch.isfinite(scene_loss(fewer)) and scene_loss(fewer) != base
+    fewer["scene_target"] = fewer["scene_target"] + 1.0
+    assert scene_loss(fewer) > scene_loss(dict(fewer, scene_target=batch["scene_target"][:2]))

@@ -49,8 +49,9 @@ class HybridDataModule(L.LightningDataModule):
         state_norm, action_norm: normalisation modes for state and actions.
         scene_root: a second dataset of the same robot and cameras whose every frame, with its
             scene, is one more example for the action expert's scene estimator and for nothing
-            else: each training sample carries one, drawn at random (`scene_frames.py`). None:
-            the estimator learns from the training data alone.
+            else: each training batch carries `scene_batch_size` of them, drawn at random
+            (`scene_frames.py`). None: the estimator learns from the training data alone.
+        scene_batch_size: frames of `scene_root` per training batch; None: `batch_size`.
         plan_lag: m > 0 trains the action expert on plans made up to m steps before the step
             it acts at (`windows.py`), as the planner's slow-tier schedule uses them: with
             `execute_steps` e and `max_chunks_per_subgoal` c, a plan is read up to (c - 1) * e
@@ -73,6 +74,7 @@ class HybridDataModule(L.LightningDataModule):
         state_norm: Mode = "mean_std",
         action_norm: Mode = "mean_std",
         scene_root: str | None = None,
+        scene_batch_size: int | None = None,
         plan_lag: int = 0,
     ):
         super().__init__()
@@ -85,6 +87,7 @@ class HybridDataModule(L.LightningDataModule):
             ("image_size", image_size, 16),
             ("num_workers", num_workers, 0),
             ("plan_lag", plan_lag, 0),
+            ("scene_batch_size", batch_size if scene_batch_size is None else scene_batch_size, 1),
         ):
             if value < least:
                 raise ValueError(f"data.{name} must be >= {least}, got {value}")
@@ -192,7 +195,9 @@ class HybridDataModule(L.LightningDataModule):
             if key in self.dataset.stats
         }
 
-    def _loader(self, windows: torch.utils.data.Dataset, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, windows: torch.utils.data.Dataset, shuffle: bool, collate_fn=None
+    ) -> DataLoader:
         hp = self.hparams
         return DataLoader(
             windows,
@@ -201,12 +206,16 @@ class HybridDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             drop_last=shuffle and len(windows) > hp.batch_size,
+            collate_fn=collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.scene_frames is not None:
-            return self._loader(WithSceneFrames(self.train_set, self.scene_frames), shuffle=True)
-        return self._loader(self.train_set, shuffle=True)
+        if self.scene_frames is None:
+            return self._loader(self.train_set, shuffle=True)
+        count = self.hparams.scene_batch_size or self.hparams.batch_size
+        return self._loader(
+            self.train_set, shuffle=True, collate_fn=WithSceneFrames(self.scene_frames, count)
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

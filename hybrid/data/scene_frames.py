@@ -8,11 +8,11 @@ noise and failed episodes kept (`hybrid collect ... --action-noise 0.5 --keep-fa
 frames train the scene loss only; the actions, the language and the world model learn from the
 training data alone.
 
-`SceneFrames` holds every frame of such a dataset; `WithSceneFrames` adds one of them, drawn at
-random, to every training window:
-    scene_images    (N, 3, S, S) float32 in [0, 1]   the N cameras at that frame
-    scene_target    (E,) float32, normalised with the training data's statistics
-    scene_target_mask (E,) float32: 1, or 0 where the target lies more than SCENE_BOUND of the
+`SceneFrames` holds every frame of such a dataset; `WithSceneFrames`, a DataLoader's collate
+function, adds `count` of them, drawn at random, to every training batch of windows:
+    scene_images    (count, N, 3, S, S) float32 in [0, 1]   the N cameras at those frames
+    scene_target    (count, E) float32, normalised with the training data's statistics
+    scene_target_mask (count, E) float32: 1, or 0 where the target lies more than SCENE_BOUND of the
                     training data's standard deviations from its mean
 The bound drops what the policy never has to know: with large action noise the arm knocks the
 object off the table (in `hybrid collect ... --action-noise 0.5 --keep-failures`, one frame in
@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from einops import rearrange
+from torch.utils.data import default_collate
 
 from hybrid.data.lerobot_dataset import DatasetError, LeRobotDataset
 from hybrid.data.normalize import Normalizer
@@ -81,16 +82,14 @@ class SceneFrames(torch.utils.data.Dataset):
         }
 
 
-class WithSceneFrames(torch.utils.data.Dataset):
-    """`windows`, each sample with one frame of `frames` drawn at random by torch's generator
-    (seeded by `seed_everything`, and per worker by the DataLoader)."""
+class WithSceneFrames:
+    """A DataLoader's collate function: the batch of windows, and `count` frames of `frames`
+    drawn at random by torch's generator (seeded by `seed_everything`, and per worker by the
+    DataLoader). The estimator's stem passes each frame, so `count` is a step's cost."""
 
-    def __init__(self, windows: torch.utils.data.Dataset, frames: SceneFrames):
-        self.windows, self.frames = windows, frames
+    def __init__(self, frames: SceneFrames, count: int):
+        self.frames, self.count = frames, count
 
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict:
-        j = int(torch.randint(len(self.frames), ()))
-        return self.windows[i] | self.frames[j]
+    def __call__(self, windows: list[dict]) -> dict:
+        drawn = torch.randint(len(self.frames), (self.count,)).tolist()
+        return default_collate(windows) | default_collate([self.frames[j] for j in drawn])
