@@ -78,6 +78,8 @@ class HybridDataModule(L.LightningDataModule):
         plan_lag: int = 0,
     ):
         super().__init__()
+        # frames of scene_root per training batch, the default resolved once
+        self.scene_batch_size = batch_size if scene_batch_size is None else scene_batch_size
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         for name, value, least in (
@@ -87,7 +89,7 @@ class HybridDataModule(L.LightningDataModule):
             ("image_size", image_size, 16),
             ("num_workers", num_workers, 0),
             ("plan_lag", plan_lag, 0),
-            ("scene_batch_size", batch_size if scene_batch_size is None else scene_batch_size, 1),
+            ("scene_batch_size", self.scene_batch_size, 1),
         ):
             if value < least:
                 raise ValueError(f"data.{name} must be >= {least}, got {value}")
@@ -212,10 +214,8 @@ class HybridDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.scene_frames is None:
             return self._loader(self.train_set, shuffle=True)
-        count = self.hparams.scene_batch_size or self.hparams.batch_size
-        return self._loader(
-            self.train_set, shuffle=True, collate_fn=WithSceneFrames(self.scene_frames, count)
-        )
+        collate = WithSceneFrames(self.scene_frames, self.scene_batch_size)
+        return self._loader(self.train_set, shuffle=True, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
