@@ -22,7 +22,10 @@ Ablation switches on the same trained policy: `num_candidates=1` (nothing to sco
 world model still imagines each language subgoal's target, so that the refresh rule is the same),
 `language_subgoal=False` (the instruction stands in for the subgoal); both off is the flat VLA
 path, where nothing is encoded or imagined. Training drops the visual subgoal and the language
-subgoal for a share of samples so that these modes stay valid.
+subgoal for a share of samples so that these modes stay valid. The world model's noise and the
+action expert's come from two generators, both seeded from `seed`, so a switch that imagines
+more or fewer futures leaves every action chunk's noise as it was: the modes' rollouts are
+paired draws.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ class HybridPlanner:
             or "none" (nothing reads the pixels).
         async_delay: d > 0 plans each chunk in the background, d steps ahead (module docstring);
             0 plans synchronously.
-        seed: seeds the flow noise, so a planner's rollouts are reproducible.
+        seed: seeds the flow noise (the world model's and the action expert's, each its own
+            generator), so a planner's rollouts are reproducible.
         compile: a `torch.compile` backend ("inductor") for the policy's inference API
             (`planners/compiled.py`): faster chunks after minutes of compiling; None runs eager.
     """
@@ -182,7 +186,10 @@ class HybridPlanner:
         if getattr(self, "pending", None) is not None:
             self.pending.result()
             self.pending = None
-        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        # imagination's noise apart from the actions': K candidates draw K times the noise of one
+        world_seed = int(np.random.SeedSequence([self.seed, 1]).generate_state(1)[0])
+        self.generator = torch.Generator(device=self.device).manual_seed(world_seed)
+        self.action_generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.queue: deque[np.ndarray] = deque()
         self.subgoal: str | None = None
         self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # the VLM's, and mask
@@ -352,7 +359,7 @@ class HybridPlanner:
                     images,
                     self.visual_latent if self.visual_subgoal else None,
                     self.action_steps,
-                    self.generator,
+                    self.action_generator,
                     committed,
                     scene,
                     lag=lag,

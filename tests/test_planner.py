@@ -279,6 +279,20 @@ def test_sync_rollouts_are_deterministic_under_the_seed(tiny_policy_dir, frames)
     np.testing.assert_array_equal(a, b)
 
 
+def test_the_number_of_candidates_leaves_the_action_noise_as_it_was(tiny_policy_dir, frames):
+    """Without a visual subgoal the action expert reads no future, but the world model still
+    imagines each subgoal's target: K = 1 and K = 4 must then give the same chunks, the action
+    noise drawn apart from imagination's (else the ablation modes would be unpaired draws)."""
+    chunks = [
+        HybridPlanner.from_pretrained(
+            tiny_policy_dir, num_candidates=k, visual_subgoal=False, execute_steps=4
+        ).plan(_obs(frames), INSTRUCTION)
+        for k in (1, 4)
+    ]
+    assert [len(chunk.scores) for chunk in chunks] == [1, 4]  # both imagined the target
+    np.testing.assert_array_equal(chunks[0].actions, chunks[1].actions)
+
+
 def test_compiled_inference_plans_what_the_policy_plans(tiny_policy_dir, frames):
     """`compile` runs the policy's inference API through torch.compile: the same actions, through
     new subgoals, committed actions and the background thread ("eager" traces the graphs without
