@@ -181,14 +181,14 @@ class HybridPlanner:
         return self.policy.device
 
     def reset(self) -> None:
-        """Forget the episode: cached subgoals, the action queue, the noise generator. A plan still
+        """Forget the episode: cached subgoals, the action queue, the noise generators. A plan still
         running in the background is waited for and dropped."""
         if getattr(self, "pending", None) is not None:
             self.pending.result()
             self.pending = None
         # imagination's noise apart from the actions': K candidates draw K times the noise of one
         world_seed = int(np.random.SeedSequence([self.seed, 1]).generate_state(1)[0])
-        self.generator = torch.Generator(device=self.device).manual_seed(world_seed)
+        self.world_generator = torch.Generator(device=self.device).manual_seed(world_seed)
         self.action_generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.queue: deque[np.ndarray] = deque()
         self.subgoal: str | None = None
@@ -302,7 +302,7 @@ class HybridPlanner:
                     images,
                     self.num_candidates,
                     self.action_steps,
-                    self.generator,
+                    self.world_generator,
                     committed,
                     scene,
                     current,
@@ -311,7 +311,7 @@ class HybridPlanner:
             if self.visual_subgoal:  # a plan from the prior, every chunk; nothing to score
                 with timer("plan"):
                     self.visual_latent = policy.sample_plan(
-                        current, state, features, mask, self.generator
+                        current, state, features, mask, self.world_generator
                     )
                 made.add("visual")
         elif current is not None and policy.reads_world_features:
@@ -322,7 +322,12 @@ class HybridPlanner:
         elif current is not None and due:
             with timer("imagine"):
                 candidates, candidate_scores = policy.imagine(
-                    current, features, mask, self.num_candidates, self.imagine_steps, self.generator
+                    current,
+                    features,
+                    mask,
+                    self.num_candidates,
+                    self.imagine_steps,
+                    self.world_generator,
                 )
             made.add("visual")
         if candidates is not None:

@@ -528,7 +528,7 @@ def test_joint_plans_k_chunk_and_future_pairs_and_keeps_the_best(mt10_dataset, t
     planner.reset()  # its world generator as the plan found it (the pairs are the world's draws)
     chunks, _, scores = planner.policy.imagine_and_act(
         planner.policy.normalize_state(obs.state[None], "sawyer"), "sawyer", features, mask, images,
-        4, planner.action_steps, planner.generator,
+        4, planner.action_steps, planner.world_generator,
     )  # fmt: skip
     np.testing.assert_allclose(scores[0].numpy(), plan.scores, rtol=1e-5)
     np.testing.assert_allclose(chunks[0, plan.chosen], plan.actions, rtol=1e-5, atol=1e-6)
