@@ -1,5 +1,6 @@
 """Closed-loop success of the planner's ablation modes on the same trained policy, beside a
-zero-action baseline, with 95% Wilson intervals. Prints numbers; asserts nothing.
+zero-action baseline, with 95% Wilson intervals, and each mode's difference from the first on the
+same episodes with its paired 95% interval. Prints numbers; asserts nothing.
 
     python benchmarks/ablation.py --policy outputs/quickstart/policy --episodes 20 \
         --readme README.md --out outputs/quickstart/ablation.json --chart docs/ablation.png
@@ -9,8 +10,12 @@ expert), no language subgoal (the instruction stands in); and two schedules of t
 hierarchy: the VLM's prefix pass only with each new language subgoal (`VLM per subgoal`), and the
 VLM and the world model both at that rate (`slow tiers per subgoal`). Each switch changes one
 thing: the refresh rule is the same in every mode (`planners/schedule.py`). Task configurations
-come from --seed, which differs from the seeds of the training data. `--readme` rewrites the
-README's table between its `--figure` markers (default `ablation`).
+come from --seed, which differs from the seeds of the training data. Every mode runs the same
+episodes (placements, and the planner's noise streams seeded per episode), so two modes pair up
+episode by episode: the last column counts the episodes a mode solved that the first did not,
+and the reverse, and Newcombe's paired interval of the difference (`hybrid.intervals`) is far
+narrower than two overlapping Wilson intervals when the modes mostly agree. `--readme` rewrites
+the README's table between its `--figure` markers (default `ablation`).
 """
 
 import argparse
@@ -18,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from closed_loop import QUICKSTART, rollouts
+from closed_loop import QUICKSTART, outcomes, rollouts
 from readme import check_figure, report_successes
 from rich.console import Console
 
@@ -38,23 +43,24 @@ MODES = {
 }
 
 
-def zero_action_successes(
+def zero_action_outcomes(
     sim: ModuleType, task: str, episodes: int, seed: int, max_steps: int
-) -> int:
-    """Episodes of `task` that doing nothing solves, on the task configurations of `seed`; `sim`
-    is a simulator adapter (`hybrid.sim.metaworld`, `hybrid.sim.panda`)."""
+) -> list[bool]:
+    """Whether doing nothing solves each episode of `task`, on the task configurations of
+    `seed`; `sim` is a simulator adapter (`hybrid.sim.metaworld`, `hybrid.sim.panda`)."""
     env = sim.make_env(task, image_size=32, seed=seed)
     still = np.zeros(sim.EMBODIMENT.action_dim, np.float32)
-    successes = 0
+    solved = []
     for episode in range(episodes):
         env.reset(episode_seed(seed, task, episode))
+        success = False
         for _ in range(max_steps):
             _, success = env.step(still)
             if success:
-                successes += 1
                 break
+        solved.append(bool(success))
     env.close()
-    return successes
+    return solved
 
 
 def main() -> None:
@@ -76,6 +82,7 @@ def main() -> None:
     console = Console()
     tasks = metaworld.resolve_tasks(args.tasks)
     counts: dict[str, list[int]] = {}  # mode -> successes per task
+    solved: dict[str, list[bool]] = {}  # mode -> each episode's outcome, paired across modes
     for mode in args.modes:
         summary = rollouts(
             args.policy,
@@ -87,15 +94,21 @@ def main() -> None:
             planner=MODES[mode],
         )
         counts[mode] = [summary["tasks"][t]["successes"] for t in tasks]
+        solved[mode] = outcomes(summary, tasks)
         rate = format_rate(sum(counts[mode]), args.episodes * len(tasks))
         console.print(f"{mode}: mean success {rate}")
-    counts["zero action"] = [
-        zero_action_successes(metaworld, t, args.episodes, args.seed, args.max_steps) for t in tasks
+    still = [
+        zero_action_outcomes(metaworld, t, args.episodes, args.seed, args.max_steps) for t in tasks
     ]
+    counts["zero action"] = [sum(per_task) for per_task in still]
+    solved["zero action"] = [x for per_task in still for x in per_task]
     table = report_successes(
-        counts, "mode", tasks, args.episodes, args.seed, args.figure, args.readme, args.out
+        counts, "mode", tasks, args.episodes, args.seed, args.figure, args.readme, args.out, solved
     )
-    console.print(f"success, {args.episodes} episodes per task (seed {args.seed}), 95% Wilson")
+    console.print(
+        f"success, {args.episodes} episodes per task (seed {args.seed}), 95% Wilson; each mode "
+        "against the first on the same episodes, with the paired 95% interval of the difference"
+    )
     console.print(table)
     if args.chart:
         modes = {

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from ablation import zero_action_successes
+from ablation import zero_action_outcomes
+from closed_loop import outcomes
 from readme import check_figure, report_successes
 from rich.console import Console
 from rich.table import Table
@@ -154,11 +155,14 @@ def main() -> None:
     counts = {
         name: [summary["tasks"][t]["successes"] for t in tasks] for name, summary in results.items()
     }
-    counts["zero action"] = [
-        zero_action_successes(panda, t, args.episodes, args.seed, args.max_steps) for t in tasks
+    still = [
+        zero_action_outcomes(panda, t, args.episodes, args.seed, args.max_steps) for t in tasks
     ]
+    counts["zero action"] = [sum(per_task) for per_task in still]
+    solved = {name: outcomes(summary, tasks) for name, summary in results.items()}
+    solved["zero action"] = [x for per_task in still for x in per_task]
     table = report_successes(
-        counts, "condition", tasks, args.episodes, args.seed, "finetune", args.readme
+        counts, "condition", tasks, args.episodes, args.seed, "finetune", args.readme, None, solved
     )
     console.print(
         f"panda: {demos} demonstrations, {args.steps} steps; success over {args.episodes} "

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hybrid.intervals import format_rate
+from hybrid.intervals import format_paired_difference, format_rate
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -93,19 +93,30 @@ def report_successes(
     figure: str,
     readme: str | None = None,
     out: str | None = None,
+    outcomes: dict | None = None,
 ) -> str:
     """The success table (one row per key of `counts`: successes per task, then the pooled mean,
     each with its 95% Wilson interval) as markdown; written to `readme` as `figure` and to `out`
-    as JSON when those are given."""
+    as JSON when those are given. With `outcomes` (each row's per-episode successes, on the same
+    episodes in the same order), a last column gives each row's difference from the first row,
+    in points, with its paired 95% interval and the episodes only it and only the first solved."""
     header = [first_column, *(t.removesuffix("-v3") for t in tasks), "mean"]
     rows = [
         [str(label), *(format_rate(c, episodes) for c in per_task)]
         + [f"**{format_rate(sum(per_task), episodes * len(tasks))}**"]
         for label, per_task in counts.items()
     ]
+    if outcomes:
+        first = outcomes[next(iter(counts))]
+        header.append("vs first row: points, paired 95% CI (won / lost)")
+        for row, label in zip(rows[1:], list(counts)[1:], strict=True):
+            row.append(format_paired_difference(outcomes[label], first))
+        rows[0].append("-")
     table = markdown_table(header, rows)
     if out:  # first: the counts outlive a README that refuses the table
         record = {"episodes": episodes, "seed": seed, "tasks": tasks, "successes": counts}
+        if outcomes:
+            record["outcomes"] = {str(k): [int(x) for x in v] for k, v in outcomes.items()}
         Path(out).write_text(json.dumps(record, indent=2))
     if readme:
         write_figure(readme, figure, table)
