@@ -116,8 +116,9 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
         _worker["task"] = task
     env = _worker["env"]
     instruction = sim.task_language()[task].instruction
-    obs = env.reset(episode_seed(config.seed, task, episode))
-    planner.reset()
+    seed = episode_seed(config.seed, task, episode)
+    obs = env.reset(seed)
+    planner.reset(seed)  # the episode's own noise, the same in every mode: episodes stay paired
     timings, step_ms, subgoals, frames, success, steps, refreshes = [], [], [], [], False, 0, 0
     # the visual subgoal in force, and its (score, K): the schedule does not imagine every chunk
     chosen, chosen_score = None, None

@@ -85,11 +85,11 @@ def paired_outcomes(first: list[bool], second: list[bool]) -> tuple[int, int, in
 
 
 def format_paired_difference(first: list[bool], second: list[bool]) -> str:
-    """'+3 [-2, +8] pts (5 / 2)': how many points `first` succeeds more often than `second` on
-    the same episodes, its 95% paired interval, and the episodes only `first` solved against
-    those only `second` solved."""
+    """How many points `first` succeeds more often than `second` on the same episodes, its 95%
+    paired interval, and the episodes only `first` solved against those only `second` solved:
+    '+3.0 [-2.8, +9.1] pts (5 / 2)' for 100 episodes, 80 solved by both and 13 by neither."""
     both, first_only, second_only, neither = paired_outcomes(first, second)
     low, high = paired_difference_interval(both, first_only, second_only, neither)
     n = len(first)
-    points = round(100 * (first_only - second_only) / n)
-    return f"{points:+d} [{100 * low:+.0f}, {100 * high:+.0f}] pts ({first_only} / {second_only})"
+    points = 100 * (first_only - second_only) / n  # one decimal: a bound near 0 shows its side
+    return f"{points:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] pts ({first_only} / {second_only})"

@@ -23,9 +23,10 @@ world model still imagines each language subgoal's target, so that the refresh r
 `language_subgoal=False` (the instruction stands in for the subgoal); both off is the flat VLA
 path, where nothing is encoded or imagined. Training drops the visual subgoal and the language
 subgoal for a share of samples so that these modes stay valid. The world model's noise and the
-action expert's come from two generators, both seeded from `seed`, so a switch that imagines
-more or fewer futures leaves every action chunk's noise as it was: the modes' rollouts are
-paired draws.
+action expert's come from two generators, both seeded from the episode's seed (`reset(seed)`), so
+a switch that imagines more or fewer futures leaves every action chunk's noise as it was: the
+modes' rollouts are paired draws. `hybrid eval` seeds each episode apart, so its episodes draw
+independent noise.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class HybridPlanner:
         async_delay: d > 0 plans each chunk in the background, d steps ahead (module docstring);
             0 plans synchronously.
         seed: seeds the flow noise (the world model's and the action expert's, each its own
-            generator), so a planner's rollouts are reproducible.
+            generator) of every episode that `reset` gives no seed of its own, so a planner's
+            rollouts are reproducible.
         compile: a `torch.compile` backend ("inductor") for the policy's inference API
             (`planners/compiled.py`): faster chunks after minutes of compiling; None runs eager.
     """
@@ -180,16 +182,22 @@ class HybridPlanner:
     def device(self) -> torch.device:
         return self.policy.device
 
-    def reset(self) -> None:
+    def reset(self, seed: int | None = None) -> None:
         """Forget the episode: cached subgoals, the action queue, the noise generators. A plan still
-        running in the background is waited for and dropped."""
+        running in the background is waited for and dropped.
+
+        seed: this episode's noise (default: the planner's `seed`). An evaluation gives each
+            episode its own, so that its episodes draw independent noise, as their success
+            rate's interval assumes, and two modes still draw the same noise on the same episode.
+        """
         if getattr(self, "pending", None) is not None:
             self.pending.result()
             self.pending = None
+        seed = self.seed if seed is None else seed
         # imagination's noise apart from the actions': K candidates draw K times the noise of one
-        world_seed = int(np.random.SeedSequence([self.seed, 1]).generate_state(1)[0])
-        self.world_generator = torch.Generator(device=self.device).manual_seed(world_seed)
-        self.action_generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        world_seed, action_seed = np.random.SeedSequence([seed, 1]).generate_state(2)
+        self.world_generator = torch.Generator(device=self.device).manual_seed(int(world_seed))
+        self.action_generator = torch.Generator(device=self.device).manual_seed(int(action_seed))
         self.queue: deque[np.ndarray] = deque()
         self.subgoal: str | None = None
         self.features: tuple[torch.Tensor, torch.Tensor] | None = None  # the VLM's, and mask

@@ -87,7 +87,7 @@ def test_paired_outcomes_and_format():
     second = [True, False, True, False, False]
     assert paired_outcomes(first, second) == (1, 2, 1, 1)
     assert format_paired_difference(first, second).endswith("pts (2 / 1)")
-    assert format_paired_difference(first, second).startswith("+20 [")
+    assert format_paired_difference(first, second).startswith("+20.0 [")
     with pytest.raises(ValueError, match="same episodes, got 5 and 4"):
         paired_outcomes(first, second[:4])
     with pytest.raises(ValueError, match="at least one episode"):

@@ -73,6 +73,22 @@ def test_plans_are_reproducible_after_reset(planner, frames):
     np.testing.assert_array_equal(first.scores, again.scores)
 
 
+def test_each_episode_seed_draws_its_own_noise_and_the_same_seed_the_same(planner, frames):
+    """An evaluation resets the planner with each episode's seed: episodes must not share one
+    noise sequence (their success would then move together, which no per-episode interval
+    allows for), while a mode rerun on the same episode draws what it drew before."""
+    planner.reset(11)
+    first = planner.plan(_obs(frames), INSTRUCTION)
+    planner.reset(12)
+    other = planner.plan(_obs(frames), INSTRUCTION)
+    planner.reset(11)
+    again = planner.plan(_obs(frames), INSTRUCTION)
+    np.testing.assert_array_equal(first.actions, again.actions)
+    np.testing.assert_array_equal(first.scores, again.scores)
+    assert not np.allclose(first.actions, other.actions)
+    assert not np.allclose(first.scores, other.scores)
+
+
 def test_act_pops_the_queue_and_replans_on_schedule(tiny_policy_dir, frames):
     never_reached = RefreshSchedule(
         max_chunks_per_subgoal=2, visual="subgoal", reached_fraction=1e-9
