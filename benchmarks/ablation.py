@@ -5,11 +5,14 @@ same episodes with its paired 95% interval. Prints numbers; asserts nothing.
     python benchmarks/ablation.py --policy outputs/quickstart/policy --episodes 20 \
         --readme README.md --out outputs/quickstart/ablation.json --chart docs/ablation.png
 
-Modes: full (K candidates scored), K = 1 (no scoring), flat (no visual subgoal for the action
-expert), no language subgoal (the instruction stands in); and two schedules of the full
-hierarchy: the VLM's prefix pass only with each new language subgoal (`VLM per subgoal`), and the
-VLM and the world model both at that rate (`slow tiers per subgoal`). Each switch changes one
-thing: the refresh rule is the same in every mode (`planners/schedule.py`). Task configurations
+Modes: full (K candidates scored, the planner's default schedule: the VLM and the world model
+run with each new language subgoal), K = 1 (no scoring), flat (no visual subgoal for the action
+expert), no language subgoal (the instruction stands in); and three schedules of the full
+hierarchy: every tier on every chunk, as in training (`every tier every chunk`), the VLM's prefix
+pass alone at the subgoal's rate (`VLM per subgoal`), and both slow tiers at that rate (`slow
+tiers per subgoal`, the default since 2026-12-07; before it, `full` ran every tier every
+chunk). Each switch changes one thing: the refresh rule is the same in every mode
+(`planners/schedule.py`). Task configurations
 come from --seed, which differs from the seeds of the training data. Every mode runs the same
 episodes (placements, and the planner's noise streams seeded per episode), so two modes pair up
 episode by episode: the last column counts the episodes a mode solved that the first did not,
@@ -38,7 +41,8 @@ MODES = {
     "K=1, no scoring": {"num_candidates": 1},
     "flat: no visual subgoal": {"visual_subgoal": False},
     "no language subgoal": {"language_subgoal": False},
-    "VLM per subgoal": {"schedule": RefreshSchedule(features="subgoal")},
+    "every tier every chunk": {"schedule": RefreshSchedule(visual="chunk", features="chunk")},
+    "VLM per subgoal": {"schedule": RefreshSchedule(visual="chunk", features="subgoal")},
     "slow tiers per subgoal": {"schedule": RefreshSchedule(visual="subgoal", features="subgoal")},
 }
 

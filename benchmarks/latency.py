@@ -6,16 +6,21 @@ there.
         --episodes 20 --readme README.md
 
 Modes, each a planner setting on the same trained policy:
-    full          every tier: subgoal schedule, K = 8 imagined and scored futures each chunk
+    full          the planner's defaults: K = 8 imagined and scored futures, the VLM and the
+                  world model run with each new language subgoal, the action expert (and the
+                  encoder the refresh rule reads) every chunk; the same as `slow tiers per
+                  subgoal`, which before 2026-12-07 was not the default
     K=1           one imagined future, nothing to choose between
-    flat          the VLA path: instruction -> VLM features -> action chunk; nothing imagined
+    flat          the VLA path: instruction -> VLM features -> action chunk, every chunk;
+                  nothing imagined
     full, async   the full hierarchy planning each chunk in the background, 2 steps ahead
-    visual per subgoal  the full hierarchy imagining only with each new language subgoal
-                  (`hybrid eval --visual-refresh subgoal`), the action expert keeping its future
-    VLM per subgoal  the full hierarchy running the VLM only with each new language subgoal
-                  (`hybrid eval --features-refresh subgoal`), the chunks between reusing them
-    slow tiers per subgoal  both: the VLM and the world model at the subgoal's rate, the action
-                  expert (and the encoder the refresh rule reads) every chunk
+    every tier every chunk  the full hierarchy as in training: a new visual subgoal and the
+                  VLM's features from the current frame every chunk (`hybrid eval
+                  --visual-refresh chunk --features-refresh chunk`; `full` before 2026-12-07)
+    K=1, every chunk  the same with one imagined future
+    visual per subgoal  imagining only with each new language subgoal, the VLM every chunk
+    VLM per subgoal  the VLM only with each new language subgoal, imagining every chunk
+    slow tiers per subgoal  both at the subgoal's rate (the default)
     full, compiled / flat, compiled / slow tiers per subgoal, compiled
                   the same with the policy's inference API compiled by `torch.compile`
                   (`hybrid eval --compile`); its first calls compile, in the replay's warm-up
@@ -48,13 +53,16 @@ from planners.hierarchical import HybridPlanner
 from planners.schedule import RefreshSchedule
 
 SLOW_TIERS = RefreshSchedule(visual="subgoal", features="subgoal")
+EVERY_CHUNK = RefreshSchedule(visual="chunk", features="chunk")
 MODES = {
     "full": {},
     "K=1": {"num_candidates": 1},
     "flat": {"language_subgoal": False, "visual_subgoal": False},
     "full, async": {"async_delay": 2},
-    "visual per subgoal": {"schedule": RefreshSchedule(visual="subgoal")},
-    "VLM per subgoal": {"schedule": RefreshSchedule(features="subgoal")},
+    "every tier every chunk": {"schedule": EVERY_CHUNK},
+    "K=1, every chunk": {"num_candidates": 1, "schedule": EVERY_CHUNK},
+    "visual per subgoal": {"schedule": RefreshSchedule(visual="subgoal", features="chunk")},
+    "VLM per subgoal": {"schedule": RefreshSchedule(visual="chunk", features="subgoal")},
     "slow tiers per subgoal": {"schedule": SLOW_TIERS},
     "full, compiled": {"compile": "inductor"},
     "flat, compiled": {"language_subgoal": False, "visual_subgoal": False, "compile": "inductor"},

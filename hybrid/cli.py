@@ -115,14 +115,16 @@ def _eval_parser(subparsers) -> None:
     ev.add_argument(
         "--visual-refresh",
         choices=["chunk", "subgoal"],
-        default="chunk",
-        help="imagine the visual subgoal again every chunk, or only with each new language subgoal",
+        default="subgoal",
+        help="imagine the visual subgoal only with each new language subgoal (default), or again "
+        "every chunk",
     )
     ev.add_argument(
         "--features-refresh",
         choices=["chunk", "subgoal"],
-        default="chunk",
-        help="run the VLM's prefix pass again every chunk, or only with each new language subgoal",
+        default="subgoal",
+        help="run the VLM's prefix pass only with each new language subgoal (default), or again "
+        "every chunk",
     )
     ev.add_argument(
         "--privileged-scene",

@@ -284,7 +284,7 @@ class HybridPlanner:
                 )
                 self.features = (features, mask)
             made.add("features")
-        elif self.schedule.features_due(refresh):
+        elif flat or self.schedule.features_due(refresh):  # a VLA has no subgoal rate
             self.subgoal = instruction if refresh else self.subgoal
             with timer("features"):
                 self.features = policy.prefix_features(images, [instruction], [self.subgoal])

@@ -6,13 +6,17 @@ i.e. the current frame's latent has closed at least `1 - reached_fraction` of it
 target (d(now, target) <= reached_fraction * d(then, target)), or `max_chunks_per_subgoal` chunks
 have passed. A robot that stalls keeps its subgoal until the time-out; one that gets where it
 imagined moves on at once. The rule reads only latents, so it runs the same in every ablation mode
-(K = 1, no language subgoal, flat). The visual subgoal the action expert reads is imagined again
-every chunk (`visual="chunk"`, so it is always `future_offset` steps ahead of the frame, as in
-training) or only with each new language subgoal (`visual="subgoal"`). The VLM's prefix features,
-which the world model and the action expert read, are computed again every chunk
-(`features="chunk"`, from the current frame, as in training) or only with each new language
-subgoal (`features="subgoal"`: the VLM runs at the subgoal's rate, a slow tier above a fast one,
-and the chunks between reuse the features of the frame where the subgoal was set).
+(K = 1, no language subgoal, flat). The visual subgoal the action expert reads is imagined only
+with each new language subgoal (`visual="subgoal"`, the default: the future chosen as the
+subgoal's target is what the action expert acts towards until it is reached) or again every chunk
+(`visual="chunk"`, so it is always `future_offset` steps ahead of the frame, as in training). The
+VLM's prefix features, which the world model and the action expert read, are computed only with
+each new language subgoal (`features="subgoal"`, the default: the VLM runs at the subgoal's rate,
+a slow tier above a fast one, and the chunks between reuse the features of the frame where the
+subgoal was set) or again every chunk (`features="chunk"`, from the current frame, as in
+training). The defaults plan a chunk at about the flat path's cost; on the quickstart's policy,
+200 episodes paired, they succeeded as often as every tier on every chunk (README, "Inference
+cost"). A flat VLA (neither subgoal) has no subgoal rate: its VLM runs every chunk.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ def latent_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class RefreshSchedule:
     max_chunks_per_subgoal: int = 4
-    visual: Literal["subgoal", "chunk"] = "chunk"
+    visual: Literal["subgoal", "chunk"] = "subgoal"
     reached_fraction: float = 0.5
-    features: Literal["subgoal", "chunk"] = "chunk"
+    features: Literal["subgoal", "chunk"] = "subgoal"
 
     def __post_init__(self):
         if self.max_chunks_per_subgoal < 1:

@@ -15,7 +15,6 @@ def test_eval_one_episode_writes_results_and_a_playable_video(
     run = hybrid_cli(
         "eval", "--policy", tiny_policy_dir, "--tasks", "reach-v3", "--episodes", 1,
         "--max-steps", 20, "--workers", 1, "--out", tmp_path, "--video", "--num-candidates", 2,
-        "--visual-refresh", "subgoal",
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "closed-loop evaluation" in run.stdout and "amortised per chunk" in run.stdout
@@ -24,8 +23,12 @@ def test_eval_one_episode_writes_results_and_a_playable_video(
     episode = results["episodes"][0]
     assert 1 <= episode["steps"] <= 20 and isinstance(episode["success"], bool)
     assert results["chunks"] == -(-episode["steps"] // 4), "4 actions of each chunk run"
-    assert {"features", "imagine", "action"} <= set(results["latency"])
-    assert results["config"]["planner"]["schedule"]["visual"] == "subgoal"
+    # by default the slow tiers run with each new subgoal: the generation gives the VLM's
+    # features, no chunk runs the prefix pass alone, and imagination waits for a new subgoal
+    assert {"subgoal", "imagine", "action"} <= set(results["latency"])
+    assert "features" not in results["latency"]
+    schedule = results["config"]["planner"]["schedule"]
+    assert schedule["visual"] == schedule["features"] == "subgoal"
     imagined = results["latency"]["imagine"]["runs_per_chunk"]
     assert imagined == results["subgoal_refreshes_per_chunk"] < 1, "imagined per subgoal only"
     with av.open(episode["video"]) as container:

@@ -31,7 +31,7 @@ def planner(tiny_policy_dir):
     return HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=4, execute_steps=4)
 
 
-def test_plan_is_well_formed(planner, frames):
+def test_plan_is_well_formed(planner, tiny_policy_dir, frames):
     plan = planner.plan(_obs(frames), INSTRUCTION)
     assert isinstance(plan.subgoal, str)
     assert plan.candidate_latents.shape[0] == 4 and plan.scores.shape == (4,)
@@ -43,6 +43,14 @@ def test_plan_is_well_formed(planner, frames):
     assert set(plan.timings_ms) == {"encode", "subgoal", "imagine", "decode", "action"}
     assert plan.subgoal_refreshed
     again = planner.plan(_obs(frames, 1), INSTRUCTION)
+    assert not again.subgoal_refreshed
+    # the subgoal stands, and by default so do its features and its visual target: the encoder
+    # (for the refresh rule) and the action expert run; every tier runs every chunk on request
+    assert set(again.timings_ms) == {"encode", "action"}
+    every_chunk = RefreshSchedule(visual="chunk", features="chunk")
+    every = HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=4, schedule=every_chunk)
+    every.plan(_obs(frames), INSTRUCTION)
+    again = every.plan(_obs(frames, 1), INSTRUCTION)
     assert not again.subgoal_refreshed
     assert set(again.timings_ms) == {"encode", "features", "imagine", "decode", "action"}
 
@@ -118,11 +126,11 @@ def test_schedule_rules():
     assert schedule.subgoal_due(1, True), "the visual target is reached"
     assert not schedule.subgoal_due(1, False)
     assert schedule.reached(0.4, 1.0) and not schedule.reached(0.6, 1.0)
-    assert schedule.visual_due(False), "by default the visual subgoal is imagined every chunk"
-    assert not RefreshSchedule(visual="subgoal").visual_due(False)
-    assert schedule.features_due(False), "by default the VLM's features are new every chunk"
-    assert not RefreshSchedule(features="subgoal").features_due(False)
-    assert RefreshSchedule(features="subgoal").features_due(True)
+    # by default the slow tiers run at the subgoal's rate: only with a new subgoal
+    assert not schedule.visual_due(False) and schedule.visual_due(True)
+    assert not schedule.features_due(False) and schedule.features_due(True)
+    assert RefreshSchedule(visual="chunk").visual_due(False)
+    assert RefreshSchedule(features="chunk").features_due(False)
     with pytest.raises(ValueError, match="visual must be"):
         RefreshSchedule(visual="sometimes")
     with pytest.raises(ValueError, match="features must be"):
@@ -230,7 +238,7 @@ def test_the_action_expert_is_told_the_age_of_the_plan_it_reads(tiny_policy_dir,
     slow = [0, 4, 8, 0, 4]
     assert lags == {"chunk": [0] * 5, "slow": slow, "vlm": slow, "visual": slow}
     flat = HybridPlanner.from_pretrained(
-        tiny_policy_dir, schedule=RefreshSchedule(3, "subgoal", 0.01), visual_subgoal=False
+        tiny_policy_dir, schedule=RefreshSchedule(3, "subgoal", 0.01, "chunk"), visual_subgoal=False
     )
     seen = _lags_read(flat)
     for t in range(3):
