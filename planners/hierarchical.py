@@ -2,8 +2,9 @@
 
     obs + instruction
       -> VLM: language subgoal (generated; reused while the schedule allows) + prefix features
-         (every chunk, or with each new subgoal: `RefreshSchedule.features`)
+         (with each new subgoal by default, or every chunk: `RefreshSchedule.features`)
       -> world model: K candidate visual subgoals, one batched call -> value scores -> best one
+         (with each new subgoal by default, or every chunk: `RefreshSchedule.visual`)
       -> action expert: action chunk, unnormalised to the robot's units and clipped to its limits
 (A joint policy, `configs/formulation/joint.yaml`, draws K (chunk, future) pairs from its action
 expert in one call and executes the chunk of the best-scored future; a `latent_frame_actions`

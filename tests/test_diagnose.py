@@ -197,16 +197,18 @@ def test_latency_writes_its_replay_and_closed_loop_tables(tiny_policy_dir, mt10_
         "<!-- figure: latency_replay -->\nold\n<!-- /figure: latency_replay -->\n"
     )
     args = ["--policy", tiny_policy_dir, "--dataset", mt10_dataset[0], "--replay-episodes", "2"]
-    args += ["--modes", "full", "flat", "visual per subgoal", "--readme", readme]
+    args += ["--modes", "every tier every chunk", "flat", "full", "--readme", readme]
     _benchmark("latency.py", *args, "--episodes", "0", "--figure", "latency_replay")
     replay = _table(readme.read_text(), "latency_replay")
-    assert list(replay) == ["full", "flat", "visual per subgoal"]
+    assert list(replay) == ["every tier every chunk", "flat", "full"]
     # columns: warm-up s, replay ms, x flat, then encode, subgoal, features, imagine, action
     assert replay["flat"][2] == "1.00x" and replay["flat"][3] == "-" and replay["flat"][6] == "-"
-    assert replay["full"][6].endswith("(100%)"), "the full hierarchy imagines every chunk"
-    share = replay["visual per subgoal"][4].split("(")[1]
-    assert replay["visual per subgoal"][6].split("(")[1] == share, "imagines with each subgoal"
+    assert replay["flat"][5].endswith("(100%)"), "a flat VLA runs its VLM every chunk"
+    assert replay["every tier every chunk"][6].endswith("(100%)"), "imagines every chunk"
+    share = replay["full"][4].split("(")[1]
+    assert replay["full"][6].split("(")[1] == share, "by default it imagines with each subgoal"
     assert share != "100%)", "the tiny policy keeps a subgoal for more than one chunk"
+    assert replay["full"][5] == "-", "by default no chunk runs the VLM's prefix pass alone"
     _benchmark("latency.py", *args, "--episodes", "1", "--tasks", "reach-v3", "--max-steps", "12")
     closed = _table(readme.read_text(), "latency")
     assert "old" not in readme.read_text() and list(closed) == list(replay)
