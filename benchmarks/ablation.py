@@ -47,24 +47,27 @@ MODES = {
 }
 
 
-def zero_action_outcomes(
-    sim: ModuleType, task: str, episodes: int, seed: int, max_steps: int
-) -> list[bool]:
-    """Whether doing nothing solves each episode of `task`, on the task configurations of
-    `seed`; `sim` is a simulator adapter (`hybrid.sim.metaworld`, `hybrid.sim.panda`)."""
-    env = sim.make_env(task, image_size=32, seed=seed)
+def zero_action(
+    sim: ModuleType, tasks: list[str], episodes: int, seed: int, max_steps: int
+) -> tuple[list[int], list[bool]]:
+    """What doing nothing solves on the task configurations of `seed`: the successes per task,
+    and each episode's outcome, task by task, in the order `closed_loop.outcomes` lists a
+    policy's; `sim` is a simulator adapter (`hybrid.sim.metaworld`, `hybrid.sim.panda`)."""
     still = np.zeros(sim.EMBODIMENT.action_dim, np.float32)
-    solved = []
-    for episode in range(episodes):
-        env.reset(episode_seed(seed, task, episode))
-        success = False
-        for _ in range(max_steps):
-            _, success = env.step(still)
-            if success:
-                break
-        solved.append(bool(success))
-    env.close()
-    return solved
+    counts, solved = [], []
+    for task in tasks:
+        env = sim.make_env(task, image_size=32, seed=seed)
+        for episode in range(episodes):
+            env.reset(episode_seed(seed, task, episode))
+            success = False
+            for _ in range(max_steps):
+                _, success = env.step(still)
+                if success:
+                    break
+            solved.append(bool(success))
+        env.close()
+        counts.append(sum(solved[-episodes:]))
+    return counts, solved
 
 
 def main() -> None:
@@ -101,11 +104,9 @@ def main() -> None:
         solved[mode] = outcomes(summary, tasks)
         rate = format_rate(sum(counts[mode]), args.episodes * len(tasks))
         console.print(f"{mode}: mean success {rate}")
-    still = [
-        zero_action_outcomes(metaworld, t, args.episodes, args.seed, args.max_steps) for t in tasks
-    ]
-    counts["zero action"] = [sum(per_task) for per_task in still]
-    solved["zero action"] = [x for per_task in still for x in per_task]
+    counts["zero action"], solved["zero action"] = zero_action(
+        metaworld, tasks, args.episodes, args.seed, args.max_steps
+    )
     table = report_successes(
         counts, "mode", tasks, args.episodes, args.seed, args.figure, args.readme, args.out, solved
     )

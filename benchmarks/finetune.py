@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from ablation import zero_action_outcomes
+from ablation import zero_action
 from closed_loop import outcomes
 from readme import check_figure, report_successes
 from rich.console import Console
@@ -155,12 +155,10 @@ def main() -> None:
     counts = {
         name: [summary["tasks"][t]["successes"] for t in tasks] for name, summary in results.items()
     }
-    still = [
-        zero_action_outcomes(panda, t, args.episodes, args.seed, args.max_steps) for t in tasks
-    ]
-    counts["zero action"] = [sum(per_task) for per_task in still]
     solved = {name: outcomes(summary, tasks) for name, summary in results.items()}
-    solved["zero action"] = [x for per_task in still for x in per_task]
+    counts["zero action"], solved["zero action"] = zero_action(
+        panda, tasks, args.episodes, args.seed, args.max_steps
+    )
     table = report_successes(
         counts, "condition", tasks, args.episodes, args.seed, "finetune", args.readme, None, solved
     )
