@@ -12,8 +12,8 @@ hierarchy: every tier on every chunk, as in training (`every tier every chunk`),
 pass alone at the subgoal's rate (`VLM per subgoal`), and both slow tiers at that rate (`slow
 tiers per subgoal`, the default since 2026-12-07; before it, `full` ran every tier every
 chunk). Each switch changes one thing: the refresh rule is the same in every mode
-(`planners/schedule.py`). Task configurations
-come from --seed, which differs from the seeds of the training data. Every mode runs the same
+(`planners/schedule.py`). Task configurations come from --seed, which differs from the seeds of
+the training data. Every mode runs the same
 episodes (placements, and the planner's noise streams seeded per episode), so two modes pair up
 episode by episode: the last column counts the episodes a mode solved that the first did not,
 and the reverse, and Newcombe's paired interval of the difference (`hybrid.intervals`) is far
