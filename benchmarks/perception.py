@@ -110,7 +110,7 @@ def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) ->
     try:
         for i in range(episodes):
             obs = env.reset(episode_seed(seed, task, i))
-            planner.reset()
+            planner.reset(episode_seed(seed, task, i))  # the noise `hybrid eval` draws
             start = sim.scene_state(obs)[object_dims]
             success, steps, chunk = False, 0, 0
             while steps < max_steps and not success:

@@ -32,7 +32,7 @@ def rollout(planner, env, language, cameras, seed: int, max_steps: int, oracle=N
     """One episode: (success, [(generated phase or -1, true phase) per planned chunk], furthest
     true phase). `oracle`, a one-item list, is given the true phase's subgoal before each step."""
     obs = env.reset(seed)
-    planner.reset()
+    planner.reset(seed)  # the episode's own noise, as `hybrid eval` draws it
     tracker = metaworld.PhaseTracker(language)
     chunks, success, steps = [], False, 0
     while steps < max_steps and not success:
