@@ -11,7 +11,9 @@ expert), no language subgoal (the instruction stands in); and three schedules of
 hierarchy: every tier on every chunk, as in training (`every tier every chunk`), the VLM's prefix
 pass alone at the subgoal's rate (`VLM per subgoal`), and both slow tiers at that rate (`slow
 tiers per subgoal`, the default since 2026-12-07; before it, `full` ran every tier every
-chunk). Each switch changes one thing: the refresh rule is the same in every mode
+chunk); and `reached rule`, the default with each subgoal also ending once its visual target is
+reached (`RefreshSchedule.reached_fraction` 0.5; the default until 2026-12-07, when every mode
+checked it). Each switch changes one thing: the refresh rule is the same in every mode
 (`planners/schedule.py`). Task configurations come from --seed, which differs from the seeds of
 the training data. Every mode runs the same
 episodes (placements, and the planner's noise streams seeded per episode), so two modes pair up
@@ -44,6 +46,7 @@ MODES = {
     "every tier every chunk": {"schedule": RefreshSchedule(visual="chunk", features="chunk")},
     "VLM per subgoal": {"schedule": RefreshSchedule(visual="chunk", features="subgoal")},
     "slow tiers per subgoal": {"schedule": RefreshSchedule(visual="subgoal", features="subgoal")},
+    "reached rule": {"schedule": RefreshSchedule(reached_fraction=0.5)},
 }
 
 

@@ -7,9 +7,12 @@ there.
 
 Modes, each a planner setting on the same trained policy:
     full          the planner's defaults: K = 8 imagined and scored futures, the VLM and the
-                  world model run with each new language subgoal, the action expert (and the
-                  encoder the refresh rule reads) every chunk; the same as `slow tiers per
-                  subgoal`, which before 2026-12-07 was not the default
+                  world model (and the encoder it imagines from) run with each new language
+                  subgoal, the action expert every chunk; the same as `slow tiers per subgoal`,
+                  which before 2026-12-07 was not the default
+    reached rule  the same, the subgoal also ending once its visual target is reached
+                  (`hybrid eval --reached-fraction 0.5`, the default until 2026-12-07): the
+                  encoder then runs every chunk
     K=1           one imagined future, nothing to choose between
     flat          the VLA path: instruction -> VLM features -> action chunk, every chunk;
                   nothing imagined
@@ -56,6 +59,7 @@ SLOW_TIERS = RefreshSchedule(visual="subgoal", features="subgoal")
 EVERY_CHUNK = RefreshSchedule(visual="chunk", features="chunk")
 MODES = {
     "full": {},
+    "reached rule": {"schedule": RefreshSchedule(reached_fraction=0.5)},
     "K=1": {"num_candidates": 1},
     "flat": {"language_subgoal": False, "visual_subgoal": False},
     "full, async": {"async_delay": 2},

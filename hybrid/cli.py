@@ -127,6 +127,14 @@ def _eval_parser(subparsers) -> None:
         "every chunk",
     )
     ev.add_argument(
+        "--reached-fraction",
+        type=float,
+        default=None,
+        help="also end a language subgoal once the frame has closed all but this share of its "
+        "distance to the subgoal's imagined target (0.5: half); encodes the frame every chunk. "
+        "Default: the time-out alone",
+    )
+    ev.add_argument(
         "--privileged-scene",
         action="store_true",
         help="give the action expert the true object and goal positions (a policy trained with "
@@ -306,7 +314,9 @@ def _run(args: argparse.Namespace, console: Console) -> None:
                 "language_subgoal": not args.no_language_subgoal,
                 "async_delay": args.async_delay,
                 "schedule": RefreshSchedule(
-                    visual=args.visual_refresh, features=args.features_refresh
+                    visual=args.visual_refresh,
+                    features=args.features_refresh,
+                    reached_fraction=args.reached_fraction,
                 ),
                 "compile": "inductor" if args.compile else None,
             }

@@ -66,6 +66,7 @@ class EpisodeResult:
     step_ms: list[float]
     subgoals: list[str]
     refreshes: int
+    reached: int  # of the refreshes, those where the last subgoal's visual target was reached
     video: str | None
 
 
@@ -119,7 +120,8 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
     seed = episode_seed(config.seed, task, episode)
     obs = env.reset(seed)
     planner.reset(seed)  # the episode's own noise, the same in every mode: episodes stay paired
-    timings, step_ms, subgoals, frames, success, steps, refreshes = [], [], [], [], False, 0, 0
+    timings, step_ms, subgoals, frames, success, steps = [], [], [], [], False, 0
+    refreshes = reached = 0
     # the visual subgoal in force, and its (score, K): the schedule does not imagine every chunk
     chosen, chosen_score = None, None
     while steps < config.max_steps and not success:
@@ -135,6 +137,7 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
             timings.append(plan.timings_ms)
             subgoals.append(plan.subgoal)
             refreshes += plan.subgoal_refreshed
+            reached += plan.target_reached
             if plan.chosen_image is not None:
                 chosen = plan.chosen_image
                 chosen_score = (float(plan.scores[plan.chosen]), len(plan.scores))
@@ -153,7 +156,7 @@ def _run_episode(job: tuple[str, int]) -> EpisodeResult:
         video = str(path)
     planner.reset()  # waits for a plan still running in the background
     return EpisodeResult(
-        task, episode, success, steps, timings, step_ms, subgoals, refreshes, video
+        task, episode, success, steps, timings, step_ms, subgoals, refreshes, reached, video
     )
 
 
@@ -202,6 +205,12 @@ def _summarise(
         "not_run": [list(job) for job in not_run],
         "error": error,
         "subgoal_refreshes_per_chunk": sum(r.refreshes for r in results) / max(len(plans), 1),
+        # the refreshes where the visual target was reached, not timed out; None: not checked
+        "targets_reached_per_chunk": (
+            sum(r.reached for r in results) / max(len(plans), 1)
+            if _checks_reached(config)
+            else None
+        ),
         "latency": latency,
         "amortised_ms_per_chunk": float(np.mean([sum(t.values()) for t in plans])) if plans else 0,
         # the time of each call to `act`, as the robot's control loop waits for it
@@ -210,6 +219,13 @@ def _summarise(
         "wall_seconds": seconds,
         "episodes": [asdict(r) | {"timings_ms": None, "step_ms": None} for r in results],
     }
+
+
+def _checks_reached(config: EvalConfig) -> bool:
+    """Whether the planner's refresh rule checks the subgoal's visual target (opt-in)."""
+    from planners.schedule import RefreshSchedule
+
+    return (config.planner.get("schedule") or RefreshSchedule()).checks_reached
 
 
 def _percentiles(values: list[float]) -> dict[str, float] | None:
@@ -419,6 +435,9 @@ def print_summary(summary: dict, console: Console) -> None:
     latency.add_row(
         "language subgoal refreshes", "", "", f"{summary['subgoal_refreshes_per_chunk']:.2f}"
     )
+    reached = summary.get("targets_reached_per_chunk")
+    if reached is not None:
+        latency.add_row("  of which the target was reached", "", "", f"{reached:.2f}")
     console.print(latency)
     if summary["control_step_ms"]:
         step = summary["control_step_ms"]

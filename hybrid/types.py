@@ -34,7 +34,8 @@ class Plan:
     does not decode them all; chosen_image (S, S, 3) uint8 is the chosen visual subgoal as an
     image where the planner decodes it, else None; actions (H, action_dim) are in the robot's
     units, clipped to its limits. subgoal_refreshed says whether this plan set a new language
-    subgoal.
+    subgoal, and target_reached whether it did so because the frame had reached the last
+    subgoal's visual target (`RefreshSchedule.reached_fraction`), not at the time-out.
     """
 
     subgoal: str
@@ -45,4 +46,5 @@ class Plan:
     actions: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
     subgoal_refreshed: bool = False
+    target_reached: bool = False
     chosen_image: np.ndarray | None = None

@@ -19,8 +19,9 @@ runs when the queue is empty, from that step's observation, and rollouts are det
 the seed.
 
 Ablation switches on the same trained policy: `num_candidates=1` (nothing to score),
-`visual_subgoal=False` (the action expert runs flat, VLA-style, without a visual subgoal; the
-world model still imagines each language subgoal's target, so that the refresh rule is the same),
+`visual_subgoal=False` (the action expert runs flat, VLA-style, without a visual subgoal; where
+the refresh rule checks targets, the world model still imagines each language subgoal's target,
+so that the rule is the same),
 `language_subgoal=False` (the instruction stands in for the subgoal); both off is the flat VLA
 path, where nothing is encoded or imagined. Training drops the visual subgoal and the language
 subgoal for a share of samples so that these modes stay valid. The world model's noise and the
@@ -267,11 +268,18 @@ class HybridPlanner:
         # Flat (no language and no visual subgoal) is a VLA: nothing is imagined or encoded; a
         # policy without a world model encodes and imagines nothing either.
         flat = not (self.language_subgoal or self.visual_subgoal)
+        latents = not flat and policy.world_model is not None  # whether anything reads them
+        # the current frame's latent (1, C, h, w): on every chunk where the refresh rule checks
+        # the subgoal's visual target or the formulation reads it every chunk, else only where
+        # the world model imagines (below)
         current = None
-        if not flat and policy.world_model is not None:
+        every_chunk = policy.joint or policy.latent_plan is not None or policy.reads_world_features
+        check = self.schedule.checks_reached and self.target is not None
+        if latents and (check or every_chunk):
             with timer("encode"):
-                current = policy.encode_frames(images)  # (1, C, h, w)
-        refresh = self.schedule.subgoal_due(self.chunks_since_subgoal, self._reached(current))
+                current = policy.encode_frames(images)
+        reached = self._reached(current)
+        refresh = self.schedule.subgoal_due(self.chunks_since_subgoal, reached)
         made = set()  # what this chunk makes anew of what the action expert reads
         # 2. one VLM pass: the generation of a new subgoal gives its features as well
         if refresh and self.language_subgoal:
@@ -294,13 +302,18 @@ class HybridPlanner:
         if refresh:
             self.chunks_since_subgoal = 0
         # 3. imagine K futures and keep the best; a new subgoal also takes it as its target
-        latents = candidate_images = scores = np.zeros((0,), np.float32)
+        candidate_latents = candidate_images = scores = np.zeros((0,), np.float32)
         chosen, candidates, chunks, chosen_image = 0, None, None, None
         committed = None if committed is None else np.asarray(committed, np.float32)[None]
         scene = None if obs.scene is None else np.asarray(obs.scene, np.float32)[None]
         # a policy that reads the world model's features (representation) imagines nothing: one
         # pass of the world model gives what its action expert reads, every chunk
-        due = (self.visual_subgoal or refresh) and self.schedule.visual_due(refresh)
+        # without a visual subgoal the world model imagines only a target for the refresh rule
+        target = refresh and self.schedule.checks_reached
+        due = (self.visual_subgoal or target) and self.schedule.visual_due(refresh)
+        if latents and due and current is None:
+            with timer("encode"):
+                current = policy.encode_frames(images)
         if policy.joint:  # K (chunk, future) pairs denoised together
             with timer("joint"):
                 chunks, candidates, candidate_scores = policy.imagine_and_act(
@@ -347,7 +360,8 @@ class HybridPlanner:
                     self.visual_latent,
                     float(latent_distance(current, self.visual_latent)),
                 )
-            latents, scores = candidates[0].cpu().numpy(), candidate_scores[0].cpu().numpy()
+            candidate_latents = candidates[0].cpu().numpy()
+            scores = candidate_scores[0].cpu().numpy()
             if self.decode == "all":
                 with timer("decode"):
                     candidate_images = self._decode(candidates[0])  # (K, S, S, 3)
@@ -381,7 +395,7 @@ class HybridPlanner:
         self.chunks_since_subgoal += 1
         self.last_plan = Plan(
             subgoal=self.subgoal,
-            candidate_latents=latents,
+            candidate_latents=candidate_latents,
             candidate_images=candidate_images,
             chosen_image=chosen_image,
             scores=scores,
@@ -389,6 +403,7 @@ class HybridPlanner:
             actions=actions,
             timings_ms=timings_ms,
             subgoal_refreshed=refresh,
+            target_reached=reached,
         )
         return self.last_plan
 

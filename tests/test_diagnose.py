@@ -207,6 +207,7 @@ def test_latency_writes_its_replay_and_closed_loop_tables(tiny_policy_dir, mt10_
     assert replay["every tier every chunk"][6].endswith("(100%)"), "imagines every chunk"
     share = replay["full"][4].split("(")[1]
     assert replay["full"][6].split("(")[1] == share, "by default it imagines with each subgoal"
+    assert replay["full"][3].split("(")[1] == share, "and encodes the frame only to imagine"
     assert share != "100%)", "the tiny policy keeps a subgoal for more than one chunk"
     assert replay["full"][5] == "-", "by default no chunk runs the VLM's prefix pass alone"
     _benchmark("latency.py", *args, "--episodes", "1", "--tasks", "reach-v3", "--max-steps", "12")

@@ -31,6 +31,9 @@ def test_eval_one_episode_writes_results_and_a_playable_video(
     assert schedule["visual"] == schedule["features"] == "subgoal"
     imagined = results["latency"]["imagine"]["runs_per_chunk"]
     assert imagined == results["subgoal_refreshes_per_chunk"] < 1, "imagined per subgoal only"
+    # the refresh rule is the time-out alone by default: the frame is encoded only to imagine
+    assert results["latency"]["encode"]["runs_per_chunk"] == imagined
+    assert results["targets_reached_per_chunk"] is None, "no target was checked"
     with av.open(episode["video"]) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == episode["steps"]

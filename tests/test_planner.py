@@ -44,9 +44,18 @@ def test_plan_is_well_formed(planner, tiny_policy_dir, frames):
     assert plan.subgoal_refreshed
     again = planner.plan(_obs(frames, 1), INSTRUCTION)
     assert not again.subgoal_refreshed
-    # the subgoal stands, and by default so do its features and its visual target: the encoder
-    # (for the refresh rule) and the action expert run; every tier runs every chunk on request
-    assert set(again.timings_ms) == {"encode", "action"}
+    # the subgoal stands, and by default so do its features and its visual target: only the
+    # action expert runs; checking whether the target is reached encodes the frame as well; every
+    # tier runs every chunk on request
+    assert set(again.timings_ms) == {"action"} and not again.target_reached
+    checking = HybridPlanner.from_pretrained(
+        tiny_policy_dir, num_candidates=4, schedule=RefreshSchedule(reached_fraction=0.5)
+    )
+    checking.plan(_obs(frames), INSTRUCTION)
+    np.testing.assert_array_equal(
+        checking.plan(_obs(frames, 1), INSTRUCTION).actions, again.actions
+    )  # encoding for the check changes no plan that stands
+    assert set(checking.last_plan.timings_ms) == {"encode", "action"}
     every_chunk = RefreshSchedule(visual="chunk", features="chunk")
     every = HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=4, schedule=every_chunk)
     every.plan(_obs(frames), INSTRUCTION)
@@ -120,7 +129,10 @@ def test_act_pops_the_queue_and_replans_on_schedule(tiny_policy_dir, frames):
 
 
 def test_schedule_rules():
+    timer = RefreshSchedule(max_chunks_per_subgoal=3)
+    assert not timer.checks_reached and not timer.reached(0.0, 1.0), "the time-out alone"
     schedule = RefreshSchedule(max_chunks_per_subgoal=3, reached_fraction=0.5)
+    assert schedule.checks_reached
     assert schedule.subgoal_due(None, False), "nothing planned yet"
     assert schedule.subgoal_due(3, False), "too many chunks"
     assert schedule.subgoal_due(1, True), "the visual target is reached"
@@ -147,22 +159,30 @@ def test_schedule_rules():
 def test_reached_means_the_imagined_target_was_reached(tiny_policy_dir, frames, switches):
     """End to end, in every ablation mode: with a world model that imagines exactly the frame
     the robot will see 12 steps on, the subgoal stays while the robot stalls on its first frame,
-    is refreshed as soon as the frame it imagined is the one observed, and otherwise times out."""
-    planner = HybridPlanner.from_pretrained(
-        tiny_policy_dir, schedule=RefreshSchedule(max_chunks_per_subgoal=4), **switches
-    )
-    wm = planner.policy.world_model
+    is refreshed as soon as the frame it imagined is the one observed, and otherwise times out;
+    without the check (the default) the same frame changes nothing before the time-out."""
+    schedules = {
+        "checked": RefreshSchedule(max_chunks_per_subgoal=4, reached_fraction=0.5),
+        "time-out alone": RefreshSchedule(max_chunks_per_subgoal=4),
+    }
     future = _obs(frames, 12)
-    perfect = wm.encode(planner._check(future, INSTRUCTION))  # (1, C, h, w)
+    for name, schedule in schedules.items():
+        planner = HybridPlanner.from_pretrained(tiny_policy_dir, schedule=schedule, **switches)
+        wm = planner.policy.world_model
+        perfect = wm.encode(planner._check(future, INSTRUCTION))  # (1, C, h, w)
 
-    def imagine(current, context, mask, num_candidates, steps, generator=None):
-        return perfect[:, None].expand(-1, num_candidates, -1, -1, -1)
+        def imagine(current, context, mask, num_candidates, steps, generator=None, perfect=perfect):
+            return perfect[:, None].expand(-1, num_candidates, -1, -1, -1)
 
-    wm.imagine = imagine
-    stalled = [planner.plan(_obs(frames, 0), INSTRUCTION).subgoal_refreshed for _ in range(5)]
-    assert stalled == [True, False, False, False, True], "a stalled robot times out only"
-    assert planner.plan(future, INSTRUCTION).subgoal_refreshed, "the target frame is reached"
-    assert not planner.plan(_obs(frames, 0), INSTRUCTION).subgoal_refreshed
+        wm.imagine = imagine
+        stalled = [planner.plan(_obs(frames, 0), INSTRUCTION).subgoal_refreshed for _ in range(5)]
+        assert stalled == [True, False, False, False, True], "a stalled robot times out only"
+        plan = planner.plan(future, INSTRUCTION)
+        if name == "checked":
+            assert plan.subgoal_refreshed and plan.target_reached, "the target frame is reached"
+            assert not planner.plan(_obs(frames, 0), INSTRUCTION).subgoal_refreshed
+        else:
+            assert not plan.subgoal_refreshed and not plan.target_reached, name
 
 
 def test_visual_subgoal_imagined_per_language_subgoal(tiny_policy_dir, frames):
@@ -248,10 +268,15 @@ def test_the_action_expert_is_told_the_age_of_the_plan_it_reads(tiny_policy_dir,
 
 def test_ablation_modes(tiny_policy_dir, frames):
     flat = HybridPlanner.from_pretrained(tiny_policy_dir, visual_subgoal=False)
+    plan = flat.plan(_obs(frames), INSTRUCTION)
+    assert plan.actions.shape == (8, 4)
+    assert {"encode", "imagine"}.isdisjoint(plan.timings_ms), "no target to check, none imagined"
+    checking = RefreshSchedule(reached_fraction=0.5)
+    flat = HybridPlanner.from_pretrained(tiny_policy_dir, visual_subgoal=False, schedule=checking)
     first, second = (flat.plan(_obs(frames, t), INSTRUCTION) for t in (0, 1))
-    assert "imagine" in first.timings_ms, "a new subgoal still takes a visual target"
+    assert "imagine" in first.timings_ms, "a new subgoal still takes a visual target to check"
     assert second.candidate_latents.shape == (0,) and "imagine" not in second.timings_ms
-    assert first.actions.shape == (8, 4)
+    np.testing.assert_array_equal(first.actions, plan.actions)  # the target is not acted on
     single = HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=1)
     plan = single.plan(_obs(frames), INSTRUCTION)
     assert plan.scores.shape == (1,) and plan.chosen == 0
@@ -304,12 +329,18 @@ def test_sync_rollouts_are_deterministic_under_the_seed(tiny_policy_dir, frames)
 
 
 def test_the_number_of_candidates_leaves_the_action_noise_as_it_was(tiny_policy_dir, frames):
-    """Without a visual subgoal the action expert reads no future, but the world model still
-    imagines each subgoal's target: K = 1 and K = 4 must then give the same chunks, the action
-    noise drawn apart from imagination's (else the ablation modes would be unpaired draws)."""
+    """Without a visual subgoal the action expert reads no future, but where the refresh rule
+    checks targets the world model still imagines each subgoal's: K = 1 and K = 4 must then give
+    the same chunks, the action noise drawn apart from imagination's (else the ablation modes
+    would be unpaired draws)."""
+    checking = RefreshSchedule(reached_fraction=0.5)
     chunks = [
         HybridPlanner.from_pretrained(
-            tiny_policy_dir, num_candidates=k, visual_subgoal=False, execute_steps=4
+            tiny_policy_dir,
+            num_candidates=k,
+            visual_subgoal=False,
+            execute_steps=4,
+            schedule=checking,
         ).plan(_obs(frames), INSTRUCTION)
         for k in (1, 4)
     ]
