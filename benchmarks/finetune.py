@@ -10,8 +10,9 @@ Prints numbers; asserts nothing.
 (configs/quickstart.yaml) on the panda data alone for the same steps and batch, (c) the base with
 the panda's head rows added (initialised as the mean of the base's rows) and no training. Each is
 evaluated closed-loop on every panda task from held-out seeds (--seed), beside doing nothing on
-the same task configurations; successes carry 95% Wilson intervals, and `--readme` rewrites the
-README's `finetune` table between its markers. Also reported: the share of
+the same task configurations; successes carry 95% Wilson intervals, each condition's difference
+from (a) on the same episodes its paired interval, and `--readme` rewrites the README's table
+between its `--figure` markers (default `finetune`). Also reported: the share of
 parameters the fine-tune trains, the adapter's size on disk, and wall times on this machine.
 """
 
@@ -92,12 +93,13 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=100, help="eval time limit per episode")
     parser.add_argument("--out", type=Path, default=Path("outputs/finetune_benchmark"))
     parser.add_argument("--readme", help="write the success table into this README")
+    parser.add_argument("--figure", default="finetune", help="the README table's marker name")
     parser.add_argument(
         "--reuse", action="store_true", help="evaluate the policies an earlier run left in --out"
     )
     args = parser.parse_args()
     if args.readme:
-        check_figure(args.readme, "finetune")
+        check_figure(args.readme, args.figure)
     console = Console()
     base = args.out / "base"
     demos = len(LeRobotDataset(args.data).episodes)
@@ -160,7 +162,7 @@ def main() -> None:
         panda, tasks, args.episodes, args.seed, args.max_steps
     )
     table = report_successes(
-        counts, "condition", tasks, args.episodes, args.seed, "finetune", args.readme, None, solved
+        counts, "condition", tasks, args.episodes, args.seed, args.figure, args.readme, None, solved
     )
     console.print(
         f"panda: {demos} demonstrations, {args.steps} steps; success over {args.episodes} "

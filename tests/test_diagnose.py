@@ -150,6 +150,23 @@ def test_perception_reports_the_scene_estimate_open_and_closed_loop(
 
 
 @pytest.mark.slow
+def test_misses_reports_where_failed_episodes_end(tiny_policy_dir, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- figure: misses -->\nold\n<!-- /figure: misses -->\n")
+    args = ["--policy", tiny_policy_dir, "--tasks", "push-v3", "--episodes", "2"]
+    _benchmark("misses.py", *args, "--max-steps", "12", "--readme", readme)
+    (row,) = _table(readme.read_text(), "misses").values()
+    assert row[0] == "2 of 2", "12 steps solve no push"
+    assert row[1].endswith(" of 2") and row[2].endswith(" of 2")
+    for cell in row[3:6]:  # closest / final distances, and the goal estimate's first / last error
+        closest, final = map(float, cell.split(" / "))
+        assert 0 < closest < 100 and 0 < final < 100, cell
+    hand, item = ([float(x) for x in cell.split(" / ")] for cell in row[3:5])
+    assert hand[0] <= hand[1] and item[0] <= item[1], "the closest is at most the final"
+    assert row[6] == "-", "nothing solved"
+
+
+@pytest.mark.slow
 def test_formulations_train_evaluate_and_fill_one_row_each(mt10_dataset, tmp_path):
     """Each formulation named is fitted from its config on the same data and steps, evaluated
     on the same tasks, and written as one row of the README table and of formulations.json."""
@@ -225,6 +242,7 @@ MISSING = {  # each script's required inputs, named where nothing exists
     "finetune.py": ["--base", "--data"],
     "formulations.py": ["--data"],
     "latency.py": ["--policy", "--dataset"],
+    "misses.py": ["--policy"],
     "learning_curve.py": ["--run"],
     "sensitivity.py": ["--policy", "--data"],
 }
