@@ -236,6 +236,28 @@ def test_latency_writes_its_replay_and_closed_loop_tables(tiny_policy_dir, mt10_
     assert all(row[6] in ("0% [0–79%]", "100% [21–100%]") for row in closed.values())
 
 
+def test_pool_pairs_runs_episode_by_episode(tmp_path):
+    """Runs pool by concatenating each mode's outcomes; a run's own names for a mode are
+    renamed for it alone (two modes can swap); a mode missing from a run is left out."""
+    first = {"outcomes": {"full": [1, 1, 0, 0], "flat": [1, 0, 0, 0], "K=1": [1, 1, 0, 0]}}
+    # the second run named the reference otherwise, and ran no K=1
+    second = {"outcomes": {"old default": [1, 1], "full": [0, 0], "flat": [1, 1]}}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, record in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- figure: pooled -->\nold\n<!-- /figure: pooled -->\n")
+    swap = ["--rename", paths[1], "old default", "full", "--rename", paths[1], "full", "other"]
+    _benchmark("pool.py", *paths, "--reference", "full", *swap, "--readme", readme)
+    table = _table(readme.read_text(), "pooled")
+    assert list(table) == ["full", "flat"], "K=1 is missing from the second run"
+    assert table["full"][:3] == ["6", "67% [30–90%]", "-"]
+    # flat solved 3 of 6 against full's 4 of 6: one episode lost (the first run's second), none won
+    assert table["flat"][2].startswith("-16.7 [") and table["flat"][2].endswith("(0 / 1)")
+    with pytest.raises(SystemExit, match="no mode 'nothing'"):
+        _run_script("pool.py", *paths, "--reference", "full", "--rename", paths[0], "nothing", "x")
+
+
 MISSING = {  # each script's required inputs, named where nothing exists
     "ablation.py": ["--policy"],
     "diagnose.py": ["--policy", "--data"],
