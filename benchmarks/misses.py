@@ -22,12 +22,11 @@ below the hand its scripted expert steers to the goal).
 import argparse
 
 import numpy as np
-from perception import estimate, scene_parts
+from perception import estimate_rendered, scene_parts
 from readme import check_figure, show_table
 from rich.console import Console
 
 from hybrid.collect import episode_seed
-from hybrid.data.windows import resize_frames
 from hybrid.sim import simulator_for
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
@@ -52,26 +51,28 @@ def episode(planner, env, sim, language, cameras, seed: int, max_steps: int) -> 
     estimates = planner.policy.action_expert is not None and bool(
         planner.policy.action_expert.config.scene_dim
     )
-    obs = env.reset(seed)
-    planner.reset(seed)
     hand, item, errors, success, steps = [], [], [], False, 0
-    while steps < max_steps and not success:
-        steps += 1
-        rendered = env.render()
+
+    def measure(obs: np.ndarray) -> np.ndarray:
+        """Records the hand's and the object's distances to the goal; returns the scene."""
         scene = sim.scene_state(obs)
         hand.append(np.linalg.norm(sim.policy_state(obs)[:3] - scene[goals]))
         item.append(np.linalg.norm(scene[objects] - scene[goals]))
+        return scene
+
+    obs = env.reset(seed)
+    planner.reset(seed)
+    while steps < max_steps and not success:
+        steps += 1
+        rendered = env.render()
+        scene = measure(obs)
         if estimates and not planner.queue:
-            frames = np.stack(
-                [resize_frames(f[None], planner.image_size)[0] for f in rendered.values()]
-            )
-            errors.append(np.linalg.norm(estimate(planner, frames[None])[0][goals] - scene[goals]))
+            found = estimate_rendered(planner, rendered)
+            errors.append(np.linalg.norm(found[goals] - scene[goals]))
         images = {cameras[name]: frame for name, frame in rendered.items()}
         action = planner.act(Observation(images, sim.policy_state(obs)), language.instruction)
         obs, success = env.step(action)
-    scene = sim.scene_state(obs)
-    hand.append(np.linalg.norm(sim.policy_state(obs)[:3] - scene[goals]))
-    item.append(np.linalg.norm(scene[objects] - scene[goals]))
+    measure(obs)
     return {"success": success, "hand": np.array(hand), "object": np.array(item), "goal": errors}
 
 

@@ -62,6 +62,13 @@ def estimate(planner: HybridPlanner, frames: np.ndarray) -> np.ndarray:
     return normalizer.unnormalize(SCENE_KEY, scene[:, :width].cpu().numpy())
 
 
+def estimate_rendered(planner: HybridPlanner, rendered: dict[str, np.ndarray]) -> np.ndarray:
+    """One step's frames as the simulator renders them (camera -> (S, S, 3) uint8, the policy's
+    cameras in order) -> the scene estimate (9,) in the simulator's units."""
+    frames = np.stack([resize_frames(f[None], planner.image_size)[0] for f in rendered.values()])
+    return estimate(planner, frames[None])[0]
+
+
 def _row(sim, task: str, label: str, est, truth, hand) -> list:
     """One table row from estimates, true scenes (n, width) and hand positions (n, 3)."""
     OBJECT, GOAL = scene_parts(sim)
@@ -118,12 +125,10 @@ def closed_loop(planner, task: str, episodes: int, seed: int, max_steps: int) ->
                 rendered = env.render()
                 images = {cameras[name]: frame for name, frame in rendered.items()}
                 if not planner.queue:
-                    frames = np.stack(
-                        [resize_frames(f[None], planner.image_size)[0] for f in rendered.values()]
-                    )
                     truth, hand = sim.scene_state(obs), sim.policy_state(obs)[:3]
                     part = _closed_loop_part(chunk, truth[object_dims], hand, start)
-                    parts[part].append((estimate(planner, frames[None]), truth[None], hand[None]))
+                    found = estimate_rendered(planner, rendered)[None]
+                    parts[part].append((found, truth[None], hand[None]))
                     chunk += 1
                 state = sim.policy_state(obs)
                 action = planner.act(Observation(images, state), language.instruction)

@@ -306,14 +306,14 @@ class HybridPlanner:
         chosen, candidates, chunks, chosen_image = 0, None, None, None
         committed = None if committed is None else np.asarray(committed, np.float32)[None]
         scene = None if obs.scene is None else np.asarray(obs.scene, np.float32)[None]
-        # a policy that reads the world model's features (representation) imagines nothing: one
-        # pass of the world model gives what its action expert reads, every chunk
         # without a visual subgoal the world model imagines only a target for the refresh rule
         target = refresh and self.schedule.checks_reached
         due = (self.visual_subgoal or target) and self.schedule.visual_due(refresh)
         if latents and due and current is None:
             with timer("encode"):
                 current = policy.encode_frames(images)
+        # a policy that reads the world model's features (representation) imagines nothing: one
+        # pass of the world model gives what its action expert reads, every chunk
         if policy.joint:  # K (chunk, future) pairs denoised together
             with timer("joint"):
                 chunks, candidates, candidate_scores = policy.imagine_and_act(
