@@ -8,7 +8,10 @@ The held-out episodes are the validation split `hybrid fit` used (same seed and 
 batch of held-out frames:
 - language: how often the generated subgoal is the annotated one (exact text);
 - world model: latent MSE of the imagined chosen future to the true future frame, beside copying
-  the current frame (a world model that has learned nothing beats neither);
+  the current frame (a world model that has learned nothing beats neither) and beside the
+  candidate nearest the truth (what a perfect scorer would pick); how far the K candidates
+  spread (their RMS deviation from their mean, as a share of the RMS distance from the current
+  frame to the true future);
 - value head: Spearman correlation with true progress on real current latents and on *imagined*
   futures (what it ranks when planning), and whether best-of-K picks a candidate closer to the
   true future than a random one;
@@ -20,12 +23,15 @@ batch of held-out frames:
   held-out frames (std, in pixels of the frames it sees; near 0: they see nothing that varies);
   where it has a scene head and the data records the scene, the mean distance, in cm, between
   each point of the scene (object, goal, ...) and where the expert's keypoints place it.
-Held-out batches are drawn shuffled (seeded), so every task contributes.
+Held-out batches are drawn shuffled (seeded), so every task contributes. The world model and the
+action expert take as many flow steps as the planner does by default (`HybridPlanner`), unless
+`--imagine-steps` and `--action-steps` say otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -40,7 +46,12 @@ from hybrid.data.normalize import EPS
 from hybrid.data.windows import SCENE_KEY
 from hybrid.module import spearman
 from hybrid.policy import HybridPolicy
+from planners.hierarchical import HybridPlanner
 from planners.schedule import latent_distance
+
+_PLANNER = inspect.signature(HybridPlanner).parameters
+IMAGINE_STEPS = _PLANNER["imagine_steps"].default
+ACTION_STEPS = _PLANNER["action_steps"].default
 
 
 @torch.no_grad()
@@ -49,8 +60,8 @@ def diagnose(
     data: HybridDataModule,
     batches: int,
     num_candidates: int = 8,
-    imagine_steps: int = 4,
-    action_steps: int = 10,
+    imagine_steps: int = IMAGINE_STEPS,
+    action_steps: int = ACTION_STEPS,
     seed: int = 0,
 ) -> dict:
     """The figures of the module docstring, averaged over `batches` held-out batches."""
@@ -85,6 +96,9 @@ def diagnose(
         distances = torch.stack(
             [latent_distance(candidates[:, k], future) for k in range(num_candidates)], 1
         )  # (B, K)
+        add("world_mse_nearest", distances.min(1).values.square().mean())
+        spread = (candidates - candidates.mean(1, keepdim=True)).square().mean().sqrt()
+        add("candidate_spread", spread / (future - current).square().mean().sqrt())
         add(
             "best_of_k_closer",
             (distances[rows, scores.argmax(1)] < distances.mean(1)).float().mean(),
@@ -135,6 +149,8 @@ def diagnose(
         spearman(torch.cat(values["imagined"]), torch.cat(futures))
     )
     figures["samples"] = int(len(progress))
+    figures |= {"candidates": num_candidates, "imagine_steps": imagine_steps}
+    figures["action_steps"] = action_steps
     return figures
 
 
@@ -150,6 +166,13 @@ ROWS = [  # (tier, figure, key, format)
     ("language", "generated subgoal = annotated", "subgoal_exact", "{:.0%}"),
     ("world model", "latent MSE, imagined chosen vs true future", "world_mse_chosen", "{:.3f}"),
     ("world model", "latent MSE, copying the current frame", "world_mse_copy", "{:.3f}"),
+    ("world model", "latent MSE, the candidate nearest the truth", "world_mse_nearest", "{:.3f}"),
+    (
+        "world model",
+        "spread of the K candidates, share of the true motion",
+        "candidate_spread",
+        "{:.0%}",
+    ),
     ("value head", "Spearman with progress, real latents", "value_spearman_real", "{:.3f}"),
     ("value head", "Spearman with progress, imagined futures", "value_spearman_imagined", "{:.3f}"),
     (
@@ -198,8 +221,15 @@ def rows(figures: dict) -> list[tuple[str, str, str, str]]:
     return ROWS + keypoints + scene
 
 
+def _setting(figures: dict) -> str:
+    return (
+        f"{figures['samples']} held-out frames; K = {figures['candidates']}, "
+        f"{figures['imagine_steps']} imagination and {figures['action_steps']} action steps"
+    )
+
+
 def print_figures(figures: dict, console: Console) -> None:
-    table = Table(title=f"open-loop diagnosis on {figures['samples']} held-out frames")
+    table = Table(title=f"open-loop diagnosis on {_setting(figures)}")
     for column in ("tier", "figure", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
     for tier, label, key, fmt in rows(figures):
@@ -216,6 +246,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-candidates", type=int, default=8)
+    parser.add_argument("--imagine-steps", type=int, default=IMAGINE_STEPS, help="as planned")
+    parser.add_argument("--action-steps", type=int, default=ACTION_STEPS, help="as planned")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     parser.add_argument("--readme", help="rewrite this README's table named by --figure")
     parser.add_argument("--figure", default="diagnosis", help="the README table's marker name")
@@ -232,13 +264,15 @@ def main() -> None:
         val_fraction=args.val_fraction,
         batch_size=args.batch_size,
     )
-    figures = diagnose(policy, data, args.batches, args.num_candidates)
+    figures = diagnose(
+        policy, data, args.batches, args.num_candidates, args.imagine_steps, args.action_steps
+    )
     print_figures(figures, Console())
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))
     if args.readme:
         lines = [[tier, label, fmt.format(figures[key])] for tier, label, key, fmt in rows(figures)]
-        header = ["tier", f"figure ({figures['samples']} held-out frames)", ""]
+        header = ["tier", f"figure ({_setting(figures)})", ""]
         table = markdown_table(header, lines)
         write_figure(args.readme, args.figure, table)
 
