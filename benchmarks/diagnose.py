@@ -9,15 +9,17 @@ batch of held-out frames:
 - language: how often the generated subgoal is the annotated one (exact text);
 - world model: latent MSE of the imagined chosen future to the true future frame, beside copying
   the current frame (a world model that has learned nothing beats neither) and beside the
-  candidate nearest the truth (what a perfect scorer would pick); how far the K candidates
+  candidate nearest the truth (what a perfect scorer would pick) and the candidates' medoid (the
+  one nearest the others: a choice by consensus, no scorer); how far the K candidates
   spread (their RMS deviation from their mean, as a share of the RMS distance from the current
   frame to the true future);
 - value head: Spearman correlation with true progress on real current latents and on *imagined*
   futures (what it ranks when planning), and whether best-of-K picks a candidate closer to the
   true future than a random one;
 - action expert: MSE of the sampled chunk to the demonstrated one (normalised units, padded steps
-  masked), conditioned on (a) the true future latent, (b) the imagined chosen future, (c) no
-  visual subgoal; beside (d) always predicting the mean action (zeros after normalisation);
+  masked), conditioned on (a) the true future latent, (b) the imagined chosen future, (b') the
+  candidates' medoid, (c) no visual subgoal; beside (d) always predicting the mean action (zeros
+  after normalisation);
 - its eyes, where it has keypoints: the entropy of each keypoint's softmax as a share of a uniform
   one's (near 100%: the point averages the whole map), and how far the points move across the
   held-out frames (std, in pixels of the frames it sees; near 0: they see nothing that varies);
@@ -97,6 +99,9 @@ def diagnose(
             [latent_distance(candidates[:, k], future) for k in range(num_candidates)], 1
         )  # (B, K)
         add("world_mse_nearest", distances.min(1).values.square().mean())
+        apart = torch.cdist(candidates.flatten(2), candidates.flatten(2))  # (B, K, K)
+        medoid = candidates[rows, apart.sum(-1).argmin(1)]
+        add("world_mse_medoid", (medoid - future).square().mean())
         spread = (candidates - candidates.mean(1, keepdim=True)).square().mean().sqrt()
         add("candidate_spread", spread / (future - current).square().mean().sqrt())
         add(
@@ -113,7 +118,8 @@ def diagnose(
         state = policy._pad(batch["state"], cfg.max_state_dim)
         target = policy._pad(batch["actions"], cfg.max_action_dim)
         step_mask = (batch["action_mask"][:, :, None] & dims[:, None, :]).float()
-        for label, visual in (("true_future", future), ("imagined", chosen), ("no_visual", None)):
+        conditions = [("true_future", future), ("imagined", chosen), ("medoid", medoid)]
+        for label, visual in [*conditions, ("no_visual", None)]:
             noise_seed = torch.Generator().manual_seed(seed + 1)  # the same noise per condition
             actions = expert.sample(
                 state, ids, features, mask, images, visual, dims, action_steps, noise_seed
@@ -167,6 +173,7 @@ ROWS = [  # (tier, figure, key, format)
     ("world model", "latent MSE, imagined chosen vs true future", "world_mse_chosen", "{:.3f}"),
     ("world model", "latent MSE, copying the current frame", "world_mse_copy", "{:.3f}"),
     ("world model", "latent MSE, the candidate nearest the truth", "world_mse_nearest", "{:.3f}"),
+    ("world model", "latent MSE, the candidates' medoid", "world_mse_medoid", "{:.3f}"),
     (
         "world model",
         "spread of the K candidates, share of the true motion",
@@ -191,6 +198,12 @@ ROWS = [  # (tier, figure, key, format)
         "action expert",
         "chunk MSE given (b) the imagined chosen future",
         "action_mse_imagined",
+        "{:.3f}",
+    ),
+    (
+        "action expert",
+        "chunk MSE given (b') the candidates' medoid",
+        "action_mse_medoid",
         "{:.3f}",
     ),
     ("action expert", "chunk MSE given (c) no visual subgoal", "action_mse_no_visual", "{:.3f}"),

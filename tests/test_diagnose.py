@@ -68,6 +68,8 @@ def test_diagnosis_reports_every_tier(tiny_policy_dir, mt10_dataset, tmp_path):
     assert all(e > 0 for e in errors) and figures["world_mse_copy"] > 0
     # conditioning matters: the three sampled conditions share their noise, yet differ
     assert len({round(e, 6) for e in errors[:3]}) == 3
+    assert figures["world_mse_nearest"] <= figures["world_mse_medoid"]
+    assert figures["action_mse_medoid"] > 0
     # the planner's default flow steps unless told otherwise, and the setting in the title
     assert (figures["imagine_steps"], figures["action_steps"]) == (1, 3)
     assert "open-loop diagnosis on 8 held-out frames; K = 3, 1 imagination and 3 action" in printed
