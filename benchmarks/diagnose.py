@@ -155,8 +155,11 @@ def diagnose(
         spearman(torch.cat(values["imagined"]), torch.cat(futures))
     )
     figures["samples"] = int(len(progress))
-    figures |= {"candidates": num_candidates, "imagine_steps": imagine_steps}
-    figures["action_steps"] = action_steps
+    figures |= {
+        "candidates": num_candidates,
+        "imagine_steps": imagine_steps,
+        "action_steps": action_steps,
+    }
     return figures
 
 
