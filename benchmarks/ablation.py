@@ -6,7 +6,9 @@ same episodes with its paired 95% interval. Prints numbers; asserts nothing.
         --readme README.md --out outputs/quickstart/ablation.json --chart docs/ablation.png
 
 Modes: full (K candidates scored, the planner's default schedule: the VLM and the world model
-run with each new language subgoal), K = 1 (no scoring), flat (no visual subgoal for the action
+run with each new language subgoal), K = 1 (no scoring), the K candidates chosen by consensus
+(`medoid`) or by the value head among the half nearest the others (`central`;
+`planners/scoring.py`), flat (no visual subgoal for the action
 expert), no language subgoal (the instruction stands in); and three schedules of the full
 hierarchy: every tier on every chunk, as in training (`every tier every chunk`), the VLM's prefix
 pass alone at the subgoal's rate (`VLM per subgoal`), and both slow tiers at that rate (`slow
@@ -41,6 +43,8 @@ from planners.schedule import RefreshSchedule
 MODES = {
     "full (K=8, scored)": {"num_candidates": 8},
     "K=1, no scoring": {"num_candidates": 1},
+    "K=8, medoid": {"choice": "medoid"},
+    "K=8, central": {"choice": "central"},
     "flat: no visual subgoal": {"visual_subgoal": False},
     "no language subgoal": {"language_subgoal": False},
     "every tier every chunk": {"schedule": RefreshSchedule(visual="chunk", features="chunk")},

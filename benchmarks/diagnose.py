@@ -9,17 +9,18 @@ batch of held-out frames:
 - language: how often the generated subgoal is the annotated one (exact text);
 - world model: latent MSE of the imagined chosen future to the true future frame, beside copying
   the current frame (a world model that has learned nothing beats neither) and beside the
-  candidate nearest the truth (what a perfect scorer would pick) and the candidates' medoid (the
-  one nearest the others: a choice by consensus, no scorer); how far the K candidates
-  spread (their RMS deviation from their mean, as a share of the RMS distance from the current
-  frame to the true future);
+  candidate nearest the truth (what a perfect scorer would pick), the candidates' medoid (the
+  one nearest the others: a choice by consensus, no scorer) and the value head's best among the
+  half nearest the others (`central`; `planners/scoring.py` has the planner's choices); how far
+  the K candidates spread (their RMS deviation from their mean, as a share of the RMS distance
+  from the current frame to the true future);
 - value head: Spearman correlation with true progress on real current latents and on *imagined*
   futures (what it ranks when planning), and whether best-of-K picks a candidate closer to the
   true future than a random one;
 - action expert: MSE of the sampled chunk to the demonstrated one (normalised units, padded steps
   masked), conditioned on (a) the true future latent, (b) the imagined chosen future, (b') the
-  candidates' medoid, (c) no visual subgoal; beside (d) always predicting the mean action (zeros
-  after normalisation);
+  candidates' medoid, (b'') the central choice, (c) no visual subgoal; beside (d) always
+  predicting the mean action (zeros after normalisation);
 - its eyes, where it has keypoints: the entropy of each keypoint's softmax as a share of a uniform
   one's (near 100%: the point averages the whole map), and how far the points move across the
   held-out frames (std, in pixels of the frames it sees; near 0: they see nothing that varies);
@@ -50,6 +51,7 @@ from hybrid.module import spearman
 from hybrid.policy import HybridPolicy
 from planners.hierarchical import HybridPlanner
 from planners.schedule import latent_distance
+from planners.scoring import choose
 
 _PLANNER = inspect.signature(HybridPlanner).parameters
 IMAGINE_STEPS = _PLANNER["imagine_steps"].default
@@ -99,9 +101,10 @@ def diagnose(
             [latent_distance(candidates[:, k], future) for k in range(num_candidates)], 1
         )  # (B, K)
         add("world_mse_nearest", distances.min(1).values.square().mean())
-        apart = torch.cdist(candidates.flatten(2), candidates.flatten(2))  # (B, K, K)
-        medoid = candidates[rows, apart.sum(-1).argmin(1)]
+        medoid = candidates[rows, choose("medoid", candidates, scores)]
         add("world_mse_medoid", (medoid - future).square().mean())
+        central = candidates[rows, choose("central", candidates, scores)]
+        add("world_mse_central", (central - future).square().mean())
         spread = (candidates - candidates.mean(1, keepdim=True)).square().mean().sqrt()
         add("candidate_spread", spread / (future - current).square().mean().sqrt())
         add(
@@ -118,7 +121,12 @@ def diagnose(
         state = policy._pad(batch["state"], cfg.max_state_dim)
         target = policy._pad(batch["actions"], cfg.max_action_dim)
         step_mask = (batch["action_mask"][:, :, None] & dims[:, None, :]).float()
-        conditions = [("true_future", future), ("imagined", chosen), ("medoid", medoid)]
+        conditions = [
+            ("true_future", future),
+            ("imagined", chosen),
+            ("medoid", medoid),
+            ("central", central),
+        ]
         for label, visual in [*conditions, ("no_visual", None)]:
             noise_seed = torch.Generator().manual_seed(seed + 1)  # the same noise per condition
             actions = expert.sample(
@@ -179,6 +187,12 @@ ROWS = [  # (tier, figure, key, format)
     ("world model", "latent MSE, the candidates' medoid", "world_mse_medoid", "{:.3f}"),
     (
         "world model",
+        "latent MSE, the best value of the central half",
+        "world_mse_central",
+        "{:.3f}",
+    ),
+    (
+        "world model",
         "spread of the K candidates, share of the true motion",
         "candidate_spread",
         "{:.0%}",
@@ -207,6 +221,12 @@ ROWS = [  # (tier, figure, key, format)
         "action expert",
         "chunk MSE given (b') the candidates' medoid",
         "action_mse_medoid",
+        "{:.3f}",
+    ),
+    (
+        "action expert",
+        "chunk MSE given (b'') the central half's best value",
+        "action_mse_central",
         "{:.3f}",
     ),
     ("action expert", "chunk MSE given (c) no visual subgoal", "action_mse_no_visual", "{:.3f}"),

@@ -103,6 +103,13 @@ def _eval_parser(subparsers) -> None:
     ev.add_argument("--workers", type=int, default=2, help="parallel simulator processes")
     ev.add_argument("--video", action="store_true", help="write an MP4 per episode")
     ev.add_argument("--num-candidates", type=int, default=8, help="K visual subgoals scored")
+    ev.add_argument(
+        "--choice",
+        choices=["value", "medoid", "central"],
+        default="value",
+        help="how one of the K is chosen: the value head's best, the candidates' medoid, or the "
+        "value head's best among the half nearest the others (planners/scoring.py)",
+    )
     ev.add_argument("--execute-steps", type=int, default=4, help="actions run per chunk")
     ev.add_argument("--no-visual-subgoal", action="store_true", help="flat: no world model")
     ev.add_argument("--no-language-subgoal", action="store_true", help="instruction as subgoal")
@@ -308,6 +315,7 @@ def _run(args: argparse.Namespace, console: Console) -> None:
             video=args.video,
             planner={
                 "num_candidates": args.num_candidates,
+                "choice": args.choice,
                 "execute_steps": args.execute_steps,
                 # None: on where the policy has a world model (the flat VLA has none)
                 "visual_subgoal": False if args.no_visual_subgoal else None,

@@ -3,7 +3,8 @@
     obs + instruction
       -> VLM: language subgoal (generated; reused while the schedule allows) + prefix features
          (with each new subgoal by default, or every chunk: `RefreshSchedule.features`)
-      -> world model: K candidate visual subgoals, one batched call -> value scores -> best one
+      -> world model: K candidate visual subgoals, one batched call -> value scores -> one chosen
+         (the best score by default, or by the candidates' consensus: `planners/scoring.py`)
          (with each new subgoal by default, or every chunk: `RefreshSchedule.visual`)
       -> action expert: action chunk, unnormalised to the robot's units and clipped to its limits
 (A joint policy, `configs/formulation/joint.yaml`, draws K (chunk, future) pairs from its action
@@ -50,7 +51,7 @@ from hybrid.policy import HybridPolicy
 from hybrid.types import Observation, Plan
 from planners.compiled import CompiledInference
 from planners.schedule import RefreshSchedule, latent_distance
-from planners.scoring import best_of_k
+from planners.scoring import CHOICES, choose
 
 DECODE = ("all", "chosen", "none")  # which imagined futures `plan` decodes to images
 
@@ -72,6 +73,9 @@ class HybridPlanner:
         adapters: the policy's per-robot LoRA adapters (`from_pretrained` makes them), for
             `set_embodiment`; None serves only the robots the policy already has.
         num_candidates: K visual subgoals imagined and scored per refresh.
+        choice: how one of the K is chosen (`planners/scoring.py`): "value" (the value head's
+            best), "medoid" (the candidate nearest the others) or "central" (the value head's
+            best among the half nearest the others).
         imagine_steps, action_steps: flow-matching (Euler) steps of the world model and the action
             expert; 1 and 3 cost no measured success against 4 and 10 (README, "Inference cost").
         execute_steps: actions of each chunk executed before planning again (<= H).
@@ -96,6 +100,7 @@ class HybridPlanner:
         policy: HybridPolicy,
         embodiment: str | None = None,
         num_candidates: int = 8,
+        choice: str = "value",
         imagine_steps: int = 1,
         action_steps: int = 3,
         execute_steps: int = 4,
@@ -129,7 +134,9 @@ class HybridPlanner:
             )
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-        self.num_candidates, self.imagine_steps = num_candidates, imagine_steps
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        self.num_candidates, self.choice, self.imagine_steps = num_candidates, choice, imagine_steps
         self.action_steps, self.execute_steps = action_steps, execute_steps
         has_world_model = policy.world_model is not None
         if visual_subgoal and not has_world_model:
@@ -353,7 +360,7 @@ class HybridPlanner:
                 )
             made.add("visual")
         if candidates is not None:
-            chosen = int(best_of_k(candidate_scores)[0])
+            chosen = int(choose(self.choice, candidates, candidate_scores)[0])
             self.visual_latent = candidates[:, chosen]
             if refresh:
                 self.target = (

@@ -68,15 +68,15 @@ def test_diagnosis_reports_every_tier(tiny_policy_dir, mt10_dataset, tmp_path):
     assert all(e > 0 for e in errors) and figures["world_mse_copy"] > 0
     # conditioning matters: the three sampled conditions share their noise, yet differ
     assert len({round(e, 6) for e in errors[:3]}) == 3
-    assert figures["action_mse_medoid"] > 0
+    assert figures["action_mse_medoid"] > 0 and figures["action_mse_central"] > 0
     # the planner's default flow steps unless told otherwise, and the setting in the title
     assert (figures["imagine_steps"], figures["action_steps"]) == (1, 3)
     assert "open-loop diagnosis on 8 held-out frames; K = 3, 1 imagination and 3 action" in printed
     # the K candidates differ, and the one nearest the truth is no farther than the value head's
-    # pick or the medoid
+    # pick, the medoid or the central choice
     assert figures["candidate_spread"] > 0
-    assert figures["world_mse_nearest"] <= figures["world_mse_chosen"]
-    assert figures["world_mse_nearest"] <= figures["world_mse_medoid"]
+    for choice in ("chosen", "medoid", "central"):
+        assert figures["world_mse_nearest"] <= figures[f"world_mse_{choice}"], choice
     # its eyes: how sharply its keypoints look and how far they move, in pixels
     assert 0.0 < figures["keypoint_entropy"] <= 1.0 and figures["keypoint_spread_px"] > 0
     assert "keypoints: softmax entropy, share of uniform" in printed

@@ -8,6 +8,7 @@ from hybrid.data.lerobot_dataset import LeRobotDataset
 from hybrid.types import Observation
 from planners.hierarchical import HybridPlanner
 from planners.schedule import RefreshSchedule
+from planners.scoring import choose
 
 CAMERA, SIDE = "observation.images.front", "observation.images.side"
 INSTRUCTION = "pick up the puck and place it at the goal"
@@ -290,6 +291,38 @@ def test_ablation_modes(tiny_policy_dir, frames):
         plan = vla.plan(_obs(frames, t), INSTRUCTION)
         assert set(plan.timings_ms) == {"features", "action"}, "the VLA path imagines nothing"
         assert plan.subgoal == INSTRUCTION and plan.candidate_latents.shape == (0,)
+
+
+def test_candidate_choices():
+    """Five futures on a line at 0, 1, 2, 2.2 and 10, the outlier scored best: the value head
+    takes the outlier, the medoid the one at 2, the central rule the best-scored of the three
+    nearest the others (at 1, 2 and 2.2)."""
+    line = torch.tensor([0.0, 1.0, 2.0, 2.2, 10.0])
+    candidates = line.reshape(1, 5, 1, 1, 1).expand(2, 5, 2, 2, 2)
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.25, 0.9], [0.1, 0.5, 0.3, 0.25, 0.9]])
+    assert choose("value", candidates, scores).tolist() == [4, 4]
+    assert choose("medoid", candidates, scores).tolist() == [2, 2]
+    assert choose("central", candidates, scores).tolist() == [2, 1]
+    with pytest.raises(ValueError, match="unknown candidate choice 'best'"):
+        choose("best", candidates, scores)
+
+
+def test_the_planner_chooses_by_its_rule_among_the_same_candidates(tiny_policy_dir, frames):
+    plans = {
+        rule: HybridPlanner.from_pretrained(tiny_policy_dir, num_candidates=4, choice=rule).plan(
+            _obs(frames), INSTRUCTION
+        )
+        for rule in ("value", "medoid", "central")
+    }
+    latents = plans["value"].candidate_latents
+    for rule, plan in plans.items():
+        np.testing.assert_array_equal(plan.candidate_latents, latents)  # the same imagination
+        chosen = choose(rule, torch.from_numpy(latents)[None], torch.from_numpy(plan.scores)[None])
+        assert plan.chosen == int(chosen[0]), rule
+    apart = np.sqrt(np.square(latents[:, None] - latents[None]).sum((2, 3, 4))).sum(1)
+    assert plans["medoid"].chosen == int(apart.argmin())
+    with pytest.raises(ValueError, match="choice must be one of"):
+        HybridPlanner.from_pretrained(tiny_policy_dir, choice="best")
 
 
 def _rollout(planner, frames, steps):
