@@ -51,7 +51,7 @@ from hybrid.module import spearman
 from hybrid.policy import HybridPolicy
 from planners.hierarchical import HybridPlanner
 from planners.schedule import latent_distance
-from planners.scoring import choose
+from planners.scoring import CHOICES, choose
 
 _PLANNER = inspect.signature(HybridPlanner).parameters
 IMAGINE_STEPS = _PLANNER["imagine_steps"].default
@@ -94,25 +94,26 @@ def diagnose(
         candidates = wm.imagine(current, features, mask, num_candidates, imagine_steps, generator)
         scores = wm.score(candidates, features, mask)  # (B, K)
         rows = torch.arange(len(names))
-        chosen = candidates[rows, scores.argmax(1)]
+        picks = {rule: choose(rule, candidates, scores) for rule in CHOICES}  # (B,) each
+        chosen, medoid, central = (
+            candidates[rows, picks[rule]] for rule in ("value", "medoid", "central")
+        )
         add("world_mse_chosen", (chosen - future).square().mean())
         add("world_mse_copy", (current - future).square().mean())
         distances = torch.stack(
             [latent_distance(candidates[:, k], future) for k in range(num_candidates)], 1
         )  # (B, K)
         add("world_mse_nearest", distances.min(1).values.square().mean())
-        medoid = candidates[rows, choose("medoid", candidates, scores)]
         add("world_mse_medoid", (medoid - future).square().mean())
-        central = candidates[rows, choose("central", candidates, scores)]
         add("world_mse_central", (central - future).square().mean())
         spread = (candidates - candidates.mean(1, keepdim=True)).square().mean().sqrt()
         add("candidate_spread", spread / (future - current).square().mean().sqrt())
         add(
             "best_of_k_closer",
-            (distances[rows, scores.argmax(1)] < distances.mean(1)).float().mean(),
+            (distances[rows, picks["value"]] < distances.mean(1)).float().mean(),
         )
         values["real"].append(wm.score(current[:, None], features, mask)[:, 0])
-        values["imagined"].append(scores[rows, scores.argmax(1)])
+        values["imagined"].append(scores[rows, picks["value"]])
         values["progress"].append(batch["progress"].float())
         futures.append(batch["future_progress"].float())
 

@@ -13,6 +13,7 @@ VLM tokens of width 256.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -27,10 +28,6 @@ SHAPES = {  # name -> the settings changed from the quickstart's world model bef
     "patch 2, width 96": {"hidden": 96},
     "patch 2, 2 blocks": {"num_layers": 2},
 }
-
-
-def median_ms(times: list[float]) -> float:
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def measure(settings: dict, k: int, calls: int, context_tokens: int) -> tuple[float, float]:
@@ -49,7 +46,7 @@ def measure(settings: dict, k: int, calls: int, context_tokens: int) -> tuple[fl
                 model.score(model.imagine(current, context, mask, n, 1), context, mask)
                 if call >= 20:
                     times[n].append(time.perf_counter() - start)
-    return median_ms(times[1]), median_ms(times[k])
+    return statistics.median(times[1]) * 1e3, statistics.median(times[k]) * 1e3
 
 
 def main() -> None:
